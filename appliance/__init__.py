@@ -1,0 +1,3 @@
+"""The appliance: a private LLM for sites with no internet."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,76 @@
+"""`appliance`: one command, many verbs. Expected failures print one sentence and a hint, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from appliance import __version__
+from appliance.errors import ApplianceError, NotYetAvailable
+
+# Verbs that later releases fill in; until then they say so and exit non-zero.
+PENDING = {
+    "hw": "show GPUs, CPU, RAM, disk and which tier of a bundle fits",
+    "install": "install a bundle",
+    "upgrade": "upgrade to a newer bundle",
+    "rollback": "return to the previous release",
+    "uninstall": "remove the appliance (data stays unless --purge)",
+    "status": "releases, tier, model, units",
+    "serve": "run the API server",
+    "train": "run one training pass",
+    "adapters": "list, promote and roll back LoRA adapters",
+    "keys": "create, list and revoke API keys",
+    "console": "open the Textual console",
+    "support-bundle": "collect diagnostics for the vendor, without secrets",
+}
+
+
+def _pending(args: argparse.Namespace) -> int:
+    raise NotYetAvailable(f"`appliance {args.verb}` is not yet available in this release.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(add_help=False)
+    root.add_argument("--root", default="/", help="install root (default /); tests and demos use a temporary tree")
+
+    parser = argparse.ArgumentParser(prog="appliance", description="A private LLM for sites with no internet.", parents=[root])
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    from installer import bundle_commands
+
+    bundle_commands.add_parser(sub, root)
+
+    from appliance import demo
+
+    demo.add_parser(sub, root)
+
+    for verb, text in PENDING.items():
+        p = sub.add_parser(verb, help=f"{text} (not yet available)", parents=[root])
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_pending)
+    return parser
+
+
+def render_error(e: ApplianceError) -> str:
+    text = f"error: {e.message}"
+    if e.hint:
+        text += f"\nhint: {e.hint}"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ApplianceError as e:
+        print(render_error(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

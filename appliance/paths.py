@@ -1,0 +1,71 @@
+"""The on-disk layout of an installed appliance, under any root (`/` in production)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> Layout:
+        return cls(Path(root).resolve())
+
+    @property
+    def opt(self) -> Path:
+        return self.root / "opt/appliance"
+
+    @property
+    def releases(self) -> Path:
+        return self.opt / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.opt / "current"
+
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc/appliance"
+
+    @property
+    def config_file(self) -> Path:
+        return self.etc / "appliance.toml"
+
+    @property
+    def trust_dir(self) -> Path:
+        return self.etc / "trust"
+
+    @property
+    def var(self) -> Path:
+        return self.root / "var/lib/appliance"
+
+    @property
+    def models(self) -> Path:
+        return self.var / "models"
+
+    @property
+    def adapters(self) -> Path:
+        return self.var / "adapters"
+
+    @property
+    def data(self) -> Path:
+        return self.var / "data"
+
+    @property
+    def state_file(self) -> Path:
+        return self.var / "state.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "var/log/appliance"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.log_dir / "audit.jsonl"
+
+    @property
+    def systemd_units(self) -> Path:
+        return self.root / "etc/systemd/system"

@@ -1,0 +1,43 @@
+"""state.json: installed releases, the highest bundle sequence seen and the clock floor."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from appliance.errors import StateError
+from appliance.paths import Layout
+
+
+def load_state(layout: Layout) -> dict[str, Any]:
+    """The recorded state, or an empty one on a host where nothing was installed yet."""
+    try:
+        data = json.loads(layout.state_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise StateError(
+            f"The state file {layout.state_file} cannot be read: {e}.",
+            "Restore it from backup; it records which bundle sequence is installed.",
+        ) from None
+    if not isinstance(data, dict):
+        raise StateError(f"The state file {layout.state_file} is not a JSON object.")
+    return data
+
+
+def highest_sequence(state: dict[str, Any]) -> int:
+    value = state.get("highest_sequence", 0)
+    if not isinstance(value, int):
+        raise StateError("The state file's highest_sequence is not an integer.")
+    return value
+
+
+def time_floor(state: dict[str, Any]) -> datetime | None:
+    value = state.get("time_floor")
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value).astimezone(timezone.utc)
+    except (TypeError, ValueError):
+        raise StateError("The state file's time_floor is not a timestamp.") from None

@@ -1,0 +1,1 @@
+"""Install time: bundle format, hardware probe, tier planning, install steps, unit rendering."""

@@ -1,0 +1,71 @@
+"""Vendor signing keys (Ed25519) and the site's model key: generation, loading, fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from appliance.atomic import atomic_write_bytes
+from appliance.errors import KeyMaterialError, UsageError
+from installer.keywrap import KEY_SIZE
+
+SIGNING_KEY = "signing.key"
+SIGNING_PUB = "signing.pub"
+MODEL_KEY = "model.key"
+
+
+def fingerprint(public_key: Ed25519PublicKey) -> str:
+    """SHA-256 of the raw public key, as the vendor reads it out over the phone or prints it."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()
+
+
+def keygen(out: Path, force: bool = False) -> dict[str, str]:
+    """Write signing.key (0600), signing.pub and model.key (32 random bytes, 0600) into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [n for n in (SIGNING_KEY, SIGNING_PUB, MODEL_KEY) if (out / n).exists()]
+    if existing and not force:
+        raise UsageError(f"{out} already holds {', '.join(existing)}; refusing to overwrite keys.", "Choose another --out directory.")
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pub = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    atomic_write_bytes(out / SIGNING_KEY, pem, mode=0o600)
+    atomic_write_bytes(out / SIGNING_PUB, pub, mode=0o644)
+    atomic_write_bytes(out / MODEL_KEY, os.urandom(KEY_SIZE), mode=0o600)
+    return {"signing_key": str(out / SIGNING_KEY), "signing_pub": str(out / SIGNING_PUB),
+            "model_key": str(out / MODEL_KEY), "fingerprint": fingerprint(private.public_key())}
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise KeyMaterialError(f"Cannot load the signing key {path}: {e}.", "Use signing.key from `appliance bundle keygen`.") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyMaterialError(f"The signing key {path} is not an Ed25519 key.")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError, TypeError) as e:
+        raise KeyMaterialError(f"Cannot load the trusted key {path}: {e}.", "Use signing.pub as given by the vendor.") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyMaterialError(f"The trusted key {path} is not an Ed25519 public key.")
+    return key
+
+
+def load_trusted_keys(paths: list[Path]) -> list[Ed25519PublicKey]:
+    """Keys from files, or from every *.pub in a directory (the pinned /etc/appliance/trust/)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.pub")) if p.is_dir() else [p])
+    if not files:
+        raise KeyMaterialError("No trusted vendor key was given.", "Pass --trust signing.pub (the vendor's public key).")
+    return [load_public_key(f) for f in files]
