@@ -6,8 +6,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import importlib
+
 from appliance import __version__
 from appliance.errors import ApplianceError, NotYetAvailable
+
+# Each module here has `add_parser(sub, root_parent)` and registers its verbs with `set_defaults(func=...)`.
+# Modules are imported when the parser is built; heavy imports stay inside the command functions.
+VERB_MODULES = (
+    "installer.bundle_commands",
+    "appliance.demo",
+)
 
 # Verbs that later releases fill in; until then they say so and exit non-zero.
 PENDING = {
@@ -38,13 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    from installer import bundle_commands
-
-    bundle_commands.add_parser(sub, root)
-
-    from appliance import demo
-
-    demo.add_parser(sub, root)
+    for name in VERB_MODULES:
+        importlib.import_module(name).add_parser(sub, root)
 
     for verb, text in PENDING.items():
         p = sub.add_parser(verb, help=f"{text} (not yet available)", parents=[root])
