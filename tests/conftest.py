@@ -23,3 +23,6 @@ def smollm2_gguf() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.is_file()
     return path
+
+
+from tests.bundle_fixtures import slim, slim_master  # noqa: E402,F401  (shared bundle fixtures)
