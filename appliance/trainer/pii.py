@@ -1,0 +1,105 @@
+"""Mask personal data before anything is stored or trained. Pure functions: text in, text out.
+
+Masked text keeps its shape: each finding becomes a placeholder such as `[ID]` or `[PHONE]`, so a
+sentence still reads as a sentence and the model learns that such a value goes there.
+Numbers that only look like an ID or a card (wrong check digit) are left alone: masking them would
+destroy order numbers and serials the site does want the model to learn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
+# 17 digits and a check character (digit or X), not glued to other digits or letters.
+_CN_ID = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
+# 13-19 digits, optionally grouped by single spaces or hyphens (how cards are written by hand).
+_CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d])")
+# Mainland mobiles: 1[3-9]x xxxx xxxx with an optional +86/0086 prefix; and other E.164 numbers
+# written with a leading +.
+_CN_MOBILE = re.compile(r"(?<![\d+])(?:(?:\+|00)86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
+_INTL_PHONE = re.compile(r"(?<![\w+])\+[1-9]\d{0,2}(?:[ -]?\(?\d{1,4}\)?){2,5}(?!\d)")
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)")
+
+
+def cn_id_valid(number: str) -> bool:
+    """True if `number` is an 18-character mainland resident ID whose check character is right."""
+    if len(number) != 18 or not number[:17].isdigit():
+        return False
+    total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS, strict=True))
+    return _ID_CHECK[total % 11] == number[17].upper()
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn check used by payment cards (digits only)."""
+    if not digits.isdigit():
+        return False
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+@dataclass
+class MaskResult:
+    text: str
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def _sub(pattern: re.Pattern[str], tag: str, text: str, counts: Counter[str], check=None) -> str:
+    def repl(m: re.Match[str]) -> str:
+        if check is not None and not check(m.group(0)):
+            return m.group(0)
+        counts[tag] += 1
+        return f"[{tag}]"
+
+    return pattern.sub(repl, text)
+
+
+def _card_ok(s: str) -> bool:
+    digits = re.sub(r"[ -]", "", s)
+    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+
+
+def _intl_ok(s: str) -> bool:
+    return 8 <= len(re.sub(r"\D", "", s)) <= 15
+
+
+def mask(text: str) -> MaskResult:
+    """Replace e-mail addresses, CN resident IDs, bank cards, phone numbers and IPv4 addresses."""
+    counts: Counter[str] = Counter()
+    # Order matters: e-mails first (they contain digits), IDs before cards (an 18-digit ID can pass
+    # Luhn by chance), mainland mobiles before cards (+86 and a mobile make 13 digits that can pass
+    # Luhn by chance); the mobile pattern needs digit boundaries, so it never bites into a card.
+    text = _sub(_EMAIL, "EMAIL", text, counts)
+    text = _sub(_CN_ID, "ID", text, counts, cn_id_valid)
+    text = _sub(_CN_MOBILE, "PHONE", text, counts)
+    text = _sub(_CARD, "CARD", text, counts, _card_ok)
+    text = _sub(_INTL_PHONE, "PHONE", text, counts, _intl_ok)
+    text = _sub(_IPV4, "IP", text, counts)
+    return MaskResult(text, counts)
+
+
+def mask_text(text: str) -> str:
+    return mask(text).text
+
+
+def mask_messages(messages: list[dict]) -> tuple[list[dict], Counter[str]]:
+    """Mask every message's content; return new messages and the counts per kind."""
+    total: Counter[str] = Counter()
+    out = []
+    for m in messages:
+        r = mask(str(m.get("content", "")))
+        total.update(r.counts)
+        out.append({**m, "content": r.text})
+    return out, total
