@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
-
-import importlib
 
 from appliance import __version__
 from appliance.errors import ApplianceError, NotYetAvailable

@@ -11,21 +11,20 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.atomic import atomic_file
 from appliance.errors import BundleError, DecryptError
 from installer.manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, FileEntry, Manifest, ModelFile
-from installer.stream import decrypt_stream
+from installer.stream import Readable, decrypt_stream
 from installer.trust import SIGNATURE_SIZE, Policy, verify_manifest
 
 READ_SIZE = 1 << 20
 Progress = Callable[[str, int, int], None]
 
 
-def _open(path: Path) -> BinaryIO:
+def _open(path: Path) -> Readable:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -88,7 +87,7 @@ def check_tree(bundle: Path, manifest: Manifest) -> None:
         raise BundleError(f"The bundle is missing {missing[0]!r}" + (f" and {len(missing) - 1} more files." if len(missing) > 1 else "."))
 
 
-def _stream(f: BinaryIO, entry: FileEntry, sink: Callable[[memoryview], object], progress: Progress | None) -> None:
+def _stream(f: Readable, entry: FileEntry, sink: Callable[[memoryview], object], progress: Progress | None) -> None:
     buf = bytearray(READ_SIZE)
     done = 0
     while done < entry.size:

@@ -11,10 +11,13 @@ chunk, reordered chunks, trailing bytes and an edited header all fail authentica
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Callable
 from typing import BinaryIO
+
+Readable = io.RawIOBase | io.BufferedIOBase
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -64,7 +67,7 @@ def encrypt_stream(
         chunk, counter = following, counter + 1
 
 
-def _read_exact(src: BinaryIO, view: memoryview, what: str) -> None:
+def _read_exact(src: Readable, view: memoryview, what: str) -> None:
     got = src.readinto(view)
     while got is not None and got < len(view):
         more = src.readinto(view[got:])
@@ -76,7 +79,7 @@ def _read_exact(src: BinaryIO, view: memoryview, what: str) -> None:
 
 
 def decrypt_stream(
-    src: BinaryIO,
+    src: Readable,
     total_size: int,
     data_key: bytes,
     write: Callable[[memoryview], object],
