@@ -24,7 +24,8 @@ def _policy(args: argparse.Namespace) -> Policy:
 def _trusted(args: argparse.Namespace) -> list[Any]:
     from installer.keys import load_trusted_keys
 
-    return load_trusted_keys(args.trust or [Layout.at(args.root).trust_dir])
+    pinned = Layout.at(args.root).trust_dir
+    return load_trusted_keys(args.trust or ([pinned] if pinned.is_dir() else []))
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

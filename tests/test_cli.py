@@ -1,0 +1,89 @@
+"""The command line: keygen, spec errors, error rendering, and no heavy imports at start-up."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import main
+from tests.bundle_fixtures import REPO
+
+HEAVY = ("torch", "transformers", "peft", "textual", "fastapi", "llama_cpp", "uvicorn")
+
+
+def test_help_imports_nothing_heavy() -> None:
+    code = (
+        "import sys\nfrom appliance.cli import build_parser\nbuild_parser()\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_installer_bundle_code_imports_no_ml_stack() -> None:
+    code = (
+        "import sys\nimport installer.bundle_dir, installer.bundle_build, installer.trust\n"
+        "print([m for m in ('torch', 'transformers', 'peft', 'textual') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_keygen_writes_private_files_0600_and_refuses_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "keys"
+    assert main(["bundle", "keygen", "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fingerprint"].startswith("SHA256:") and len(info["fingerprint"]) == 7 + 64
+    assert stat.S_IMODE((out / "signing.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "model.key").stat().st_mode) == 0o600
+    assert len((out / "model.key").read_bytes()) == 32
+    before = (out / "signing.key").read_bytes()
+    assert main(["bundle", "keygen", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "refusing to overwrite keys" in err
+    assert (out / "signing.key").read_bytes() == before
+
+
+def test_build_with_missing_spec_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bundle", "build", str(tmp_path / "nope.toml"), "--signing-key", "x", "--model-key", "y", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith("error: Cannot read the bundle spec") and "nope.toml" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_with_bad_backend_format_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'name = "x"\nversion = "1"\n[wheelhouse]\nproject = "{REPO}"\n'
+                    '[[models]]\nid = "m"\nbackend = "llama.cpp"\nformat = "safetensors"\ncontext_length = 1\nfiles = []\n')
+    assert main(["bundle", "build", str(spec), "--signing-key", "x", "--model-key", "y", "--out", str(tmp_path / "o")]) != 0
+    assert "pairs backend 'llama.cpp' with format 'safetensors'" in capsys.readouterr().err
+
+
+def test_build_refuses_nonempty_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["bundle", "keygen", "--out", str(tmp_path / "k")])
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("precious")
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'name = "x"\nversion = "1"\nmodels = []\n[wheelhouse]\nproject = "{REPO}"\n')
+    code = main(["bundle", "build", str(spec), "--signing-key", str(tmp_path / "k/signing.key"),
+                 "--model-key", str(tmp_path / "k/model.key"), "--out", str(tmp_path / "o")])
+    assert code != 0 and "not empty" in capsys.readouterr().err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+
+
+def test_verify_of_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["bundle", "keygen", "--out", str(tmp_path / "k")])
+    capsys.readouterr()
+    assert main(["bundle", "verify", str(tmp_path / "absent"), "--trust", str(tmp_path / "k/signing.pub")]) != 0
+    assert "is not a bundle directory" in capsys.readouterr().err
+
+
+def test_verify_without_any_trusted_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bundle", "verify", str(tmp_path), "--root", str(tmp_path)]) != 0
+    assert "No trusted vendor key" in capsys.readouterr().err
