@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from appliance.atomic import fsync_dir
 from appliance.errors import UsageError
 from installer import keywrap
+from installer.convert import CONVERT_DIR, model_sources
 from installer.keys import fingerprint, load_signing_key
 from installer.manifest import BOOTSTRAP, FORMAT_VERSION, MANIFEST, SIGNATURE, canonical_json, format_time
 from installer.spec import Spec
@@ -102,7 +103,7 @@ def build_bundle(
         models = []
         for m in spec.models:
             files = []
-            for f in m.files:
+            for f in model_sources(m, work / CONVERT_DIR, log):
                 rel = f"models/{m.id}/{f.name}.enc"
                 log(f"encrypting {f.name} -> {rel}")
                 data_key = os.urandom(keywrap.KEY_SIZE)
@@ -114,6 +115,7 @@ def build_bundle(
                               "wrapped_key": keywrap.wrap_key(kek, data_key, f"{spec.name}:{rel}")})
             models.append({"id": m.id, "backend": m.backend, "format": m.format,
                            "context_length": m.context_length, "files": files})
+        shutil.rmtree(work / CONVERT_DIR, ignore_errors=True)  # plaintext conversions never reach the bundle
 
         version = spec.version
         public = signing_key.public_key()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import SpecError
+from appliance.errors import SpecError, TierError
 from installer.manifest import BACKENDS, check_relpath
 from installer.stream import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
@@ -26,6 +26,8 @@ class SpecModel:
     format: str
     context_length: int
     files: tuple[SpecModelFile, ...]
+    convert_from: Path | None = None  # a GGUF to convert into this (safetensors) model at build time
+    convert_dtype: str = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,13 @@ def load_spec(path: Path) -> Spec:
         if BACKENDS.get(backend) != fmt:
             raise SpecError(f"The spec's {where} pairs backend {backend!r} with format {fmt!r}; use one of {BACKENDS}.")
         files = []
-        for j, f in enumerate(_req(m, "files", list, where)):
+        convert_from = None
+        if "convert_from" in m:  # the files come from converting a GGUF (installer/convert.py)
+            convert_from = resolve_source(_req(m, "convert_from", str, where), base)
+            if fmt != "safetensors" or "files" in m or not convert_from.is_file() or m.get("convert_dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
+                raise SpecError(f"The spec's {where}.convert_from needs format safetensors, no files list, an existing GGUF ({convert_from}) "
+                                "and a convert_dtype of bfloat16, float16 or float32.")
+        for j, f in enumerate([] if convert_from else _req(m, "files", list, where)):
             name = _req(f, "name", str, f"{where}.files[{j}]")
             check_relpath(name, "spec")
             src = resolve_source(_req(f, "source", str, f"{where}.files[{j}]"), base)
@@ -105,7 +113,8 @@ def load_spec(path: Path) -> Spec:
             files.append(SpecModelFile(name, src))
         model_id = _req(m, "id", str, where)
         check_relpath(model_id, "spec")
-        models.append(SpecModel(model_id, backend, fmt, _req(m, "context_length", int, where), tuple(files)))
+        models.append(SpecModel(model_id, backend, fmt, _req(m, "context_length", int, where), tuple(files),
+                                convert_from, str(m.get("convert_dtype", "bfloat16"))))
 
     chunk = data.get("chunk_size", DEFAULT_CHUNK_SIZE)
     if not isinstance(chunk, int) or not MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE:
@@ -122,5 +131,18 @@ def load_spec(path: Path) -> Spec:
         path=path, name=name, version=str(_req(data, "version", str, "top level")),
         valid_days=valid_days, compatible=str(data.get("compatible", "host")), chunk_size=chunk,
         wheelhouse=wheelhouse, passphrase_kdf=kdf, models=tuple(models),
-        tiers=tuple(data.get("tiers", [])),
+        tiers=_tiers(data.get("tiers", []), models),
     )
+
+
+def _tiers(tiers: Any, models: list[SpecModel]) -> tuple[dict[str, Any], ...]:
+    """Check the tier table now, so a bad tier fails the build, not the install."""
+    from installer.tiers import models_of, parse_tiers
+
+    if not isinstance(tiers, list):
+        raise SpecError("The spec's tiers must be an array of tables ([[tiers]]).")
+    try:
+        parse_tiers(tiers, models_of(models))
+    except TierError as e:
+        raise SpecError(e.message, e.hint or None) from None
+    return tuple(tiers)
