@@ -15,11 +15,11 @@ from appliance.errors import ApplianceError, NotYetAvailable
 VERB_MODULES = (
     "installer.bundle_commands",
     "appliance.demo",
+    "installer.hw_commands",
 )
 
 # Verbs that later releases fill in; until then they say so and exit non-zero.
 PENDING = {
-    "hw": "show GPUs, CPU, RAM, disk and which tier of a bundle fits",
     "install": "install a bundle",
     "upgrade": "upgrade to a newer bundle",
     "rollback": "return to the previous release",
