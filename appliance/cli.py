@@ -15,6 +15,7 @@ from appliance.errors import ApplianceError, NotYetAvailable
 VERB_MODULES = (
     "installer.bundle_commands",
     "appliance.demo",
+    "appliance.support_bundle",
     "installer.hw_commands",
 )
 
@@ -30,7 +31,6 @@ PENDING = {
     "adapters": "list, promote and roll back LoRA adapters",
     "keys": "create, list and revoke API keys",
     "console": "open the Textual console",
-    "support-bundle": "collect diagnostics for the vendor, without secrets",
 }
 
 
