@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -40,7 +41,8 @@ def _pending(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(add_help=False)
-    root.add_argument("--root", default="/", help="install root (default /); tests and demos use a temporary tree")
+    root.add_argument("--root", default=os.environ.get("APPLIANCE_ROOT", "/"),
+                      help="install root (default: $APPLIANCE_ROOT or /); tests and demos use a temporary tree")
 
     parser = argparse.ArgumentParser(prog="appliance", description="A private LLM for sites with no internet.", parents=[root])
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
