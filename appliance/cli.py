@@ -18,15 +18,11 @@ VERB_MODULES = (
     "appliance.demo",
     "appliance.support_bundle",
     "installer.hw_commands",
+    "installer.lifecycle_commands",
 )
 
 # Verbs that later releases fill in; until then they say so and exit non-zero.
 PENDING = {
-    "install": "install a bundle",
-    "upgrade": "upgrade to a newer bundle",
-    "rollback": "return to the previous release",
-    "uninstall": "remove the appliance (data stays unless --purge)",
-    "status": "releases, tier, model, units",
     "serve": "run the API server",
     "train": "run one training pass",
     "adapters": "list, promote and roll back LoRA adapters",

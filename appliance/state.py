@@ -41,3 +41,25 @@ def time_floor(state: dict[str, Any]) -> datetime | None:
         return datetime.fromisoformat(value).astimezone(timezone.utc)
     except (TypeError, ValueError):
         raise StateError("The state file's time_floor is not a timestamp.") from None
+
+
+def save_state(layout: Layout, state: dict[str, Any]) -> None:
+    """Replace state.json atomically (the caller holds the install lock)."""
+    from appliance.atomic import atomic_write_json
+
+    atomic_write_json(layout.state_file, state, mode=0o644)
+
+
+def with_release(state: dict[str, Any], *, release: str, sequence: int, issued_at: datetime,
+                 action: str, at: datetime, info: dict[str, Any]) -> dict[str, Any]:
+    """A new state recording that `release` is now current. Pure. Sequence and time floor only grow."""
+    new = dict(state)
+    new["highest_sequence"] = max(highest_sequence(state), sequence)
+    floor = time_floor(state)
+    new["time_floor"] = max(floor, issued_at).isoformat() if floor else issued_at.isoformat()
+    releases = dict(state.get("releases") or {})
+    releases[release] = {**releases.get(release, {}), **info, "sequence": sequence}
+    new["releases"] = releases
+    new["current"] = release
+    new["last_install"] = {"action": action, "release": release, "at": at.isoformat()}
+    return new

@@ -1,0 +1,258 @@
+"""Activation steps shared by install, upgrade and rollback: user and directories → units → enable →
+switch `current` → start → wait for /health/ready → record state and audit.
+
+If the new release does not become ready in time, `current` goes back to the previous release,
+its units are restored and it is restarted; the error says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, StateError
+from appliance.paths import Layout
+from appliance.state import load_state, save_state, with_release
+from installer.release import RELEASE_JSON, Release, current_release, link_target, read_release
+from installer.steps import Skip, Step
+from installer.units import ENABLE, SERVER, SERVICE_USER, TIMER, UNITS, UnitSettings, load_templates, render_units
+
+Progress = Callable[[str, float | None], None]
+STATE_DIRS = (("var", 0o750), ("models", 0o700), ("adapters", 0o750), ("data", 0o750))
+
+
+class NotReadyError(ApplianceError):
+    exit_code = 41
+    default_hint = "See `journalctl -u appliance-server` for why the server did not start."
+
+
+def systemd_running(root: Path) -> bool:
+    """sd_booted(3) for the host, and only when installing into it (not into another --root)."""
+    return root == Path("/") and Path("/run/systemd/system").is_dir()
+
+
+def service_ids(root: Path, user: str = SERVICE_USER) -> tuple[int, int] | None:
+    """uid and gid of the service user from the target's /etc/passwd, or None."""
+    try:
+        for line in (root / "etc/passwd").read_text().splitlines():
+            parts = line.split(":")
+            if len(parts) >= 4 and parts[0] == user:
+                return int(parts[2]), int(parts[3])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def step_user(ctx: Any, progress: Progress) -> str:
+    layout, t = ctx.layout, ctx.target
+    for name, mode in STATE_DIRS:
+        t.mkdir(getattr(layout, name), mode)
+    t.mkdir(layout.data / "inbox", 0o750)
+    t.mkdir(layout.log_dir, 0o750)
+    if not ctx.uses_systemd:
+        return "state directories ready (no service user without systemd: the server runs as you)"
+    root = layout.root
+    ids = service_ids(root)
+    made = ""
+    if ids is None:
+        if not (root / "etc/passwd").is_file():
+            ctx.notices.append(f"{root} has no /etc/passwd: the service user {SERVICE_USER!r} was not created")
+            return "state directories ready; no /etc/passwd under the root, so no service user"
+        argv = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/appliance",
+                "--shell", "/usr/sbin/nologin", "--comment", "appliance LLM service", SERVICE_USER]
+        ctx.runner.run(argv if root == Path("/") else argv[:1] + ["--root", str(root)] + argv[1:])
+        ids, made = service_ids(root), f"created system user {SERVICE_USER}; "
+    if ids is not None:
+        t.chown_tree(layout.var, *ids)
+        t.chown_tree(layout.log_dir, *ids)
+    return f"{made}state directories owned by {SERVICE_USER}"
+
+
+def unit_settings(ctx: Any, info: dict[str, Any]) -> UnitSettings:
+    server, trainer = ctx.config.get("server", {}), ctx.config.get("trainer", {})
+    return UnitSettings(backend=info.get("backend", "llama.cpp"), uses_gpu=bool(info.get("uses_gpu")),
+                        host=str(server.get("host", "127.0.0.1")), schedule=str(trainer.get("schedule", "*-*-* 03:00:00")))
+
+
+def install_units(ctx: Any, release: Path, texts: dict[str, str]) -> tuple[int, int]:
+    """Keep a copy in the release (rollback restores it) and write what changed to /etc/systemd/system."""
+    written = 0
+    ctx.target.mkdir(release / "units", 0o755)
+    ctx.target.mkdir(ctx.layout.systemd_units, 0o755)
+    for name, text in texts.items():
+        for dest in (release / "units" / name, ctx.layout.systemd_units / name):
+            try:
+                same = dest.read_text() == text
+            except OSError:
+                same = False
+            if not same:
+                ctx.target.write(dest, text.encode(), 0o644)
+                written += dest.parent == ctx.layout.systemd_units
+    return written, len(texts) - written
+
+
+def step_units(ctx: Any, progress: Progress) -> str:
+    if not ctx.uses_systemd:
+        raise Skip("--no-systemd")
+    texts = render_units(unit_settings(ctx, ctx.release_info), load_templates())
+    written, same = install_units(ctx, ctx.layout.releases / ctx.release_id, texts)
+    return f"{written} unit file(s) written, {same} unchanged, in {ctx.layout.systemd_units}"
+
+
+def step_enable(ctx: Any, progress: Progress) -> str:
+    if not ctx.uses_systemd:
+        raise Skip("--no-systemd")
+    if ctx.systemd_running:
+        ctx.runner.run(["systemctl", "daemon-reload"])
+        ctx.runner.run(["systemctl", "enable", *ENABLE])
+        return f"enabled {', '.join(ENABLE)}"
+    ctx.runner.run(["systemctl", f"--root={ctx.layout.root}", "enable", *ENABLE])
+    return f"enabled {', '.join(ENABLE)} offline (systemctl --root)"
+
+
+def step_switch(ctx: Any, progress: Progress) -> str:
+    cur = _current(ctx.layout)
+    if cur is not None and cur.id == ctx.release_id:
+        raise Skip(f"current already points at {ctx.release_id}")
+    ctx.target.symlink(link_target(ctx.release_id), ctx.layout.current)
+    return f"current -> releases/{ctx.release_id}" + (f" (was {cur.id})" if cur else "")
+
+
+def step_start(ctx: Any, progress: Progress) -> str:
+    if not ctx.uses_systemd:
+        app = ctx.layout.current / "venv/bin/appliance"
+        ctx.notices.append(f"no systemd: start the server yourself with `{app} --root {ctx.layout.root} serve`")
+        raise Skip("--no-systemd")
+    if not ctx.systemd_running:
+        ctx.notices.append(f"systemd is not running for {ctx.layout.root}: units are installed and enabled but not started")
+        raise Skip("systemd is not running here; the units start at the next boot")
+    ctx.runner.run(["systemctl", "restart", SERVER], timeout=1200)
+    ctx.runner.run(["systemctl", "start", TIMER])
+    ctx.started = True
+    return f"restarted {SERVER}, started {TIMER}"
+
+
+def ready_url(config: dict[str, Any]) -> str:
+    server = config.get("server", {})
+    host = str(server.get("host", "127.0.0.1"))
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "localhost": "127.0.0.1"}.get(host, host)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{int(server.get('port', 8088))}/health/ready"
+
+
+def wait_ready(ctx: Any, timeout: float, progress: Progress) -> None:
+    """Poll /health/ready until it answers 200; give up early when systemd has given up on the unit."""
+    url, deadline, last = ready_url(ctx.config), time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (a URL we built)
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except OSError as e:
+            last = str(getattr(e, "reason", e))
+        state = ctx.runner.run(["systemctl", "show", "-p", "ActiveState", "--value", SERVER], check=False).stdout.strip()
+        if state == "failed":
+            break
+        progress(f"waiting for {url}: {last}", None)
+        time.sleep(1)
+    journal = ctx.runner.run(["journalctl", "-u", SERVER, "-n", "5", "--no-pager", "-o", "cat"], check=False).stdout
+    tail = " / ".join(journal.strip().splitlines()[-5:])
+    raise NotReadyError(f"The server of release {ctx.release_id} did not become ready within {timeout:.0f} s ({last})"
+                        + (f"; its log ends: {tail}" if tail else "") + ".")
+
+
+def restore(ctx: Any, previous: Release) -> None:
+    """Put the previous release back: its units, its `current`, a restart."""
+    units = {n: (previous.dir / "units" / n).read_text() for n in UNITS if (previous.dir / "units" / n).is_file()}
+    if units:
+        install_units(ctx, previous.dir, units)
+        ctx.runner.run(["systemctl", "daemon-reload"])
+    if previous.info.get("config"):
+        from installer.install import apply_config
+        try:
+            apply_config(ctx, previous.info["config"]["model"], previous.info["config"]["trainer"])
+        except Skip:
+            pass
+    ctx.target.symlink(link_target(previous.id), ctx.layout.current)
+    ctx.runner.run(["systemctl", "restart", SERVER], check=False, timeout=1200)
+
+
+def step_ready(ctx: Any, progress: Progress) -> str:
+    if not ctx.started:
+        raise Skip("nothing was started")
+    try:
+        wait_ready(ctx, ctx.opts.ready_timeout, progress)
+    except NotReadyError as e:
+        prev = ctx.previous
+        if prev is None or prev.id == ctx.release_id:
+            ctx.runner.run(["systemctl", "stop", SERVER], check=False)
+            raise NotReadyError(e.message + " There is no previous release to go back to; the server is stopped.") from None
+        restore(ctx, prev)
+        audit(ctx.layout, {"event": "rollback", "from": ctx.release_id, "to": prev.id, "reason": "not ready"}, ctx)
+        raise NotReadyError(e.message + f" Switched back to release {prev.id} and restarted it.") from None
+    return f"{ready_url(ctx.config)} answers"
+
+
+def audit(layout: Layout, record: dict[str, Any], ctx: Any) -> None:
+    """An audit line, then the file handed to the service user so the server can keep appending."""
+    if ctx.target.dry_run:
+        ctx.target.actions.append(f"audit {json.dumps(record, sort_keys=True)}")
+        return
+    from appliance import audit as audit_log
+
+    audit_log.append(layout, {"actor": "installer", **record})
+    ids = service_ids(layout.root) if ctx.uses_systemd else None
+    if ids is not None:
+        ctx.target.chown_tree(layout.log_dir, *ids)
+
+
+def record(ctx: Any, action: str) -> None:
+    info = ctx.release_info
+    issued = datetime.fromisoformat(info["issued_at"].replace("Z", "+00:00"))
+    now = datetime.now(timezone.utc)
+    audit(ctx.layout, {"event": action, "release": ctx.release_id, "version": info["version"],
+                       "sequence": info["sequence"], "tier": info["tier"], "model": info["model"]["id"]}, ctx)
+    state = with_release(load_state(ctx.layout), release=ctx.release_id, sequence=int(info["sequence"]), issued_at=issued,
+                         action=action, at=now, info={"version": info["version"], "tier": info["tier"]})
+    if ctx.target.dry_run:
+        ctx.target.actions.append(f"write {ctx.layout.state_file} (highest_sequence {state['highest_sequence']})")
+        return
+    save_state(ctx.layout, state)
+    rel = read_release(ctx.layout.releases / ctx.release_id)
+    if rel is not None and (rel.info.get("tier") != info["tier"] or rel.info.get("config") != info.get("config")):
+        # the same release re-installed with another tier: keep release.json telling the truth for rollback
+        ctx.target.write(rel.dir / RELEASE_JSON, (json.dumps({**rel.info, **info}, indent=2, sort_keys=True) + "\n").encode())
+
+
+def step_record(ctx: Any, progress: Progress) -> str:
+    action = "upgrade" if ctx.previous is not None and ctx.previous.id != ctx.release_id else "install"
+    action = getattr(ctx, "action", None) or action
+    record(ctx, action)
+    return f"state.json and the audit log record {action} of {ctx.release_id}"
+
+
+def _current(layout: Layout) -> Release | None:
+    try:
+        return current_release(layout)
+    except StateError:
+        return None
+
+
+ACTIVATE_STEPS = (
+    Step("user", "create the service user and state directories", step_user),
+    Step("units", "render the systemd units", step_units),
+    Step("enable", "enable the server and the trainer timer", step_enable),
+    Step("switch", "point /opt/appliance/current at the new release", step_switch),
+    Step("start", "start the server and the timer", step_start),
+    Step("ready", "wait until /health/ready answers", step_ready),
+    Step("record", "record state.json and an audit entry", step_record),
+)

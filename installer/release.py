@@ -1,0 +1,148 @@
+"""Releases under /opt/appliance/releases/<id>/: a venv from the bundle's wheelhouse, rendered units, release.json.
+
+A release directory is built as `<id>.partial` and renamed into place with release.json already
+inside, so a directory without `.partial` is always complete; `current` is one atomic symlink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.atomic import PARTIAL_SUFFIX, fsync_dir
+from appliance.errors import BundleError, StateError
+from appliance.paths import Layout
+from installer.manifest import Manifest
+from installer.runner import Runner
+
+RELEASE_JSON = "release.json"
+EXTRAS = ("server", "train", "console")
+
+
+def release_id(manifest: Manifest) -> str:
+    """Version and sequence: two bundles of one version (a re-signed fix) must not share a directory."""
+    return f"{manifest.version}+{manifest.sequence}"
+
+
+@dataclass(frozen=True)
+class Release:
+    id: str
+    dir: Path
+    info: dict[str, Any]
+
+    @property
+    def sequence(self) -> int:
+        return int(self.info["sequence"])
+
+    @property
+    def version(self) -> str:
+        return str(self.info["version"])
+
+    @property
+    def appliance(self) -> Path:
+        return self.dir / "venv/bin/appliance"
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "version": self.version, "sequence": self.sequence, "tier": self.info.get("tier"),
+                "model": self.info.get("model", {}).get("id"), "installed_at": self.info.get("installed_at")}
+
+
+def read_release(directory: Path) -> Release | None:
+    """The release in `directory`, or None when it is not a complete release."""
+    if directory.name.endswith(PARTIAL_SUFFIX) or directory.name.startswith("."):
+        return None
+    try:
+        info = json.loads((directory / RELEASE_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("id") != directory.name:
+        return None
+    return Release(directory.name, directory, info)
+
+
+def list_releases(layout: Layout) -> list[Release]:
+    """Complete releases, oldest sequence first."""
+    if not layout.releases.is_dir():
+        return []
+    found = [r for d in layout.releases.iterdir() if d.is_dir() and not d.is_symlink() and (r := read_release(d))]
+    return sorted(found, key=lambda r: (r.sequence, r.id))
+
+
+def current_release(layout: Layout) -> Release | None:
+    """What `current` points at; None when nothing is installed. A dangling link is an error."""
+    if not layout.current.is_symlink():
+        return None
+    target = os.readlink(layout.current)
+    rel = read_release(layout.opt / target)
+    if rel is None or rel.dir.parent != layout.releases:
+        raise StateError(f"{layout.current} points at {target}, which is not a complete release.",
+                         "Run `appliance rollback`, or install the bundle again.")
+    return rel
+
+
+def previous_release(layout: Layout, current: Release | None) -> Release | None:
+    """The newest release older than `current` (by sequence)."""
+    older = [r for r in list_releases(layout) if current is None or (r.sequence, r.id) < (current.sequence, current.id)]
+    return older[-1] if older else None
+
+
+def link_target(release_id_: str) -> str:
+    return f"releases/{release_id_}"
+
+
+def _wheel_metadata(wheel: Path) -> str:
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        return z.read(name).decode()
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def carried_extras(wheel: Path, sbom_names: set[str]) -> list[str]:
+    """The appliance extras whose every requirement the wheelhouse carries (pip --no-index needs them all)."""
+    needs: dict[str, set[str]] = {}
+    for line in _wheel_metadata(wheel).splitlines():
+        m = re.match(r"Requires-Dist:\s*([A-Za-z0-9_.-]+).*extra\s*==\s*['\"]([^'\"]+)['\"]", line)
+        if m:
+            needs.setdefault(m[2], set()).add(_norm(m[1]))
+    return [e for e in EXTRAS if e in needs and needs[e] <= sbom_names]
+
+
+def own_wheel(bundle: Path, manifest: Manifest) -> Path:
+    own = [e["path"] for e in manifest.sbom if e["name"] == "appliance"]
+    if not own:
+        raise BundleError("The bundle's wheelhouse has no appliance wheel.", "Ask the vendor for a complete bundle.")
+    return bundle / own[0]
+
+
+def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, python: str | None = None) -> list[str]:
+    """A venv with the appliance and the extras the wheelhouse carries, from the stick only (no index)."""
+    wheel = own_wheel(bundle, manifest)
+    extras = carried_extras(wheel, {_norm(e["name"]) for e in manifest.sbom})
+    runner.run([python or sys.executable, "-m", "venv", "--clear", str(venv)], timeout=300)
+    spec = f"appliance[{','.join(extras)}]" if extras else "appliance"
+    runner.run([str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                "--no-index", "--find-links", str(bundle / "wheels"), "--no-cache-dir", spec], timeout=1800)
+    return extras
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file and directory entry under `root` durable before it is renamed into use."""
+    for d, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(d, name)
+            if not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(d))
