@@ -19,14 +19,12 @@ VERB_MODULES = (
     "appliance.support_bundle",
     "installer.hw_commands",
     "installer.lifecycle_commands",
+    "appliance.server.commands",
+    "appliance.trainer.cli",
 )
 
 # Verbs that later releases fill in; until then they say so and exit non-zero.
 PENDING = {
-    "serve": "run the API server",
-    "train": "run one training pass",
-    "adapters": "list, promote and roll back LoRA adapters",
-    "keys": "create, list and revoke API keys",
     "console": "open the Textual console",
 }
 

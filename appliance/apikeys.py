@@ -1,0 +1,138 @@
+"""API keys: /etc/appliance/api-keys.json holds only SHA-256 hashes of keys, never a key itself.
+
+A key is `apl-<id>-<secret>`: the id selects the record, the secret (32 random bytes) is what the
+hash protects. A plain SHA-256 is enough because the secret is random, not a password: there is
+nothing to guess with a dictionary. Records are kept after revocation so `keys list` can show them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from appliance.atomic import atomic_write_json
+from appliance.errors import ApplianceError
+from appliance.paths import Layout
+
+ROLES = ("admin", "user")
+PREFIX = "apl"
+
+
+class ApiKeyError(ApplianceError):
+    exit_code = 18
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    role: str
+    hash: str
+    created_at: str
+    revoked_at: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def keys_file(layout: Layout) -> Path:
+    return layout.etc / "api-keys.json"
+
+
+def _hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _read(layout: Layout) -> list[KeyRecord]:
+    path = keys_file(layout)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise ApiKeyError(f"The key file {path} cannot be read: {e}.", "Restore it from backup or move it away and create new keys.") from None
+    try:
+        return [KeyRecord(**r) for r in data["keys"]]
+    except (KeyError, TypeError):
+        raise ApiKeyError(f"The key file {path} is not in the expected format.") from None
+
+
+def _write(layout: Layout, records: list[KeyRecord]) -> None:
+    # 0600: hashes are not keys, but nobody else needs to read them either.
+    atomic_write_json(keys_file(layout), {"version": 1, "keys": [asdict(r) for r in records]}, mode=0o600)
+
+
+def create(layout: Layout, role: str) -> tuple[str, str]:
+    """Make a key with `role`; return (id, key). The key is shown once and never stored."""
+    if role not in ROLES:
+        raise ApiKeyError(f"The role {role!r} does not exist.", f"Use one of: {', '.join(ROLES)}.")
+    records = _read(layout)
+    taken = {r.id for r in records}
+    key_id = secrets.token_hex(4)
+    while key_id in taken:
+        key_id = secrets.token_hex(4)
+    key = f"{PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _write(layout, [*records, KeyRecord(key_id, role, _hash(key), now)])
+    return key_id, key
+
+
+def list_keys(layout: Layout) -> list[KeyRecord]:
+    return _read(layout)
+
+
+def revoke(layout: Layout, key_id: str) -> KeyRecord:
+    records = _read(layout)
+    for i, r in enumerate(records):
+        if r.id == key_id:
+            if r.active:
+                records[i] = KeyRecord(r.id, r.role, r.hash, r.created_at, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                _write(layout, records)
+            return records[i]
+    raise ApiKeyError(f"There is no key with id {key_id!r}.", "Run `appliance keys list` to see the key ids.")
+
+
+def _match(records: list[KeyRecord], presented: str) -> KeyRecord | None:
+    parts = presented.split("-", 2)
+    if len(parts) != 3 or parts[0] != PREFIX:
+        return None
+    digest = _hash(presented)
+    for r in records:
+        if r.id == parts[1] and r.active and hmac.compare_digest(r.hash, digest):
+            return r
+    return None
+
+
+def verify(layout: Layout, presented_key: str) -> KeyRecord | None:
+    """The active record the key belongs to, or None."""
+    return _match(_read(layout), presented_key)
+
+
+class KeyCache:
+    """verify() for the server: re-reads the key file only when it changed, so revocations apply at once."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._records: list[KeyRecord] = []
+
+    def verify(self, presented_key: str) -> KeyRecord | None:
+        try:
+            st = os.stat(keys_file(self.layout))
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = (0, 0, 0)
+        with self._lock:
+            if stamp != self._stamp:
+                self._records = _read(self.layout) if stamp != (0, 0, 0) else []
+                self._stamp = stamp
+            records = self._records
+        return _match(records, presented_key)

@@ -1,0 +1,108 @@
+"""The [server] and [model] sections of /etc/appliance/appliance.toml as typed, validated values.
+
+Unknown keys and sections are ignored (the trainer reads [trainer] from the same file); a wrong
+type or an out-of-range value is one ConfigError that names the key and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError
+from appliance.paths import Layout
+
+BACKENDS = ("llama.cpp", "transformers")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ApplianceError):
+    exit_code = 17
+    default_hint = "Fix /etc/appliance/appliance.toml (the installer wrote the original) and start again."
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 127.0.0.1 keeps the API on this host"})
+    port: int = field(default=8088, metadata={"help": "TCP port", "min": 1, "max": 65535})
+    max_queue: int = field(default=64, metadata={"help": "requests waiting beyond the live batch; more get 429", "min": 0})
+    max_batch: int = field(default=8, metadata={"help": "sequences decoded together", "min": 1, "max": 256})
+    request_body_limit: int = field(default=1_048_576, metadata={"help": "largest request body in bytes; more get 413", "min": 1024})
+    audit_prompts: bool = field(default=False, metadata={"help": "also write prompt text into the audit log"})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = field(metadata={"help": "model file (gguf) or directory (safetensors), absolute as seen on the target"})
+    id: str = field(default="model", metadata={"help": "model name the API reports"})
+    tier: str = field(default="cpu", metadata={"help": "the tier the installer chose"})
+    backend: str = field(default="llama.cpp", metadata={"help": "llama.cpp or transformers", "choices": BACKENDS})
+    context_length: int = field(default=2048, metadata={"help": "tokens per sequence, prompt and answer", "min": 16})
+    threads: int = field(default=2, metadata={"help": "CPU threads for llama.cpp", "min": 1})
+    gpu_layers: int = field(default=0, metadata={"help": "layers llama.cpp offloads to the GPU (-1: all)", "min": -1})
+    dtype: str = field(default="float32", metadata={"help": "transformers weights dtype", "choices": DTYPES})
+    replicas: int = field(default=1, metadata={"help": "model replicas (one per GPU on multi-gpu)", "min": 1})
+
+    def resolve_path(self, layout: Layout) -> Path:
+        """The model path under the root the process was started with."""
+        return layout.root / self.path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    model: ModelConfig
+    source: Path | None = None
+
+
+def _build(cls: type, section: str, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}] in the config is not a table.")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        v = raw[f.name]
+        want = {"str": str, "int": int, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
+        # bool is an int in Python; a port of `true` is still a mistake.
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ConfigError(f"[{section}] {f.name} must be a {want.__name__} ({f.metadata['help']}), not {v!r}.")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigError(f"[{section}] {f.name} must be {bounds}, not {v}.")
+        if "choices" in f.metadata and v not in f.metadata["choices"]:
+            raise ConfigError(f"[{section}] {f.name} must be one of {', '.join(f.metadata['choices'])}, not {v!r}.")
+        values[f.name] = v
+    try:
+        return cls(**values)
+    except TypeError:
+        missing = [f.name for f in fields(cls) if f.name not in values]
+        raise ConfigError(f"[{section}] is missing {', '.join(missing)}.") from None
+
+
+def parse_config(text: str, source: Path | None = None) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"The config {source or ''} is not valid TOML: {e}.".replace("  ", " ")) from None
+    if "model" not in raw:
+        raise ConfigError(f"The config {source or ''} has no [model] section.".replace("  ", " "),
+                          "Install a bundle first; the installer writes [model].")
+    return Config(_build(ServerConfig, "server", raw.get("server")), _build(ModelConfig, "model", raw["model"]), source)
+
+
+def load_config(layout: Layout, path: Path | None = None) -> Config:
+    """Read the installed config (or `path`, e.g. `--config F`)."""
+    path = Path(path) if path else layout.config_file
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"The config file {path} does not exist.", "Install a bundle first (`appliance install`), or pass --config.") from None
+    except OSError as e:
+        raise ConfigError(f"The config file {path} cannot be read: {e.strerror}.") from None
+    return parse_config(text, path)

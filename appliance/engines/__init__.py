@@ -1,0 +1,44 @@
+"""Inference engines: one interface (`Engine`), two backends (llama.cpp for GGUF, transformers for safetensors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.config import ModelConfig
+from appliance.engines.base import Engine, Finished, QueueFull, SamplingParams
+from appliance.errors import EngineError
+from appliance.paths import Layout
+
+__all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "load_engine"]
+
+
+def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any = None) -> Engine:
+    """Load the configured model with `adapter` (an appliance.adapters.Adapter or None) applied; not started."""
+    path = model.resolve_path(layout)
+    if not path.exists():
+        raise EngineError(f"The model {path} does not exist.", "Install a bundle (`appliance install`) or fix [model] path.")
+    if model.backend == "llama.cpp":
+        from appliance.engines.llama_cpp_engine import LlamaCppBackend
+
+        if not path.is_file():
+            raise EngineError(f"The llama.cpp backend needs a GGUF file, and {path} is not a file.")
+        backend: Any = LlamaCppBackend(path, context_length=model.context_length, max_batch=max_batch,
+                                       threads=model.threads, gpu_layers=model.gpu_layers)
+    elif model.backend == "transformers":
+        from appliance.engines.transformers_engine import TransformersBackend
+
+        backend = TransformersBackend(path, context_length=model.context_length, dtype=model.dtype)
+    else:
+        raise EngineError(f"The backend {model.backend!r} is not known.", "Use llama.cpp or transformers in [model] backend.")
+    adapter_id, adapter_error = None, None
+    if adapter is not None:
+        # A broken adapter must not keep the API down: serve the base model and say why.
+        try:
+            backend.apply_adapter(adapter)
+            adapter_id = adapter.id
+        except EngineError as e:
+            adapter_error = f"{adapter.id}: {e.message}"
+    engine = Engine(backend, model_id=model.id, context_length=model.context_length, max_batch=max_batch,
+                    max_queue=max_queue, adapter_id=adapter_id, backend_name=model.backend)
+    engine.adapter_error = adapter_error
+    return engine

@@ -1,0 +1,331 @@
+"""The engine interface the server uses, and the batch scheduler both engines share.
+
+An `Engine` owns one thread that runs the decode loop. Requests (`submit`) wait in a bounded queue;
+between decode steps the loop admits as many as there are free slots, and one backend call then
+prefills the newcomers and advances every live sequence by one token (continuous batching). The
+backend (llama.cpp or transformers) only knows how to do that one step; stop strings, limits,
+cancellation, adapter swaps and the text sent back are handled here, once, for both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.errors import EngineError
+
+
+class QueueFull(EngineError):
+    """More requests are waiting than the queue holds."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New answer text for one sequence."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | cancelled | error
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str | None
+    text: str
+    error: str | None = None
+
+
+Event = Delta | Finished
+Sink = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine; `slot` is its KV-cache sequence id while it is live."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the answer already sent
+    adapter: str | None = None
+    cancelled: bool = False
+    state: Any = None  # per-backend (e.g. a llama.cpp sampler chain)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence at the next step (safe from any thread)."""
+        self.cancelled = True
+
+
+class Backend(Protocol):
+    """What an engine backend does; everything else is the scheduler's job."""
+
+    # True when new sequences can join while others are mid-answer (llama.cpp); the transformers
+    # backend re-prefills the batch when one joins, which it also supports.
+    def tokenize(self, text: str) -> list[int]: ...
+    def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
+    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]: ...
+    def release(self, seq: Sequence) -> None: ...
+    def detokenize(self, tokens: list[int]) -> str: ...
+    def is_end(self, token: int) -> bool: ...
+    def apply_adapter(self, adapter: Any) -> None: ...
+    def prefill_budget(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> tuple[int | None, int]:
+    """(index where a stop string starts or None, how many trailing chars may begin one)."""
+    hits = [i for s in stops if (i := text.find(s)) >= 0]
+    if hits:
+        return min(hits), 0
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return None, hold
+
+
+class Engine:
+    """The server's one handle on a model: submit, cancel, swap adapters, report load."""
+
+    def __init__(self, backend: Backend, *, model_id: str, context_length: int, max_batch: int, max_queue: int,
+                 adapter_id: str | None = None, backend_name: str = "") -> None:
+        self.backend = backend
+        self.model_id = model_id
+        self.backend_name = backend_name
+        self.context_length = context_length
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.adapter_id = adapter_id
+        self._cv = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._live: list[Sequence] = []
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._pending_adapter: tuple[Any, threading.Event] | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.steps = 0
+        self.adapter_error: str | None = None
+        self.on_step: Callable[[Engine], None] | None = None  # metrics hook
+
+    # --- used by the server -------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self.backend.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.backend.tokenize(text)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self.backend.render_chat(messages)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> Sequence:
+        """Queue a request; events arrive on `sink` from the engine thread. Raises QueueFull."""
+        if not prompt:
+            raise EngineError("The prompt is empty.")
+        if len(prompt) >= self.context_length:
+            raise EngineError(f"The prompt has {len(prompt)} tokens; the context holds {self.context_length}.")
+        seq = Sequence(prompt, params, sink)
+        with self._cv:
+            if self._stopping:
+                raise EngineError("The engine is shutting down.")
+            # The live batch plus `max_queue` waiting; anything beyond is refused, not buffered.
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._live)):
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting.")
+            self._waiting.append(seq)
+            self._cv.notify_all()
+        return seq
+
+    def swap_adapter(self, adapter: Any, wait: float | None = None) -> bool:
+        """Use `adapter` (or None: the base model) from the next batch on; True once applied.
+
+        Live sequences finish on the adapter they started with; new ones wait until the swap is
+        done, so no request fails or mixes two adapters.
+        """
+        done = threading.Event()
+        with self._cv:
+            self._pending_adapter = (adapter, done)
+            self._cv.notify_all()
+        return done.wait(wait) if wait else done.is_set()
+
+    # --- the decode loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._waiting or self._live or self._pending_adapter):
+                    self._cv.wait()
+                if self._stopping:
+                    for s in [*self._live, *self._waiting]:
+                        self._finish(s, "cancelled")
+                    self._live.clear()
+                    self._waiting.clear()
+                    return
+                for s in [s for s in self._waiting if s.cancelled]:
+                    self._waiting.remove(s)
+                    self._emit(s, self._finished(s, "cancelled"))
+                pending = self._pending_adapter
+            for s in [s for s in self._live if s.cancelled]:
+                self._drop(s, "cancelled")
+            if pending and not self._live:
+                self._apply_adapter(*pending)
+                continue
+            admit = [] if pending else self._admit()
+            if not admit and not self._live:
+                continue
+            try:
+                tokens = self.backend.step(admit, self._live)
+            except Exception as e:  # a failed step fails its sequences, never the server
+                for s in [*admit, *self._live]:
+                    self._drop(s, "error", f"{type(e).__name__}: {e}")
+                continue
+            self._live.extend(admit)
+            # the backend answers for `live` first, then `admit`: the order of self._live now
+            for s, tok in zip(list(self._live), tokens, strict=True):
+                self._advance(s, tok)
+            self.steps += 1
+            if self.on_step:
+                self.on_step(self)
+
+    def _admit(self) -> list[Sequence]:
+        budget = self.backend.prefill_budget() - len(self._live)
+        admit: list[Sequence] = []
+        with self._cv:
+            while self._waiting and self._free_slots and not self._waiting[0].cancelled:
+                n = len(self._waiting[0].prompt)
+                if admit and n > budget:
+                    break
+                s = self._waiting.popleft()
+                s.slot = self._free_slots.pop()
+                s.adapter = self.adapter_id
+                budget -= n
+                admit.append(s)
+        return admit
+
+    def _apply_adapter(self, adapter: Any, done: threading.Event) -> None:
+        try:
+            self.backend.apply_adapter(adapter)
+            self.adapter_id = getattr(adapter, "id", None)
+            self.adapter_error = None
+        except Exception as e:  # keep serving with the adapter we had; the reload route reports this
+            self.adapter_error = f"{getattr(adapter, 'id', adapter)}: {e}"
+        finally:
+            with self._cv:
+                if self._pending_adapter and self._pending_adapter[1] is done:
+                    self._pending_adapter = None
+            done.set()
+
+    def _advance(self, s: Sequence, tok: int) -> None:
+        if self.backend.is_end(tok):
+            self._drop(s, "stop")
+            return
+        s.generated.append(tok)
+        text = self.backend.detokenize(s.generated)
+        cut, hold = _stop_cut(text, s.params.stop)
+        if cut is not None:
+            self._send(s, text[:cut])
+            self._drop(s, "stop", final_text=text[:cut])
+            return
+        limit = len(s.generated) >= s.params.max_tokens or len(s.prompt) + len(s.generated) >= self.context_length
+        if limit:
+            self._send(s, text)
+            self._drop(s, "length", final_text=text)
+            return
+        # Hold back an unfinished UTF-8 character and anything that may be the start of a stop string.
+        end = len(text) - hold
+        while end > s.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        self._send(s, text[:end])
+
+    def _send(self, s: Sequence, upto: str) -> None:
+        if len(upto) > s.sent:
+            self._emit(s, Delta(upto[s.sent:]))
+            s.sent = len(upto)
+
+    def _finished(self, s: Sequence, reason: str, error: str | None = None, text: str | None = None) -> Finished:
+        if text is None:
+            text = self.backend.detokenize(s.generated) if s.generated else ""
+        return Finished(reason, len(s.prompt), len(s.generated), s.adapter, text, error)
+
+    def _drop(self, s: Sequence, reason: str, error: str | None = None, final_text: str | None = None) -> None:
+        if s in self._live:
+            self._live.remove(s)
+        if reason == "stop" and final_text is None:
+            final_text = self.backend.detokenize(s.generated) if s.generated else ""
+            self._send(s, final_text)
+        self._finish(s, reason, error, final_text)
+
+    def _finish(self, s: Sequence, reason: str, error: str | None = None, text: str | None = None) -> None:
+        if s.slot >= 0:
+            try:
+                self.backend.release(s)
+            finally:
+                with self._cv:
+                    self._free_slots.append(s.slot)
+                s.slot = -1
+        self._emit(s, self._finished(s, reason, error, text))
+
+    @staticmethod
+    def _emit(s: Sequence, ev: Event) -> None:
+        try:
+            s.sink(ev)
+        except Exception:  # a closed event loop or queue: the client is gone, nothing to tell
+            pass
+
+
+def warm_up(engine: Engine, timeout: float = 120.0) -> str:
+    """One short generation through the whole engine; raises EngineError when it fails."""
+    done = threading.Event()
+    box: list[Finished] = []
+
+    def sink(ev: Event) -> None:
+        if isinstance(ev, Finished):
+            box.append(ev)
+            done.set()
+
+    t0 = time.monotonic()
+    engine.submit(engine.tokenize(engine.render_chat([{"role": "user", "content": "Hello"}])), SamplingParams(max_tokens=4, temperature=0), sink)
+    if not done.wait(timeout):
+        raise EngineError(f"The warm-up generation did not finish within {timeout:.0f} s.")
+    if box[0].reason == "error":
+        raise EngineError(f"The warm-up generation failed: {box[0].error}.")
+    return f"{box[0].completion_tokens} tokens in {time.monotonic() - t0:.2f} s"

@@ -1,0 +1,172 @@
+"""GGUF models through llama.cpp's batch API (llama-cpp-python's low-level bindings).
+
+The high-level `Llama` object decodes one sequence at a time. Here every live sequence has its
+own KV-cache sequence id (its slot) and its own sampler chain, and one `llama_decode` call per step
+carries the newcomers' whole prompts plus one token for each live sequence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from pathlib import Path
+from typing import Any
+
+from appliance.engines.base import Sequence
+from appliance.engines.chat_template import ChatTemplate
+from appliance.errors import EngineError
+
+
+class LlamaCppBackend:
+    def __init__(self, model_path: Path, *, context_length: int, max_batch: int, threads: int, gpu_layers: int = 0) -> None:
+        import llama_cpp as L
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)  # llama.cpp prints every tensor it loads otherwise
+        self.L = L
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 999 if gpu_layers < 0 else gpu_layers
+        self.model = L.llama_model_load_from_file(str(model_path).encode(), mp)
+        if not self.model:
+            raise EngineError(f"llama.cpp could not load the model {model_path}.", "Check that the file is a complete GGUF model.")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        cp = L.llama_context_default_params()
+        # One KV stream per sequence, each `context_length` long; a batch holds one whole prompt plus
+        # one token for every other live sequence.
+        self.n_batch = context_length + max_batch
+        cp.n_ctx = context_length * max_batch
+        cp.n_batch = self.n_batch
+        cp.n_seq_max = max_batch
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified = False
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise EngineError(f"llama.cpp could not make a context of {cp.n_ctx} tokens for {model_path}.",
+                              "Lower [model] context_length or [server] max_batch.")
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._pieces: dict[int, bytes] = {}
+        self._lora: Any = None
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.template = ChatTemplate(self._meta("tokenizer.chat_template"),
+                                     self._piece(L.llama_vocab_bos(self.vocab), True).decode(errors="replace"),
+                                     self._piece(L.llama_vocab_eos(self.vocab), True).decode(errors="replace"))
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(65536)
+        n = self.L.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n] if n > 0 else b""
+
+    # --- Backend --------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        cap = len(data) + 16
+        arr = (self.L.llama_token * cap)()
+        # parse_special: the chat template's markers (<|im_start|>) must become their tokens.
+        n = self.L.llama_tokenize(self.vocab, data, len(data), arr, cap, self.add_bos, True)
+        if n < 0:
+            cap = -n
+            arr = (self.L.llama_token * cap)()
+            n = self.L.llama_tokenize(self.vocab, data, len(data), arr, cap, self.add_bos, True)
+        return list(arr[:n])
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self.template.render(messages)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        pieces = self._pieces
+        out = []
+        for t in tokens:
+            p = pieces.get(t)
+            if p is None:
+                p = pieces[t] = self._piece(t)
+            out.append(p)
+        return b"".join(out).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        return bool(self.L.llama_vocab_is_eog(self.vocab, token))
+
+    def prefill_budget(self) -> int:
+        return self.n_batch
+
+    def _sampler(self, seq: Sequence) -> Any:
+        L, p = self.L, seq.params
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if p.greedy:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            if p.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(p.top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(p.temperature))
+            seed = p.seed if p.seed is not None else random.getrandbits(32)
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
+        """Decode one step; return the next token of each sequence, `live` first, then `admit`."""
+        b, n, rows = self.batch, 0, []
+
+        def put(tok: int, pos: int, slot: int, want: bool) -> None:
+            nonlocal n
+            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos, 1, want
+            b.seq_id[n][0] = slot
+            n += 1
+
+        for s in live:
+            put(s.generated[-1], len(s.prompt) + len(s.generated) - 1, s.slot, True)
+            rows.append(n - 1)
+        for s in admit:
+            s.state = self._sampler(s)
+            last = len(s.prompt) - 1
+            for i, t in enumerate(s.prompt):
+                put(t, i, s.slot, i == last)
+            rows.append(n - 1)
+        b.n_tokens = n
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise EngineError(f"llama_decode returned {rc} for a batch of {n} tokens.")
+        return [self.L.llama_sampler_sample(s.state, self.ctx, row) for s, row in zip([*live, *admit], rows, strict=True)]
+
+    def release(self, seq: Sequence) -> None:
+        self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq.slot, -1, -1)
+        if seq.state is not None:
+            self.L.llama_sampler_free(seq.state)
+            seq.state = None
+
+    def apply_adapter(self, adapter: Any) -> None:
+        """Load `adapter.gguf_path` (a GGUF LoRA) onto the context; None returns to the base model."""
+        L = self.L
+        if adapter is None:
+            L.llama_set_adapters_lora(self.ctx, None, 0, None)
+            self._lora = None
+            return
+        path = adapter.gguf_path
+        if path is None:
+            raise EngineError(f"The adapter {adapter.id} has no adapter.gguf, which the llama.cpp engine needs.",
+                              "Export the adapter to GGUF (the trainer does this for llama.cpp tiers).")
+        lora = L.llama_adapter_lora_init(self.model, str(path).encode())
+        if not lora:
+            raise EngineError(f"llama.cpp could not load the LoRA adapter {path}.")
+        rc = L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(lora), 1, (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise EngineError(f"llama.cpp refused the LoRA adapter {path} (code {rc}).")
+        # The previous adapter stays allocated until the model is freed (llama.cpp owns it); swaps are rare.
+        self._lora = lora
+
+    def close(self) -> None:
+        L = self.L
+        if getattr(self, "batch", None) is not None:
+            L.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            L.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,148 @@
+"""`create_app(settings, engine)`: the FastAPI app, its state on app.state, the engine owned by the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from appliance import adapters
+from appliance.apikeys import KeyCache
+from appliance.config import ServerConfig
+from appliance.engines.base import Engine, warm_up
+from appliance.paths import Layout
+from appliance.server import routes, sd_notify
+from appliance.server.gate import Gate
+from appliance.server.metrics import Metrics
+from appliance.server.serving import ApiError, Serving
+
+log = logging.getLogger("appliance.server")
+
+
+@dataclass(frozen=True)
+class Settings:
+    layout: Layout
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model_id: str = "model"
+    own_engine: bool = True  # close the engine at shutdown (tests share one engine between apps)
+    watch_adapters: bool = True  # follow adapters/active by itself, about once a second
+    feedback_db: Path | None = None  # default: <var>/data/feedback.sqlite3
+
+    @property
+    def feedback_path(self) -> Path:
+        return self.feedback_db or self.layout.data / "feedback.sqlite3"
+
+
+class AdapterWatcher:
+    """Notices a changed adapters/active link and asks the engine to swap between batches."""
+
+    def __init__(self, layout: Layout, engine: Engine, seen: str | None) -> None:
+        self.layout, self.engine, self.seen = layout, engine, seen
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            target = adapters.active_id(self.layout)
+            if target != self.seen:
+                self.seen = target
+                adapter = await anyio.to_thread.run_sync(adapters.active_adapter, self.layout)
+                log.info("adapters/active now %s; swapping between batches", target)
+                self.engine.swap_adapter(adapter)
+
+
+async def _watchdog(interval: float) -> None:
+    # From the event loop on purpose: a wedged loop stops the pings and systemd restarts us.
+    while True:
+        sd_notify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ApiError(status, message, type_, param, code).body(), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        return _error(422, f"Invalid request: {where}: {first.get('msg')}.", param=where, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "The server failed on this request; the journal has the details.", "server_error")
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from appliance.feedback_store import FeedbackStore
+
+        st = app.state
+        metrics.bind_engine(engine)
+        if not engine.started:
+            engine.start()
+        if not st.ready:
+            log.info("warm-up: %s", await anyio.to_thread.run_sync(warm_up, engine))
+            st.ready = True
+        metrics.show_adapter(engine.adapter_id)
+        st.serving.store = await anyio.to_thread.run_sync(FeedbackStore, settings.feedback_path)
+        tasks = []
+        if settings.watch_adapters:
+            tasks.append(asyncio.create_task(st.watcher.run()))
+        if (interval := sd_notify.watchdog_interval()) is not None:
+            tasks.append(asyncio.create_task(_watchdog(interval)))
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            st.serving.store.close()
+            if settings.own_engine:
+                await anyio.to_thread.run_sync(engine.close)
+
+    app = FastAPI(title="appliance", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.keys = KeyCache(settings.layout)
+    app.state.serving = Serving(engine, settings.model_id, metrics, None)
+    app.state.watcher = AdapterWatcher(settings.layout, engine, adapters.active_id(settings.layout))
+    app.state.ready = False
+    app.state.started_at = int(time.time())
+    for r in (routes.user, routes.admin, routes.health):
+        app.include_router(r)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(routes.require("user"))])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    _install_error_handlers(app)
+    app.add_middleware(Gate, layout=settings.layout, metrics=metrics, body_limit=settings.server.request_body_limit,
+                       audit_prompts=settings.server.audit_prompts)
+    return app

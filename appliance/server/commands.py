@@ -1,0 +1,148 @@
+"""The `serve`, `keys` and `audit` verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from appliance.errors import ApplianceError
+from appliance.paths import Layout
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from appliance import adapters
+    from appliance.config import load_config
+
+    layout = Layout.at(args.root)
+    config = load_config(layout, Path(args.config) if args.config else None)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log = logging.getLogger("appliance.server")
+
+    import uvicorn
+
+    from appliance.engines import load_engine
+    from appliance.server import sd_notify
+    from appliance.server.app import Settings, create_app
+
+    active = adapters.active_adapter(layout)
+    log.info("loading %s (%s) from %s, adapter %s", config.model.id, config.model.backend,
+             config.model.resolve_path(layout), active.id if active else "none")
+    engine = load_engine(config.model, layout, max_batch=config.server.max_batch, max_queue=config.server.max_queue, adapter=active)
+    if engine.adapter_error:
+        log.warning("serving the base model: the active adapter could not be loaded: %s", engine.adapter_error)
+    app = create_app(Settings(layout, config.server, config.model.id), engine)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                                           timeout_graceful_shutdown=10, lifespan="on"))
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        # READY=1 only when the lifespan (model, warm-up) finished and the socket is listening.
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            sd_notify.notify("READY=1")
+            sd_notify.notify(f"STATUS=serving {config.model.id} on {host}:{port}")
+            log.info("ready on http://%s:%d", host, port)
+        await task
+        sd_notify.notify("STOPPING=1")
+
+    asyncio.run(main())
+    if not server.started:
+        raise ApplianceError(f"The server did not start on {host}:{port}.", "See the messages above (port in use? model failed to warm up?).")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from appliance import apikeys
+
+    key_id, key = apikeys.create(Layout.at(args.root), args.role)
+    if args.json:
+        print(json.dumps({"id": key_id, "key": key, "role": args.role}))
+    else:
+        print(f"key id {key_id} ({args.role}); the key, shown only now:\n{key}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from appliance import apikeys
+
+    records = apikeys.list_keys(Layout.at(args.root))
+    if args.json:
+        print(json.dumps([{"id": r.id, "role": r.role, "created_at": r.created_at, "revoked_at": r.revoked_at} for r in records]))
+        return 0
+    if not records:
+        print("no keys; make one with `appliance keys create --role admin`")
+    for r in records:
+        print(f"{r.id}  {r.role:<5}  created {r.created_at}" + (f"  revoked {r.revoked_at}" if r.revoked_at else ""))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from appliance import apikeys, audit
+
+    layout = Layout.at(args.root)
+    r = apikeys.revoke(layout, args.id)
+    audit.append(layout, {"event": "key_revoked", "key_id": r.id})
+    print(f"revoked {r.id} ({r.role})")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from appliance import audit
+
+    layout = Layout.at(args.root)
+    path = Path(args.file) if args.file else layout.audit_log
+    ok, bad = audit.verify(layout, path)
+    if ok:
+        n = sum(1 for _ in path.open("rb")) if path.exists() else 0
+        print(f"{path}: {n} lines, chain intact")
+        return 0
+    raise AuditBroken(f"{path}: the hash chain breaks at line {bad}: that line or the one before it was edited, deleted or inserted.")
+
+
+class AuditBroken(ApplianceError):
+    exit_code = 19
+    default_hint = "Keep this file as evidence and compare it with your log backups or the journal."
+
+
+def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentParser) -> None:
+    # --root may be given before or after each verb word. A subparser's default would overwrite a
+    # value given earlier (argparse copies sub-namespaces over), so here it has no default at all and
+    # the top-level parser's default stands.
+    root = argparse.ArgumentParser(add_help=False)
+    root.add_argument("--root", default=argparse.SUPPRESS, help="install root (default: $APPLIANCE_ROOT or /)")
+    root_parent = root
+    p = sub.add_parser("serve", help="run the API server", parents=[root_parent])
+    p.add_argument("--config", help="config file (default <root>/etc/appliance/appliance.toml)")
+    p.add_argument("--host", help="bind address (default [server] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default [server] port)")
+    p.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="create, list and revoke API keys", parents=[root_parent])
+    ks = k.add_subparsers(dest="keys_verb", required=True, metavar="ACTION")
+    c = ks.add_parser("create", help="make a key; it is printed once and only its hash is stored", parents=[root_parent])
+    c.add_argument("--role", required=True, choices=("admin", "user"))
+    c.add_argument("--json", action="store_true", help='print {"id", "key", "role"}')
+    c.set_defaults(func=cmd_keys_create)
+    ls = ks.add_parser("list", help="key ids, roles, creation and revocation times", parents=[root_parent])
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_keys_list)
+    rv = ks.add_parser("revoke", help="revoke a key by id (takes effect at the server's next request)", parents=[root_parent])
+    rv.add_argument("id")
+    rv.set_defaults(func=cmd_keys_revoke)
+
+    a = sub.add_parser("audit", help="check the hash-chained audit log", parents=[root_parent])
+    asub = a.add_subparsers(dest="audit_verb", required=True, metavar="ACTION")
+    v = asub.add_parser("verify", help="find an edited, inserted or deleted line", parents=[root_parent])
+    v.add_argument("--file", help="audit log to check (default <root>/var/log/appliance/audit.jsonl)")
+    v.set_defaults(func=cmd_audit_verify)
+
+
+

@@ -1,0 +1,42 @@
+"""Prometheus metrics, in a registry per app (no module globals, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("appliance_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram("appliance_request_latency_seconds", "time from request to last byte", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("appliance_time_to_first_token_seconds", "time from request to first answer text",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tokens_in = Counter("appliance_prompt_tokens", "prompt tokens accepted", registry=r)
+        self.tokens_out = Counter("appliance_completion_tokens", "answer tokens generated", registry=r)
+        self.queue_depth = Gauge("appliance_queue_depth", "requests waiting for a slot", registry=r)
+        self.active = Gauge("appliance_active_sequences", "sequences being decoded", registry=r)
+        self.adapter = Gauge("appliance_adapter_info", "the LoRA adapter in use (1 for the current one)", ["adapter"], registry=r)
+        self._adapter_shown: str | None = None
+
+    def bind_engine(self, engine: Any) -> None:
+        """Read queue depth and live sequences from the engine when scraped."""
+        self.queue_depth.set_function(lambda: engine.waiting)
+        self.active.set_function(lambda: engine.live)
+
+    def show_adapter(self, adapter_id: str | None) -> None:
+        label = adapter_id or "base"
+        if label != self._adapter_shown:
+            if self._adapter_shown is not None:
+                self.adapter.remove(self._adapter_shown)
+            self.adapter.labels(label).set(1)
+            self._adapter_shown = label
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,188 @@
+"""Wire models: what the OpenAI-compatible API accepts and returns.
+
+Unknown request fields are ignored (the openai client sends ones we do not use); known ones are
+checked strictly, so bad input is a 422 in the OpenAI error shape, never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Larger than any context, small enough to be a plain int everywhere: values above it are typos.
+MAX_TOKENS_BOUND = 1 << 30
+Role = Literal["system", "user", "assistant", "developer", "tool"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=1 << 20)]
+
+
+class ChatMessage(_Request):
+    role: Role
+    content: Annotated[str, Field(max_length=1 << 20)] | Annotated[list[TextPart], Field(max_length=256)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+Stop = str | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)] | None
+
+
+class _Sampling(_Request):
+    model: str | None = Field(default=None, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND, description="answer tokens at most")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, str) and not v:
+            raise ValueError("stop must not be an empty string")
+        return v
+
+    def stops(self) -> tuple[str, ...]:
+        return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Annotated[str, Field(min_length=1, max_length=1 << 20)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=1 << 20)]], Field(min_length=1, max_length=1)]
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_BOUND)
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class GenerateRequest(_Request):
+    """The seed's `POST /generate`, kept as a thin alias of a one-message chat."""
+
+    prompt: str = Field(min_length=1, max_length=1 << 20)
+    max_tokens: int = Field(default=128, ge=1, le=MAX_TOKENS_BOUND)
+
+
+class FeedbackRequest(_Request):
+    request_id: str = Field(min_length=1, max_length=128, description="the `id` of a chat completion")
+    rating: Literal[1, -1] = Field(description="+1 good, -1 bad")
+    corrected: str | None = Field(default=None, max_length=1 << 20, description="the answer it should have given")
+
+
+# --- responses ----------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class FeedbackAck(BaseModel):
+    request_id: str
+    stored: bool
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+class AdapterState(BaseModel):
+    adapter: str | None
+    error: str | None = None
+
+
+class KeyInfo(BaseModel):
+    id: str
+    role: str
+    created_at: str
+    revoked_at: str | None
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+    adapter: str | None = None
