@@ -1,0 +1,88 @@
+"""Loading the base model and the LoRA around it, and the evaluation stage (base, active, candidate)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.adapters import Adapter
+from appliance.trainer.base_model import materialize
+from appliance.trainer.gate import Losses
+from appliance.trainer.settings import BaseModelRef, TrainerSettings
+from appliance.trainer.train import Encoded, evaluate_loss
+
+
+@dataclass
+class Base:
+    model: Any
+    tokenizer: Any
+    pad_id: int
+    sha256: str
+    config: dict[str, Any]
+    dir: Path
+
+
+def load_base(ref: BaseModelRef, cache_root: Path) -> Base:
+    """The base weights in float32 (training on CPU; on a GPU tier the same code runs on cuda)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    directory, digest = materialize(ref.path, cache_root)
+    tok = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    config = json.loads((directory / "config.json").read_text())
+    return Base(model, tok, int(pad), digest, config, directory)
+
+
+def new_lora(model: Any, settings: TrainerSettings) -> Any:
+    """Wrap the base in a fresh LoRA; base weights stay frozen."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(settings.seed)
+    cfg = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=list(settings.lora_targets),
+                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg, adapter_name="candidate")
+    except ValueError as e:
+        from appliance.trainer.settings import TrainerConfigError
+
+        raise TrainerConfigError(f"lora_targets {settings.lora_targets} do not fit this model: {e}.",
+                                 'Use projection names of the model, e.g. ["q_proj", "v_proj"].') from None
+
+
+def evaluate_all(model: Any, active: Adapter | None, val: list[Encoded], anchor: list[Encoded], pad_id: int) -> Losses:
+    """Validation loss of the base (adapter disabled), the active adapter (loaded beside) and the candidate.
+
+    The anchor (earlier runs' validation data) is scored for the candidate and for the reference
+    the gate compares against: the active adapter, or the base when none is active.
+    """
+    with model.disable_adapter():
+        base_loss = evaluate_loss(model, val, pad_id)
+        base_anchor = evaluate_loss(model, anchor, pad_id) if anchor else None
+    cand = evaluate_loss(model, val, pad_id)
+    cand_anchor = evaluate_loss(model, anchor, pad_id) if anchor else None
+    active_loss, ref_anchor = None, base_anchor
+    if active is not None:
+        model.load_adapter(str(active.peft_dir), adapter_name="active", is_trainable=False)
+        model.set_adapter("active")
+        try:
+            active_loss = evaluate_loss(model, val, pad_id)
+            ref_anchor = evaluate_loss(model, anchor, pad_id) if anchor else None
+        finally:
+            model.set_adapter("candidate")
+            model.delete_adapter("active")
+    return Losses(base_loss, active_loss, cand, ref_anchor, cand_anchor if anchor else None)
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

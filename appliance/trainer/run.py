@@ -1,0 +1,175 @@
+"""One training run, stage by stage: collect → validate → mask → dedupe → split → train → evaluate →
+gate → export → register → promote → report. Every stage's counts go into runs/<id>.json.
+
+Crash safety: the candidate is built in a `.partial` staging directory and appears by one rename;
+the active link moves by one rename; trainer state is written after registration. A run killed at
+any point leaves the active adapter as it was, and the next run starts from the previous state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from appliance import adapters as registry
+from appliance.errors import ApplianceError
+from appliance.feedback_store import FeedbackStore
+from appliance.paths import Layout
+from appliance.trainer import state as st
+from appliance.trainer.data import Example, collect, mask_examples, validate
+from appliance.trainer.dedupe import dedupe
+from appliance.trainer.gate import decide
+from appliance.trainer.report import write_report
+from appliance.trainer.settings import TrainerSettings, load_base_model_ref, load_trainer_settings
+from appliance.trainer.split import split
+from appliance.trainer.train import MicroHook
+
+
+@dataclass
+class RunOptions:
+    now: bool = False  # ignore min_new_examples
+    settings: TrainerSettings | None = None  # None: [trainer] of appliance.toml
+    max_steps: int | None = None  # cap optimizer steps (tests, smoke runs)
+    before_micro: MicroHook | None = None  # fault injection point (tests)
+    log: Callable[[str], None] = print
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _data_hash(examples: list[Example]) -> str:
+    return hashlib.sha256("\n".join(sorted(e.key for e in examples)).encode()).hexdigest()
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, 6)
+
+
+def run_training(layout: Layout, options: RunOptions | None = None) -> dict[str, Any]:
+    """Run the pipeline once under the lock; return the run report (also written to runs/<id>.json)."""
+    opts = options or RunOptions()
+    paths = st.TrainerPaths(layout)
+    with st.run_lock(paths):
+        registry.clean_partials(layout)
+        st.clean_leftovers(paths)
+        run_id = new_run_id()
+        report: dict[str, Any] = {"id": run_id, "started_at": datetime.now(timezone.utc).isoformat(), "status": "running", "stages": {}}
+        t0 = time.perf_counter()
+        try:
+            _pipeline(layout, paths, opts, run_id, report)
+        except ApplianceError as e:
+            report.update(status="failed", reason=e.message)
+            raise
+        except BaseException as e:  # an unexpected failure still leaves a report for the console
+            report.update(status="failed", reason=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            report["finished_at"] = datetime.now(timezone.utc).isoformat()
+            report["seconds"] = round(time.perf_counter() - t0, 2)
+            write_report(paths.runs, report)
+        return report
+
+
+def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: str, report: dict[str, Any]) -> None:
+    log, stages = opts.log, report["stages"]
+    settings = opts.settings or load_trainer_settings(layout)
+    model_ref = load_base_model_ref(layout)
+    prior = st.load_state(paths)
+    last_row = int(prior.get("last_feedback_row", 0))
+
+    store = FeedbackStore(paths.feedback_db) if paths.feedback_db.exists() else None
+    try:
+        collected = collect(paths.inbox, store, last_row)
+    finally:
+        if store:
+            store.close()
+    stages["collect"] = dict(collected.counts, records=len(collected.records))
+    validated = validate(collected)
+    stages["validate"] = {"kept": len(validated.examples), "rejected": len(validated.rejected),
+                          "rejected_lines": [asdict(r) for r in validated.rejected[:100]]}
+    masked, pii_counts = mask_examples(validated.examples)
+    stages["pii"] = {"masked": dict(pii_counts)}
+    seen = st.load_seen(paths)
+    deduped = dedupe(masked, seen, settings.near_duplicate_threshold)
+    stages["dedupe"] = {"kept": len(deduped.examples), "exact": deduped.exact_dupes, "near": deduped.near_dupes,
+                        "seen_in_earlier_runs": deduped.seen_before}
+    parts = split(deduped.examples, settings.validation_fraction)
+    stages["split"] = {"train": len(parts.train), "validation": len(parts.validation)}
+    log(f"run {run_id}: {len(collected.records)} records, {len(validated.examples)} valid, "
+        f"{len(deduped.examples)} after dedupe, {len(parts.train)} train / {len(parts.validation)} validation")
+
+    new = len(deduped.examples)
+    if not opts.now and new < settings.min_new_examples:
+        report.update(status="skipped", reason=f"{new} new examples, fewer than min_new_examples = {settings.min_new_examples}")
+        return  # nothing consumed: the inbox and the feedback position stay for the next run
+    if not parts.train or not parts.validation:
+        report.update(status="skipped", reason=f"{new} usable examples after filtering, too few to train and validate on")
+        _consume(paths, collected, deduped.new_index, prior, [], run_id)
+        return
+
+    from appliance.trainer.modeling import evaluate_all, load_base, new_lora
+
+    stage_t = time.perf_counter()
+    base = load_base(model_ref, paths.base_cache)
+    anchor = st.load_anchor(paths)
+    active = registry.active_adapter(layout)
+    model = new_lora(base.model, settings)
+    from appliance.trainer.train import encode, train_lora
+
+    enc = lambda xs: [e for e in (encode(base.tokenizer, x, settings.max_length) for x in xs) if e is not None]  # noqa: E731
+    train_enc, val_enc, anchor_enc = enc(parts.train), enc(parts.validation), enc(anchor)
+    log(f"base model {model_ref.id} ready in {time.perf_counter() - stage_t:.1f}s; training on {len(train_enc)} examples")
+    result = train_lora(model, train_enc, val_enc, settings, base.pad_id, log=log, before_micro=opts.before_micro,
+                        max_steps=opts.max_steps)
+    stages["train"] = {k: v for k, v in asdict(result).items() if k != "history"} | {"history": result.history}
+
+    losses = evaluate_all(model, active, val_enc, anchor_enc, base.pad_id)
+    stages["evaluate"] = {k: _finite(v) for k, v in asdict(losses).items()}
+    decision = decide(losses, settings.gate_margin, settings.anchor_tolerance)
+    stages["gate"] = decision.to_json()
+    log(f"gate: {'promote' if decision.promote else 'keep'}: {decision.reason}")
+
+    from appliance.trainer.export import gguf_architecture, save_peft, write_gguf_lora
+
+    staged = registry.staging_dir(layout, run_id)
+    save_peft(model, staged / "peft", model_ref.id)
+    if model_ref.backend == "llama.cpp":
+        write_gguf_lora(staged / "peft", staged / "adapter.gguf", base.config, gguf_architecture(model_ref.path))
+    stages["export"] = {"peft": True, "gguf": model_ref.backend == "llama.cpp"}
+    metadata = {
+        "created_at": report["started_at"], "run": run_id, "parent": active.id if active else None,
+        "base_model": {"id": model_ref.id, "backend": model_ref.backend, "sha256": base.sha256},
+        "data_sha256": _data_hash(parts.train + parts.validation),
+        "counts": {"train": len(parts.train), "validation": len(parts.validation)},
+        "metrics": stages["evaluate"], "gate": decision.to_json(),
+        "lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "targets": list(settings.lora_targets)},
+        "training": {"learning_rate": settings.learning_rate, "steps": result.steps, "stopped_early": result.stopped_early},
+    }
+    adapter = registry.register(layout, run_id, staged, metadata)
+    report["adapter"] = adapter.id
+    # State before promotion: a crash between the two leaves a registered, unpromoted adapter and
+    # consumed data, which is what a "keep" decision would have left too.
+    _consume(paths, collected, deduped.new_index, prior, parts.validation, run_id)
+    if decision.promote:
+        registry.promote(layout, adapter.id)
+        report.update(status="promoted", reason=decision.reason)
+        log(f"promoted {adapter.id}; the server switches to it by itself within about a second")
+    else:
+        report.update(status="kept", reason=decision.reason)
+    stages["prune"] = {"removed": registry.prune(layout, settings.keep_adapters)}
+
+
+def _consume(paths: st.TrainerPaths, collected: Any, seen: Any, prior: dict, validation: list[Example], run_id: str) -> None:
+    anchor = st.load_anchor(paths) + validation
+    state = dict(prior, last_feedback_row=collected.feedback_last_row, last_run=run_id)
+    st.commit_state(paths, state, seen, anchor)
+    st.move_processed(paths, collected.inbox_files, run_id)
+    os.sync()

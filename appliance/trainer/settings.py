@@ -1,0 +1,123 @@
+"""[trainer] of appliance.toml as a typed object: a help string per field, validators that say how to fix a value."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError
+from appliance.paths import Layout
+
+
+class TrainerConfigError(ApplianceError):
+    exit_code = 41
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    schedule: str = _f("*-*-* 03:00:00", "systemd OnCalendar expression of the nightly run")
+    min_new_examples: int = _f(50, "new examples a scheduled run needs before it trains (`--now` ignores it)", min=0)
+    learning_rate: float = _f(2e-4, "AdamW learning rate of the LoRA weights", min=1e-7, max=1.0)
+    epochs: int = _f(3, "most passes over the training split", min=1, max=100)
+    patience: int = _f(3, "evaluations without a better validation loss before training stops early", min=1)
+    gate_margin: float = _f(0.02, "relative validation-loss improvement needed to promote (0.02 = 2%)", min=0.0, max=1.0)
+    keep_adapters: int = _f(5, "registered adapters kept on disk (the active one and its predecessor always are)", min=1)
+    lora_rank: int = _f(8, "LoRA rank r", min=1, max=256)
+    lora_alpha: float = _f(16, "LoRA alpha (the update is scaled by alpha / rank)", min=0.0)
+    lora_targets: list[str] = _f(["q_proj", "v_proj"], "module names that get LoRA weights")
+    batch_size: int = _f(8, "examples per optimizer step (halved with gradient accumulation on out-of-memory)", min=1)
+    max_length: int = _f(512, "tokens per example; longer examples are cut", min=16)
+    validation_fraction: float = _f(0.1, "share of examples held out for validation (by hash, never trained on)", min=0.01, max=0.5)
+    near_duplicate_threshold: float = _f(0.8, "estimated Jaccard similarity above which two examples are duplicates", min=0.1, max=1.0)
+    anchor_tolerance: float = _f(0.05, "how much worse the candidate may be on earlier runs' validation data", min=0.0, max=1.0)
+    min_batch_size: int = _f(1, "smallest micro-batch before an out-of-memory run gives up", min=1)
+    seed: int = _f(0, "random seed of LoRA initialisation and shuffling")
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+def parse_trainer_settings(table: dict[str, Any], source: str = "[trainer]") -> TrainerSettings:
+    """Validate a [trainer] table; unknown keys are ignored (other readers may use them)."""
+    values: dict[str, Any] = {}
+    for f in fields(TrainerSettings):
+        if f.name not in table:
+            continue
+        v = table[f.name]
+        default = getattr(TrainerSettings(), f.name)
+        where = f"{source} {f.name}"
+        if isinstance(default, list):
+            if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+                raise TrainerConfigError(f"{where} must be a non-empty list of module names, not {v!r}.",
+                                         'Write it like lora_targets = ["q_proj", "v_proj"].')
+        elif isinstance(default, bool) or isinstance(default, str):
+            if not isinstance(v, type(default)):
+                raise TrainerConfigError(f"{where} must be a {type(default).__name__}, not {v!r}.", f"It is the {f.metadata['help']}.")
+        elif isinstance(default, int) and not isinstance(default, bool) and f.type == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TrainerConfigError(f"{where} must be a whole number, not {v!r}.", f"It is the {f.metadata['help']}.")
+        else:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise TrainerConfigError(f"{where} must be a number, not {v!r}.", f"It is the {f.metadata['help']}.")
+            v = float(v)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            raise TrainerConfigError(f"{where} is {v!r}; it must be {bounds}.", f"It is the {f.metadata['help']}.")
+        values[f.name] = v
+    return TrainerSettings(**values)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise TrainerConfigError(f"The configuration file {path} does not exist.",
+                                 "Install the appliance first, or pass --root to the tree it was installed into.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TrainerConfigError(f"The configuration file {path} is not valid TOML: {e}.", "Fix the line it names.") from None
+
+
+def load_trainer_settings(layout: Layout, path: Path | None = None) -> TrainerSettings:
+    """[trainer] from appliance.toml under the layout's root (defaults for a missing section)."""
+    path = path or layout.config_file
+    table = read_toml(path).get("trainer", {})
+    if not isinstance(table, dict):
+        raise TrainerConfigError(f"[trainer] in {path} is not a table.")
+    return parse_trainer_settings(table, f"[trainer] in {path}:")
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """What the trainer needs from [model]: the weights it adapts and how the server runs them."""
+
+    id: str
+    backend: str
+    path: Path
+
+
+def load_base_model_ref(layout: Layout, path: Path | None = None) -> BaseModelRef:
+    """[model] path/backend/id, with the path resolved under --root.
+
+    The server's appliance.config reads [model] in full; the trainer needs three keys and must not
+    depend on the server's import graph, so it reads only those.
+    """
+    path = path or layout.config_file
+    table = read_toml(path).get("model")
+    if not isinstance(table, dict) or not isinstance(table.get("path"), str):
+        raise TrainerConfigError(f"{path} has no [model] path, so there is no base model to train.",
+                                 "Install a bundle first; the installer writes [model].")
+    backend = str(table.get("backend", "llama.cpp"))
+    if backend not in ("llama.cpp", "transformers"):
+        raise TrainerConfigError(f"[model] backend in {path} is {backend!r}; it must be llama.cpp or transformers.")
+    return BaseModelRef(str(table.get("id", "model")), backend, layout.root / table["path"].lstrip("/"))

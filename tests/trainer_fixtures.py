@@ -1,0 +1,124 @@
+"""Trainer fixtures: SmolLM2 dequantized once into build/, appliance roots, and one demo run per session.
+
+Import the fixtures you use into a test module: `from tests.trainer_fixtures import demo_run  # noqa: F401`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.paths import Layout
+from appliance.trainer.base_model import DONE, content_hash, dequantize_gguf
+from appliance.trainer.settings import TrainerSettings
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "bundles" / "demo-data"
+
+# Settings of the demo run: a learning rate high enough that a few dozen CPU steps teach the facts.
+DEMO_SETTINGS = TrainerSettings(learning_rate=3e-3, epochs=2, batch_size=8, max_length=160, gate_margin=0.02)
+DEMO_STEPS = 40
+
+CONFIG = """
+[model]
+tier = "cpu"
+id = "smollm2-135m-instruct-q4_1"
+backend = "llama.cpp"
+path = "/var/lib/appliance/models/{sha}/model.gguf"
+context_length = 2048
+
+[trainer]
+min_new_examples = 5
+learning_rate = 0.003
+epochs = 1
+batch_size = 8
+keep_adapters = 5
+"""
+
+
+@pytest.fixture(scope="session")
+def gguf_sha(smollm2_gguf: Path) -> str:
+    return content_hash(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def trainer_base_dir(smollm2_gguf: Path, gguf_sha: str) -> Path:
+    """SmolLM2 as safetensors, dequantized by the trainer's own code once and kept in build/ across sessions."""
+    out = REPO / "build" / "test-models" / f"trainer-smollm2-{gguf_sha[:16]}"
+    if not (out / DONE).is_file():
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        dequantize_gguf(smollm2_gguf, tmp)
+        (tmp / DONE).write_text("test\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(tmp, out)
+    return out
+
+
+@dataclass
+class TrainerRoot:
+    layout: Layout
+    gguf: Path
+
+    @property
+    def inbox(self) -> Path:
+        return self.layout.data / "inbox"
+
+    def add_inbox(self, name: str, lines: list[Any]) -> Path:
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        p = self.inbox / name
+        p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+        return p
+
+
+def make_root(root: Path, gguf: Path, sha: str, base_dir: Path) -> TrainerRoot:
+    """An installed-looking tree: appliance.toml, the GGUF under models/, the dequantized cache filled."""
+    layout = Layout.at(root)
+    model = layout.models / sha / "model.gguf"
+    model.parent.mkdir(parents=True)
+    model.symlink_to(gguf)
+    layout.etc.mkdir(parents=True)
+    layout.config_file.write_text(CONFIG.format(sha=sha))
+    cache = layout.var / "trainer" / "base-cache"
+    cache.mkdir(parents=True)
+    (cache / sha).symlink_to(base_dir)  # what the first run would have dequantized
+    return TrainerRoot(layout, model)
+
+
+@pytest.fixture
+def trainer_root(tmp_path: Path, smollm2_gguf: Path, gguf_sha: str, trainer_base_dir: Path) -> TrainerRoot:
+    return make_root(tmp_path / "root", smollm2_gguf, gguf_sha, trainer_base_dir)
+
+
+def demo_lines(name: str) -> list[str]:
+    return [line for line in (DEMO_DATA / name).read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class DemoRun:
+    root: TrainerRoot
+    report: dict[str, Any]
+    log: list[str]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, gguf_sha: str, trainer_base_dir: Path) -> DemoRun:
+    """One real training run on the demo data (CPU, a few dozen steps), shared by the tests that inspect it."""
+    from appliance.trainer.run import RunOptions, run_training
+
+    root = make_root(tmp_path_factory.mktemp("demo") / "root", smollm2_gguf, gguf_sha, trainer_base_dir)
+    root.add_inbox("manual.jsonl", demo_lines("train.jsonl"))
+    log: list[str] = []
+    report = run_training(root.layout, RunOptions(now=True, settings=DEMO_SETTINGS, max_steps=DEMO_STEPS, log=log.append))
+    return DemoRun(root, report, log)
+
+
+def quick_settings(**kw: Any) -> TrainerSettings:
+    return replace(DEMO_SETTINGS, **kw)
