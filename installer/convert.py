@@ -36,6 +36,10 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", log: Callable[[
     except ImportError as e:
         raise SpecError(f"Converting {gguf.name} to safetensors needs torch and transformers ({e.name} is missing).",
                         "Build bundles in the environment `make setup` creates (the `train` extra).") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the build prints its own steps
+    hf_logging.set_verbosity_error()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log(f"converting {gguf.name} to safetensors ({dtype})")

@@ -88,7 +88,7 @@ def render(p: Plan, source: str) -> str:
         lines.append(f"{mark} {t.name:<{width}}  {v.verdict:<12}  {t.backend} {t.dtype or t.quantization or ''}".rstrip())
         lines += [f"  {'':<{width}}  {'':<12}  - {r}" for r in v.reasons]
     lines.append("")
-    lines.append(f"chosen    {p.chosen.name if p.chosen else 'none'}: {p.reason}")
+    lines.append(f"chosen    {p.reason}" if p.chosen else f"chosen    none. {p.reason}")
     return "\n".join(lines)
 
 

@@ -177,10 +177,10 @@ def judge(machine: Machine, tier: Tier) -> TierVerdict:
     if len(ready) < need:
         return TierVerdict(tier.name, LOW_MEMORY, tuple(soft[: need - len(ready)]))
     used = ready[: tier.gpus_wanted(len(ready))]
-    free = ", ".join(f"{d.label}: {gib(d.free_mib or 0)} GiB free" for d in used)
+    free = ", ".join(f"{d.label} ({gib(d.free_mib or 0)} GiB free)" for d in used)
     replicas = len(used) // tier.tensor_parallel if tier.replicas == "per-gpu" else int(tier.replicas)
     layout = f"{replicas} replica{'s' if replicas > 1 else ''}" + (f" of {tier.tensor_parallel} GPUs each" if tier.tensor_parallel > 1 else "")
-    return TierVerdict(tier.name, RUNNABLE, (f"needs {_what_gpus(tier)}: {free}; {layout}",), tuple(d.gpu.index for d in used))
+    return TierVerdict(tier.name, RUNNABLE, (f"needs {_what_gpus(tier)}; uses {free}: {layout}",), tuple(d.gpu.index for d in used))
 
 
 def plan(machine: Machine, tiers: list[Tier] | tuple[Tier, ...]) -> Plan:

@@ -105,9 +105,10 @@ def probe_gpus(nvml: ModuleType | None = None) -> tuple[tuple[Gpu, ...], str | N
     notes: list[str] = []
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             return (), None, None, ["The nvidia-ml-py package is not installed, so no GPU can be seen; planning for CPU only."]
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except nvml.NVMLError_LibraryNotFound:

@@ -19,20 +19,20 @@ from installer.tiers import ALL_LAYERS, Tier, parse_tier, parse_tiers
 
 REPO = Path(__file__).resolve().parent.parent
 MACHINES = Path(__file__).parent / "fixtures" / "machines"
-R, L, I = RUNNABLE, LOW_MEMORY, INCOMPATIBLE
+R, L, X = RUNNABLE, LOW_MEMORY, INCOMPATIBLE
 
 # machine -> (the tier a person would pick, verdicts of multi-gpu / gpu / gpu-small / cpu, GPUs used)
 EXPECTED = {
-    "cpu-8c-16g": ("cpu", (I, I, I, R), ()),
-    "t4-16g": ("gpu-small", (I, I, R, R), (0,)),  # compute capability 7.5: no bf16
-    "l4-24g": ("gpu", (I, R, R, R), (0,)),
+    "cpu-8c-16g": ("cpu", (X, X, X, R), ()),
+    "t4-16g": ("gpu-small", (X, X, R, R), (0,)),  # compute capability 7.5: no bf16
+    "l4-24g": ("gpu", (X, R, R, R), (0,)),
     "2x-rtx3090-24g": ("multi-gpu", (R, R, R, R), (0, 1)),
-    "a100-40g": ("gpu", (I, R, R, R), (0,)),
+    "a100-40g": ("gpu", (X, R, R, R), (0,)),
     "4x-a100-80g": ("multi-gpu", (R, R, R, R), (0, 1, 2, 3)),
     "8x-h100-80g": ("multi-gpu", (R, R, R, R), tuple(range(8))),
-    "a100-40g-mig": ("gpu", (I, R, R, R), (0,)),  # on its 3g.20gb instance
-    "a10-old-driver": ("cpu", (I, I, I, R), ()),  # driver 470 / CUDA 11.4 under the 12.1 floor
-    "a6000-busy": ("gpu-small", (I, L, R, R), (0,)),  # 5 GiB free of 48: not enough for gpu
+    "a100-40g-mig": ("gpu", (X, R, R, R), (0,)),  # on its 3g.20gb instance
+    "a10-old-driver": ("cpu", (X, X, X, R), ()),  # driver 470 / CUDA 11.4 under the 12.1 floor
+    "a6000-busy": ("gpu-small", (X, L, R, R), (0,)),  # 5 GiB free of 48: not enough for gpu
 }
 
 
@@ -66,7 +66,7 @@ def test_recorded_machine_gets_the_tier_a_person_would_pick(name: str, demo: lis
     ("l4-24g", "multi-gpu", "needs 2 GPUs with 8 GiB free and compute capability 8.0, the machine has 1"),
     ("cpu-8c-16g", "gpu", "needs 1 GPU with 8 GiB free and compute capability 8.0, the machine has none"),
     ("cpu-8c-16g", "multi-gpu", "needs 16 GiB RAM, the machine has 15 GiB"),
-    ("4x-a100-80g", "multi-gpu", "GPU 3: 79 GiB free; 4 replicas"),
+    ("4x-a100-80g", "multi-gpu", "GPU 3 (79 GiB free): 4 replicas"),
 ])
 def test_reasons_are_in_numbers(name: str, tier: str, words: str, demo: list[Tier]) -> None:
     assert words in " | ".join(plan(load_machine(MACHINES / f"{name}.json"), demo).verdict(tier).reasons)
