@@ -143,3 +143,26 @@ def test_hw_record_then_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert out["chosen"] == "multi-gpu" and out["tiers"][0]["gpus"] == list(range(8))
     assert main(["hw", "--machine", str(rec), "--record", str(tmp_path / "x.json")]) == 2
     assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_hw_modules_import_no_ml_framework() -> None:
+    """The installer side never pulls torch or transformers (conversion imports them only when it runs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, appliance.cli, installer.hw_commands, installer.probe, installer.planner, installer.preflight, "
+            "installer.convert, installer.bundle_build; appliance.cli.build_parser(); "
+            "print([m for m in ('torch', 'transformers', 'peft', 'textual') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.gpu
+def test_real_probe_where_a_gpu_exists(demo_tiers: list) -> None:
+    m = probe(Path("/"))
+    assert m.gpus and m.driver_version and m.cuda_driver_version
+    for g in m.gpus:
+        assert g.pci_device_id and g.pci_device_id.endswith("10DE") and g.compute_capability
+        assert g.mig_enabled or (g.memory_total_mib and 0 <= g.memory_free_mib <= g.memory_total_mib)
+    p = plan(m, demo_tiers)
+    assert p.chosen is not None and p.verdict(p.chosen.name).verdict == RUNNABLE
