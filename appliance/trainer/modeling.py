@@ -43,21 +43,39 @@ def load_base(ref: BaseModelRef, cache_root: Path) -> Base:
     return Base(model, tok, int(pad), digest, config, directory)
 
 
-def new_lora(model: Any, settings: TrainerSettings) -> Any:
-    """Wrap the base in a fresh LoRA; base weights stay frozen."""
+def new_lora(model: Any, settings: TrainerSettings, parent: Adapter | None = None) -> Any:
+    """Wrap the base in a LoRA (base weights frozen), starting from the parent adapter when its shape matches.
+
+    Continuing from the active adapter keeps what earlier nights taught; the gate's anchor check
+    then catches a run that unlearns it.
+    """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.manual_seed(settings.seed)
     cfg = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=list(settings.lora_targets),
                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, cfg, adapter_name="candidate")
+        peft_model = get_peft_model(model, cfg, adapter_name="default")
     except ValueError as e:
         from appliance.trainer.settings import TrainerConfigError
 
         raise TrainerConfigError(f"lora_targets {settings.lora_targets} do not fit this model: {e}.",
                                  'Use projection names of the model, e.g. ["q_proj", "v_proj"].') from None
+    if parent is not None and _same_shape(parent, settings):
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(parent.peft_dir / "adapter_model.safetensors"), adapter_name="default")
+    return peft_model
+
+
+def _same_shape(parent: Adapter, settings: TrainerSettings) -> bool:
+    try:
+        cfg = json.loads((parent.peft_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (cfg.get("r") == settings.lora_rank and float(cfg.get("lora_alpha", -1)) == float(settings.lora_alpha)
+            and sorted(cfg.get("target_modules") or []) == sorted(settings.lora_targets))
 
 
 def evaluate_all(model: Any, active: Adapter | None, val: list[Encoded], anchor: list[Encoded], pad_id: int) -> Losses:
@@ -79,7 +97,7 @@ def evaluate_all(model: Any, active: Adapter | None, val: list[Encoded], anchor:
             active_loss = evaluate_loss(model, val, pad_id)
             ref_anchor = evaluate_loss(model, anchor, pad_id) if anchor else None
         finally:
-            model.set_adapter("candidate")
+            model.set_adapter("default")
             model.delete_adapter("active")
     return Losses(base_loss, active_loss, cand, ref_anchor, cand_anchor if anchor else None)
 

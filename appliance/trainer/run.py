@@ -121,7 +121,7 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     base = load_base(model_ref, paths.base_cache)
     anchor = st.load_anchor(paths)
     active = registry.active_adapter(layout)
-    model = new_lora(base.model, settings)
+    model = new_lora(base.model, settings, parent=active)
     from appliance.trainer.train import encode, train_lora
 
     enc = lambda xs: [e for e in (encode(base.tokenizer, x, settings.max_length) for x in xs) if e is not None]  # noqa: E731
