@@ -1,8 +1,8 @@
 """The machine file: what the probe saw (GPUs, driver, CPU, RAM, disk), as JSON a site can send to its vendor.
 
 A recorded machine file stands in for the probe everywhere (`--machine FILE`), so its shape is a
-contract: the keys of issue 3, plus optional `mig_devices` per GPU, `python_version`, `systemd`
-and `notes` (what the probe could not read, in words). A value the probe could not read is null.
+contract: the keys of issue 3, plus optional `uuid` and `mig_devices` per GPU, `python_version`,
+`systemd` and `notes` (what the probe could not read, in words). A value the probe could not read is null.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class MigDevice:
     name: str | None
     memory_total_mib: int | None
     memory_free_mib: int | None
+    uuid: str | None = None  # "MIG-...": what CUDA_VISIBLE_DEVICES names it by
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Gpu:
     compute_capability: str | None  # "8.0"
     mig_enabled: bool = False
     mig_devices: tuple[MigDevice, ...] = ()
+    uuid: str | None = None  # "GPU-...": stable across reboots, unlike indices (NVML and CUDA order GPUs differently)
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,12 @@ class Machine:
                 "memory_total_mib": g.memory_total_mib, "memory_free_mib": g.memory_free_mib,
                 "compute_capability": g.compute_capability, "mig_enabled": g.mig_enabled,
             }
+            if g.uuid is not None:
+                entry["uuid"] = g.uuid
             if g.mig_enabled:
                 entry["mig_devices"] = [{"index": d.index, "name": d.name, "memory_total_mib": d.memory_total_mib,
-                                         "memory_free_mib": d.memory_free_mib} for d in g.mig_devices]
+                                         "memory_free_mib": d.memory_free_mib, **({"uuid": d.uuid} if d.uuid else {})}
+                                        for d in g.mig_devices]
             gpus.append(entry)
         out: dict[str, Any] = {
             "gpus": gpus, "driver_version": self.driver_version, "cuda_driver_version": self.cuda_driver_version,
@@ -112,7 +117,8 @@ class Machine:
                 w = f"{where}.mig_devices[{j}]"
                 r.obj(d, w)
                 devices.append(MigDevice(r.count(d, "index", w), r.get(d, "name", str, w, default=None),
-                                         r.count(d, "memory_total_mib", w, null=True), r.count(d, "memory_free_mib", w, null=True)))
+                                         r.count(d, "memory_total_mib", w, null=True), r.count(d, "memory_free_mib", w, null=True),
+                                         r.get(d, "uuid", str, w, default=None)))
             pci = r.get(g, "pci_device_id", str, where, default=None)
             if pci is not None:
                 pci = pci[:2].lower() + pci[2:].upper()
@@ -121,7 +127,7 @@ class Machine:
             cc = r.version(g, "compute_capability", where)
             gpus.append(Gpu(r.count(g, "index", where), r.get(g, "name", str, where, default=None), pci,
                             r.count(g, "memory_total_mib", where, null=True), r.count(g, "memory_free_mib", where, null=True),
-                            cc, mig, tuple(devices)))
+                            cc, mig, tuple(devices), r.get(g, "uuid", str, where, default=None)))
         cpu = r.get(data, "cpu", dict, "top level")
         notes = r.get(data, "notes", list, "top level", default=[])
         if not all(isinstance(n, str) for n in notes):

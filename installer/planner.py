@@ -26,10 +26,12 @@ class TierVerdict:
     name: str
     verdict: str  # one of VERDICTS
     reasons: tuple[str, ...]  # in numbers; for a runnable tier, what it will use
-    gpus: tuple[int, ...] = ()  # indices of the GPUs it would run on
+    gpus: tuple[int, ...] = ()  # NVML indices of the GPUs it would run on
+    devices: tuple[str, ...] = ()  # the same as CUDA_VISIBLE_DEVICES entries: UUIDs (MIG instances too)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "verdict": self.verdict, "reasons": list(self.reasons), "gpus": list(self.gpus)}
+        return {"name": self.name, "verdict": self.verdict, "reasons": list(self.reasons), "gpus": list(self.gpus),
+                "devices": list(self.devices)}
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class Plan:
     def model_settings(self, tier: Tier | None = None) -> dict[str, Any]:
         """appliance.toml [model] keys for `tier` (default: the choice) on this machine."""
         tier = tier or self.select()
-        return tier.model_settings(self.machine.cpu.physical_cores, self.verdict(tier.name).gpus)
+        v = self.verdict(tier.name)
+        return tier.model_settings(self.machine.cpu.physical_cores, v.gpus, v.devices)
 
     def to_json(self) -> dict[str, Any]:
         return {"chosen": self.chosen.name if self.chosen else None, "reason": self.reason,
@@ -81,16 +84,18 @@ class _Device:
     label: str
     total_mib: int | None
     free_mib: int | None
+    cuda_id: str  # for CUDA_VISIBLE_DEVICES: a UUID where known; NVML's index only with CUDA_DEVICE_ORDER=PCI_BUS_ID
 
 
 def _device(g: Gpu) -> _Device:
     if not g.mig_enabled:
-        return _Device(g, f"GPU {g.index}", g.memory_total_mib, g.memory_free_mib)
+        return _Device(g, f"GPU {g.index}", g.memory_total_mib, g.memory_free_mib, g.uuid or str(g.index))
     known = [d for d in g.mig_devices if d.memory_total_mib is not None and d.memory_free_mib is not None]
     if not known:
-        return _Device(g, f"GPU {g.index} (MIG mode)", None, None)
+        return _Device(g, f"GPU {g.index} (MIG mode)", None, None, g.uuid or str(g.index))
     best = max(known, key=lambda d: (d.memory_free_mib or 0, d.memory_total_mib or 0))
-    return _Device(g, f"GPU {g.index} MIG instance {best.index}", best.memory_total_mib, best.memory_free_mib)
+    return _Device(g, f"GPU {g.index} MIG instance {best.index}", best.memory_total_mib, best.memory_free_mib,
+                   best.uuid or g.uuid or str(g.index))
 
 
 def _check_device(d: _Device, tier: Tier) -> tuple[list[str], list[str]]:
@@ -180,7 +185,8 @@ def judge(machine: Machine, tier: Tier) -> TierVerdict:
     free = ", ".join(f"{d.label} ({gib(d.free_mib or 0)} GiB free)" for d in used)
     replicas = len(used) // tier.tensor_parallel if tier.replicas == "per-gpu" else int(tier.replicas)
     layout = f"{replicas} replica{'s' if replicas > 1 else ''}" + (f" of {tier.tensor_parallel} GPUs each" if tier.tensor_parallel > 1 else "")
-    return TierVerdict(tier.name, RUNNABLE, (f"needs {_what_gpus(tier)}; uses {free}: {layout}",), tuple(d.gpu.index for d in used))
+    return TierVerdict(tier.name, RUNNABLE, (f"needs {_what_gpus(tier)}; uses {free}: {layout}",),
+                       tuple(d.gpu.index for d in used), tuple(d.cuda_id for d in used))
 
 
 def plan(machine: Machine, tiers: list[Tier] | tuple[Tier, ...]) -> Plan:

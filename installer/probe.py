@@ -70,8 +70,9 @@ def _mig_devices(q: _Nvml, handle: Any, index: int) -> tuple[MigDevice, ...]:
             q.notes.append(f"NVML could not open MIG instance {j} of GPU {index}: {_error_name(e)}.")
             continue
         name = q.ask(f"the name of MIG instance {j} of GPU {index}", "nvmlDeviceGetName", mig)
+        uuid = q.ask(f"the UUID of MIG instance {j} of GPU {index}", "nvmlDeviceGetUUID", mig)
         total, free = _memory(q, mig, f"MIG instance {j} of GPU {index}")
-        devices.append(MigDevice(j, None if name is None else _text(name), total, free))
+        devices.append(MigDevice(j, None if name is None else _text(name), total, free, None if uuid is None else _text(uuid)))
     return tuple(devices)
 
 
@@ -81,6 +82,7 @@ def _gpu(q: _Nvml, index: int) -> Gpu:
         return Gpu(index, None, None, None, None, None)
     name = q.ask(f"the name of GPU {index}", "nvmlDeviceGetName", handle)
     pci = q.ask(f"the PCI id of GPU {index}", "nvmlDeviceGetPciInfo", handle)
+    uuid = q.ask(f"the UUID of GPU {index}", "nvmlDeviceGetUUID", handle)
     cc = q.ask(f"the compute capability of GPU {index}", "nvmlDeviceGetCudaComputeCapability", handle)
     # GPUs without MIG support answer NotSupported: that is "MIG off", not worth a note.
     mig_mode = q.ask(f"the MIG mode of GPU {index}", "nvmlDeviceGetMigMode", handle, absent="NVMLError_NotSupported")
@@ -96,7 +98,7 @@ def _gpu(q: _Nvml, index: int) -> Gpu:
         pci_device_id=None if pci is None else f"0x{int(pci.pciDeviceId) & 0xFFFFFFFF:08X}",
         memory_total_mib=total, memory_free_mib=free,
         compute_capability=None if cc is None else f"{cc[0]}.{cc[1]}",
-        mig_enabled=mig, mig_devices=devices,
+        mig_enabled=mig, mig_devices=devices, uuid=None if uuid is None else _text(uuid),
     )
 
 

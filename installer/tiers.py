@@ -86,15 +86,19 @@ class Tier:
             return max(self.needs.gpu_count, qualifying - qualifying % self.tensor_parallel)
         return self.needs.gpu_count
 
-    def model_settings(self, physical_cores: int, gpus: Iterable[int] = ()) -> dict[str, Any]:
-        """The [model] keys of appliance.toml for this tier (the installer adds `path`)."""
+    def model_settings(self, physical_cores: int, gpus: Iterable[int] = (), devices: Iterable[str] = ()) -> dict[str, Any]:
+        """The [model] keys of appliance.toml for this tier (the installer adds `path`).
+
+        `gpus` are NVML indices; `devices` the CUDA_VISIBLE_DEVICES value for them (UUIDs), which
+        the server's unit sets so that CUDA sees exactly the planned GPUs or MIG instance.
+        """
         gpu_list = list(gpus)
         replicas = len(gpu_list) // self.tensor_parallel if self.replicas == PER_GPU else int(self.replicas)
         out: dict[str, Any] = {
             "tier": self.name, "id": self.model, "backend": self.backend, "context_length": self.context_length,
             "threads": physical_cores if self.threads == PHYSICAL_CORES else int(self.threads),
             "gpu_layers": self.gpu_layers, "replicas": max(1, replicas), "tensor_parallel": self.tensor_parallel,
-            "gpus": gpu_list,
+            "gpus": gpu_list, "cuda_visible_devices": ",".join(devices),
         }
         if self.dtype is not None:
             out["dtype"] = self.dtype

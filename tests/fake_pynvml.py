@@ -25,7 +25,7 @@ API = (
     "nvmlInit", "nvmlShutdown", "nvmlSystemGetDriverVersion", "nvmlSystemGetCudaDriverVersion", "nvmlDeviceGetCount",
     "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetName", "nvmlDeviceGetPciInfo", "nvmlDeviceGetMemoryInfo",
     "nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount",
-    "nvmlDeviceGetMigDeviceHandleByIndex",
+    "nvmlDeviceGetMigDeviceHandleByIndex", "nvmlDeviceGetUUID",
 )
 
 
@@ -98,6 +98,9 @@ class FakeNvml(ModuleType):
 
     def _nvmlDeviceGetName(self, h: tuple[Any, ...]) -> str:
         return str(self._mig(h)["name"] if h[0] == "mig" else self._gpu(h)["name"])
+
+    def _nvmlDeviceGetUUID(self, h: tuple[Any, ...]) -> str:
+        return str((self._mig(h) if h[0] == "mig" else self._gpu(h))["uuid"])
 
     def _nvmlDeviceGetPciInfo(self, h: tuple[Any, ...]) -> SimpleNamespace:
         return SimpleNamespace(pciDeviceId=int(self._gpu(h)["pci_device_id"], 16), pciSubSystemId=0)

@@ -76,10 +76,19 @@ def test_appliance_toml_settings_from_the_plan(demo: list[Tier]) -> None:
     cpu = plan(load_machine(MACHINES / "cpu-8c-16g.json"), demo)
     assert cpu.model_settings() == {
         "tier": "cpu", "id": "smollm2-135m-instruct-q4_1", "backend": "llama.cpp", "context_length": 2048,
-        "threads": 8, "gpu_layers": 0, "replicas": 1, "tensor_parallel": 1, "gpus": [], "quantization": "Q4_1"}
+        "threads": 8, "gpu_layers": 0, "replicas": 1, "tensor_parallel": 1, "gpus": [], "quantization": "Q4_1",
+        "cuda_visible_devices": ""}  # empty: CUDA sees no GPU at all
     assert cpu.chosen.trainer_settings() == {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ["q_proj", "v_proj"], "batch_size": 4}
     h100 = plan(load_machine(MACHINES / "8x-h100-80g.json"), demo).model_settings()
     assert (h100["backend"], h100["dtype"], h100["replicas"], h100["gpus"]) == ("transformers", "bfloat16", 8, list(range(8)))
+    h100_gpus = load_machine(MACHINES / "8x-h100-80g.json").gpus
+    assert h100["cuda_visible_devices"] == ",".join(g.uuid for g in h100_gpus) and h100["cuda_visible_devices"].startswith("GPU-")
+    mig = plan(load_machine(MACHINES / "a100-40g-mig.json"), demo).model_settings()
+    mig_gpu = load_machine(MACHINES / "a100-40g-mig.json").gpus[0]
+    assert mig["cuda_visible_devices"] == mig_gpu.mig_devices[0].uuid  # the 3g.20gb instance, not the whole GPU
+    no_uuid = Machine(tuple(Gpu(**{**g.__dict__, "uuid": None}) for g in h100_gpus[:2]),
+                      *(getattr(load_machine(MACHINES / "8x-h100-80g.json"), k) for k in ("driver_version", "cuda_driver_version", "cpu", "ram_mib", "disk_free_mib")))
+    assert plan(no_uuid, demo).model_settings()["cuda_visible_devices"] == "0,1"
     t4 = plan(load_machine(MACHINES / "t4-16g.json"), demo).model_settings()
     assert (t4["gpu_layers"], t4["replicas"], "dtype" in t4) == (ALL_LAYERS, 1, False)
 
