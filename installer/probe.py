@@ -58,16 +58,12 @@ def _memory(q: _Nvml, handle: Any, what: str) -> tuple[int | None, int | None]:
 
 
 def _mig_devices(q: _Nvml, handle: Any, index: int) -> tuple[MigDevice, ...]:
-    nvml = q.nvml
     count = q.ask(f"the MIG instances of GPU {index}", "nvmlDeviceGetMaxMigDeviceCount", handle) or 0
     devices = []
     for j in range(count):
-        try:
-            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
-        except nvml.NVMLError_NotFound:
-            continue  # an empty slot: no instance was created there
-        except nvml.NVMLError as e:
-            q.notes.append(f"NVML could not open MIG instance {j} of GPU {index}: {_error_name(e)}.")
+        # NotFound is an empty slot: no instance was created there.
+        mig = q.ask(f"MIG instance {j} of GPU {index}", "nvmlDeviceGetMigDeviceHandleByIndex", handle, j, absent="NVMLError_NotFound")
+        if mig is None:
             continue
         name = q.ask(f"the name of MIG instance {j} of GPU {index}", "nvmlDeviceGetName", mig)
         uuid = q.ask(f"the UUID of MIG instance {j} of GPU {index}", "nvmlDeviceGetUUID", mig)
