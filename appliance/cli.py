@@ -21,11 +21,11 @@ VERB_MODULES = (
     "installer.lifecycle_commands",
     "appliance.server.commands",
     "appliance.trainer.cli",
+    "appliance.console.command",
 )
 
 # Verbs that later releases fill in; until then they say so and exit non-zero.
 PENDING = {
-    "console": "open the Textual console",
 }
 
 

@@ -1,0 +1,79 @@
+"""`Sources`: everything the console reads from or acts on, in one object the screens share.
+
+Production wires real things (SubprocessRunner, psutil/NVML, HTTP); tests and the README screenshot
+wire recorded ones (`recorded.py`). Nothing here imports Textual.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.paths import Layout
+from appliance.console.sources.host import HostSample, HostSampler
+
+
+@dataclass
+class Sources:
+    layout: Layout
+    runner: Any  # installer.runner.Runner: systemctl and journalctl go through it
+    systemd: bool  # whether systemd manages this root (only `/` on a systemd host)
+    sample_host: Callable[[], HostSample] = field(default_factory=lambda: HostSampler().sample)
+    transport: Any = None  # an httpx transport; None means the network
+    api_key: str | None = None  # None: credentials.console_key() decides
+    machine: Path | None = None  # a recorded machine file for the install screen, instead of probing
+    bundle_roots: tuple[Path, ...] = ()  # where to look for bundles (default: USB mounts, then the cwd)
+    refresh_s: float = 1.0  # the dashboard's poll interval
+    clock: Callable[[], float] = time.monotonic  # when a /metrics scrape was taken (recorded data: recorded times)
+    notes: list[str] = field(default_factory=list)  # things to tell the user once (e.g. a key was created)
+    _server: Any = field(default=None, repr=False)
+    _trainer: Any = field(default=None, repr=False)
+
+    @classmethod
+    def real(cls, root: str | Path, machine: Path | None = None) -> Sources:
+        from installer.activate import systemd_running
+        from installer.runner import SubprocessRunner
+
+        layout = Layout.at(root)
+        return cls(layout, SubprocessRunner(), systemd_running(layout.root), machine=machine)
+
+    def server_url(self) -> str:
+        from appliance.config import ConfigError, ServerConfig, load_config
+
+        try:
+            server = load_config(self.layout).server
+        except ConfigError:
+            server = ServerConfig()
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
+
+    def key(self) -> str | None:
+        if self.api_key is None:
+            from appliance.console.sources.credentials import console_key
+
+            key, note = console_key(self.layout)
+            if note:
+                self.notes.append(note)
+            self.api_key = key
+        return self.api_key
+
+    def server(self) -> Any:
+        if self._server is None:
+            from appliance.console.sources.server import ServerClient
+
+            self._server = ServerClient(self.server_url(), self.key, self.transport)
+        return self._server
+
+    def trainer(self) -> Any:
+        if self._trainer is None:
+            from appliance.console.sources.training import Trainer
+
+            self._trainer = Trainer(self.layout, self.runner, self.systemd)
+        return self._trainer
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()

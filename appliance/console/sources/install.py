@@ -1,0 +1,129 @@
+"""The install screen's work, on the installer's own code: find bundles (USB mounts first), verify
+one with per-file progress, plan its tiers on this machine (the planner `appliance hw` uses), and run
+installer.install.install() with the console's dialogs as its `confirm` and its events as progress.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from appliance.paths import Layout
+
+USB_GLOBS = ("/media/*/*", "/media/*", "/run/media/*/*", "/mnt/*")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    usb: bool
+
+
+def is_bundle(d: Path) -> bool:
+    return (d / "manifest.json").is_file() and (d / "manifest.sig").is_file()
+
+
+def _bundles_under(mount: Path) -> list[Path]:
+    if is_bundle(mount):
+        return [mount]
+    try:
+        return sorted(d for d in mount.iterdir() if d.is_dir() and is_bundle(d))
+    except OSError:
+        return []
+
+
+def find_bundles(mounts: tuple[Path, ...] | None = None, local: tuple[Path, ...] | None = None) -> list[Candidate]:
+    """Bundles on removable media first, then the working directory and ./demo/bundle."""
+    if mounts is None:
+        mounts = tuple(Path(p) for g in USB_GLOBS for p in sorted(glob.glob(g)))
+    if local is None:
+        local = (Path.cwd(), Path.cwd() / "demo")
+    out: list[Candidate] = []
+    for group, usb in ((mounts, True), (local, False)):
+        for m in group:
+            for b in _bundles_under(m):
+                if all(c.path != b.resolve() for c in out):
+                    out.append(Candidate(b.resolve(), usb))
+    return out
+
+
+def find_key_file(bundle: Path, mounts: tuple[Path, ...] = ()) -> Path | None:
+    """A `model.key` beside the bundle or on another stick (the second USB stick of the delivery)."""
+    places = [bundle.parent, bundle.parent / "keys", *mounts, *(Path(p) for g in USB_GLOBS for p in glob.glob(g))]
+    for d in places:
+        for name in ("model.key", "keys/model.key"):
+            if (d / name).is_file():
+                return (d / name).resolve()
+    return None
+
+
+@dataclass(frozen=True)
+class Checked:
+    manifest: Any  # installer.manifest.Manifest
+    fingerprint: str
+    trust: str  # how the signing key was chosen
+    plan: Any  # installer.planner.Plan
+
+
+def _context(layout: Layout, runner: Any, opts: Any, emit: Callable[[Any], None], confirm: Callable[[str], bool], systemd: bool) -> Any:
+    from installer.install import Context
+    from installer.target import Target
+
+    return Context(layout=layout, opts=opts, runner=runner, target=Target(), emit=emit, confirm=confirm,
+                   systemd_running=systemd and not opts.no_systemd)
+
+
+def check_bundle(layout: Layout, bundle: Path, machine: Path | None, confirm: Callable[[str], bool],
+                 on_file: Callable[[str, int, int], None]) -> Checked:
+    """Signature, policy and every file (reporting progress), then every tier judged on this machine."""
+    from appliance.state import highest_sequence, load_state, time_floor
+    from installer.bundle_dir import verify_bundle
+    from installer.install import Options, trusted_keys
+    from installer.keys import fingerprint
+    from installer.machine import load_machine
+    from installer.planner import plan
+    from installer.tiers import models_of, parse_tiers
+    from installer.trust import Policy, host_platform
+
+    ctx = _context(layout, None, Options(bundle=bundle), lambda e: None, confirm, False)
+    keys, how = trusted_keys(ctx)  # first install: asks, through `confirm`, whether the fingerprint is the vendor's
+    state = load_state(layout)
+    policy = Policy(now=datetime.now(timezone.utc), platform=host_platform(),
+                    highest_sequence=highest_sequence(state), time_floor=time_floor(state))
+    manifest, signer = verify_bundle(bundle, keys, policy, on_file)
+    if machine is not None:
+        m = load_machine(machine)
+    else:
+        from installer.probe import probe
+
+        m = probe(layout.root)
+    return Checked(manifest, fingerprint(signer), how, plan(m, parse_tiers(manifest.tiers, models_of(manifest.models))))
+
+
+def run_install(layout: Layout, runner: Any, systemd: bool, bundle: Path, *, tier: str | None, key_file: Path | None,
+                passphrase: str | None, fingerprint: str, machine: Path | None,
+                emit: Callable[[Any], None], confirm: Callable[[str], bool]) -> Any:
+    """installer.install.install() as `appliance install` runs it; returns the context (release_info, notices)."""
+    from installer.install import Options, install
+    from installer.lifecycle import install_lock
+
+    with tempfile.TemporaryDirectory(prefix="appliance-console-") as tmp:
+        pass_file = None
+        if passphrase:
+            # The installer reads secrets from files; this one lives in a private temp dir for the install only.
+            pass_file = Path(tmp) / "passphrase"
+            fd = os.open(pass_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(passphrase)
+        opts = Options(bundle=bundle, tier=tier, key_file=None if passphrase else key_file, passphrase_file=pass_file,
+                       trust_fingerprint=fingerprint, no_systemd=not systemd, machine=machine)
+        ctx = _context(layout, runner, opts, emit, confirm, systemd)
+        with install_lock(layout):
+            install(ctx)
+    return ctx

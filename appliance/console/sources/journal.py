@@ -1,0 +1,72 @@
+"""Log lines for the Logs screen: the units' journal through `journalctl` (the installer's runner, so a
+recorded runner replays it), followed by cursor; without systemd, the audit log under the root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.paths import Layout
+
+UNITS = ("appliance-server.service", "appliance-trainer.service", "appliance-trainer.timer")
+BACKLOG = 500
+CURSOR = "-- cursor: "
+
+
+@dataclass
+class Journal:
+    """Each poll returns the lines written since the last one."""
+
+    runner: Any
+    units: tuple[str, ...] = UNITS
+    cursor: str | None = None
+
+    def argv(self) -> list[str]:
+        # --after-cursor goes right after the command so a recorded runner can key on it as a prefix.
+        first = [f"--after-cursor={self.cursor}"] if self.cursor else ["-n", str(BACKLOG)]
+        unit_args = [a for u in self.units for a in ("-u", u)]
+        return ["journalctl", *first, "--no-pager", "-o", "short-iso", "--show-cursor", *unit_args]
+
+    def poll(self) -> list[str]:
+        out = self.runner.run(self.argv(), check=False, timeout=10).stdout
+        lines = out.splitlines()
+        if lines and lines[-1].startswith(CURSOR):
+            self.cursor = lines.pop()[len(CURSOR):].strip()
+        return [ln for ln in lines if ln != "-- No entries --"]
+
+    @property
+    def title(self) -> str:
+        return "journal: " + ", ".join(self.units)
+
+
+@dataclass
+class FileTail:
+    """New lines of a file since the last poll (the audit log when systemd is not running)."""
+
+    path: Any
+    offset: int = 0
+    _partial: bytes = field(default=b"", repr=False)
+
+    def poll(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, 2)
+                if size < self.offset:  # rotated or truncated
+                    self.offset = 0
+                if self.offset == 0 and size > 256 << 10:
+                    self.offset = size - (256 << 10)
+                f.seek(self.offset)
+                data = self._partial + f.read()
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return []
+        *lines, self._partial = data.split(b"\n")
+        return [ln.decode("utf-8", "replace") for ln in lines]
+
+    @property
+    def title(self) -> str:
+        return f"{self.path} (systemd is not running for this root, so there is no journal)"
+
+
+def log_source(layout: Layout, runner: Any, systemd: bool) -> Journal | FileTail:
+    return Journal(runner) if systemd else FileTail(layout.audit_log)
