@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-done
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-all test-systemd demo bench lint clean
+.PHONY: setup test test-systemd demo demo-stop bench lint clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test-systemd: setup
 
 demo: setup
 	$(BIN)/appliance demo
+
+demo-stop:
+	$(BIN)/appliance demo --stop
 
 bench: setup
 	$(BIN)/python bench/decrypt_throughput.py
