@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from appliance import __version__
-from appliance.errors import ApplianceError, NotYetAvailable
+from appliance.errors import ApplianceError
 
 # Each module here has `add_parser(sub, root_parent)` and registers its verbs with `set_defaults(func=...)`.
 # Modules are imported when the parser is built; heavy imports stay inside the command functions.
@@ -24,15 +24,6 @@ VERB_MODULES = (
     "appliance.console.command",
 )
 
-# Verbs that later releases fill in; until then they say so and exit non-zero.
-PENDING = {
-}
-
-
-def _pending(args: argparse.Namespace) -> int:
-    raise NotYetAvailable(f"`appliance {args.verb}` is not yet available in this release.")
-
-
 def build_parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(add_help=False)
     root.add_argument("--root", default=os.environ.get("APPLIANCE_ROOT", "/"),
@@ -45,10 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in VERB_MODULES:
         importlib.import_module(name).add_parser(sub, root)
 
-    for verb, text in PENDING.items():
-        p = sub.add_parser(verb, help=f"{text} (not yet available)", parents=[root])
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_pending)
     return parser
 
 

@@ -26,11 +26,6 @@ class UsageError(ApplianceError):
     exit_code = 2
 
 
-class NotYetAvailable(ApplianceError):
-    exit_code = 3
-    default_hint = "This verb arrives in a later release of the appliance."
-
-
 class BundleError(ApplianceError):
     """The bundle on disk is malformed, incomplete or does not match its manifest."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,9 +30,17 @@ def environment_pins() -> str:
     return "".join(line + "\n" for line in proc.stdout.splitlines() if "==" in line and not line.startswith("appliance=="))
 
 
+# Never packed into the appliance's wheel: build trees, caches and local artifacts of the source tree.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "demo", "*.egg-info", "__pycache__", ".*_cache", ".whl", ".gl")
+
+
 def build_wheelhouse(wh: Wheelhouse, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _pip("wheel", "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir", str(out), str(wh.project))
+    with tempfile.TemporaryDirectory(prefix="appliance-src-") as tmp:
+        # A clean copy: setuptools reuses ./build/lib, where a deleted module would linger and ship.
+        src = Path(tmp) / "src"
+        shutil.copytree(wh.project, src, ignore=_NOT_SOURCE)
+        _pip("wheel", "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir", str(out), str(src))
     if not wh.dependencies:
         return
     own = sorted(out.glob("appliance-*.whl"))
