@@ -48,8 +48,10 @@ class AdaptersScreen(ConsoleScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns(" ", "id", "created", "val loss", "base loss", "examples", "parent")
-        self.action_reload()
+        table = self.query_one(DataTable)
+        for label, width in [(' ', 1), ('id', 16), ('created', 19), ('val loss', 8), ('base loss', 9), ('examples', 8), ('parent', 16)]:
+            table.add_column(label, width=width)  # fixed: auto widths lag behind a clear() and refill
+        # the first ScreenResume (right after mount) loads the data
 
     def on_screen_resume(self) -> None:
         self.action_reload()

@@ -54,6 +54,14 @@ class Finished(Message):
     error: BaseException | None
 
 
+def _display(path: Path) -> str:
+    """Shorter inside the working directory (and the same in every checkout, for snapshots)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 class ProgressRow(Horizontal):
     def __init__(self, name: str) -> None:
         super().__init__(classes="step-row")
@@ -100,8 +108,12 @@ class InstallScreen(ConsoleScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#bundles", DataTable).add_columns("bundle", "where")
-        self.query_one("#tiers", DataTable).add_columns(" ", "tier", "verdict", "backend", "reasons")
+        bundles = self.query_one("#bundles", DataTable)
+        bundles.add_column("bundle", width=66)
+        bundles.add_column("where", width=5)
+        table = self.query_one("#tiers", DataTable)
+        for label, width in [(' ', 1), ('tier', 12), ('verdict', 12), ('backend', 12), ('reasons', 80)]:
+            table.add_column(label, width=width)  # fixed: auto widths lag behind a clear() and refill
         self.action_rescan()
 
     # -- pick ---------------------------------------------------------------------------------
@@ -117,7 +129,7 @@ class InstallScreen(ConsoleScreen):
         table = self.query_one("#bundles", DataTable)
         table.clear()
         for c in m.candidates:
-            table.add_row(text(str(c.path)), "USB" if c.usb else "local", key=str(c.path))
+            table.add_row(text(_display(c.path)), "USB" if c.usb else "local", key=str(c.path))
         if not m.candidates:
             self.query_one("#bundle-path", Input).focus()
 

@@ -41,8 +41,10 @@ class KeysScreen(ConsoleScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns("id", "role", "created", "state")
-        self.action_reload()
+        table = self.query_one(DataTable)
+        for label, width in [('id', 8), ('role', 5), ('created', 19), ('state', 27)]:
+            table.add_column(label, width=width)  # fixed: auto widths lag behind a clear() and refill
+        # the first ScreenResume (right after mount) loads the data
 
     def on_screen_resume(self) -> None:
         self.action_reload()

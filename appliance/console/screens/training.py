@@ -45,9 +45,11 @@ class TrainingScreen(ConsoleScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns("date", "examples", "PII", "base", "active", "candidate", "gate")
+        table = self.query_one(DataTable)
+        for label, width in [('date', 19), ('examples', 8), ('PII', 4), ('base', 6), ('active', 6), ('candidate', 9), ('gate', 8)]:
+            table.add_column(label, width=width)  # fixed: auto widths lag behind a clear() and refill
         self.timer = self.set_interval(5.0, self.check_child)
-        self.action_reload()
+        # the first ScreenResume (right after mount) loads the data
 
     def on_screen_suspend(self) -> None:
         self.timer.pause()

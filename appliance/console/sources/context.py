@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.paths import Layout
 from appliance.console.sources.host import HostSample, HostSampler
+from appliance.paths import Layout
 
 
 @dataclass
