@@ -34,7 +34,7 @@ id = "smollm2-135m-instruct"
 backend = "{backend}"
 path = "{path}"
 context_length = {context}
-threads = 2
+threads = {threads}
 gpu_layers = 0
 dtype = "float32"
 replicas = 1
@@ -53,15 +53,20 @@ class Root:
 
 
 def make_root(base: Path, model_file: Path, *, backend: str = "llama.cpp", max_batch: int = 4, max_queue: int = 8,
-              context: int = 512) -> Root:
-    """An installed-looking tree: config, the model under var/lib (a link), an admin and a user key."""
+              context: int = 512, threads: int = 1) -> Root:
+    """An installed-looking tree: config, the model under var/lib (a link), an admin and a user key.
+
+    One thread by default: on this shared 2-core machine a second spinning thread slows llama.cpp
+    and torch down by an order of magnitude when the other core is busy.
+    """
     layout = Layout.at(base)
     target = f"{MODEL_DIR}/{model_file.name}"
     dest = layout.root / target.lstrip("/")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.symlink_to(model_file)
     layout.etc.mkdir(parents=True, exist_ok=True)
-    layout.config_file.write_text(CONFIG.format(backend=backend, path=target, max_batch=max_batch, max_queue=max_queue, context=context))
+    layout.config_file.write_text(CONFIG.format(backend=backend, path=target, max_batch=max_batch, max_queue=max_queue, context=context,
+                                                  threads=threads))
     _, admin = apikeys.create(layout, "admin")
     _, user = apikeys.create(layout, "user")
     return Root(layout, load_config(layout), admin, user)
@@ -121,11 +126,86 @@ def smollm2_safetensors(smollm2_gguf: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "config.json").is_file():
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            import shutil
+
+            from appliance.trainer.base_model import dequantize_gguf
 
             tmp = out.with_name(out.name + ".partial")
-            kw = {"gguf_file": smollm2_gguf.name}
-            AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw).save_pretrained(tmp)
-            AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, **kw).save_pretrained(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            dequantize_gguf(smollm2_gguf, tmp)
             tmp.rename(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def random_lora(smollm2_safetensors: Path) -> Path:
+    """A LoRA for SmolLM2 with random (non-zero) B matrices, so it visibly changes answers:
+    `peft/` (PEFT safetensors) and `adapter.gguf` (llama.cpp), made once and cached under build/."""
+    out = REPO / "build" / "test-models" / "smollm2-lora-random"
+    if (out / "adapter.gguf").is_file():
+        return out
+    import json
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from appliance.trainer.export import write_gguf_lora
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_safetensors, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp / "peft")
+    write_gguf_lora(tmp / "peft", tmp / "adapter.gguf", json.loads((smollm2_safetensors / "config.json").read_text()))
+    tmp.rename(out)
+    return out
+
+
+def install_adapter(layout: Layout, adapter_id: str, source: Path, *, activate: bool = True) -> None:
+    """Register a copy of `source` (peft/ and adapter.gguf) as adapter `adapter_id`, and promote it."""
+    import shutil
+
+    from appliance import adapters
+
+    staged = adapters.staging_dir(layout, adapter_id)
+    shutil.copytree(source / "peft", staged / "peft")
+    shutil.copy(source / "adapter.gguf", staged / "adapter.gguf")
+    adapters.register(layout, adapter_id, staged, {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "base": "smollm2"})
+    if activate:
+        adapters.promote(layout, adapter_id)
+
+
+def submit(engine, question: str, max_tokens: int = 24, **params) -> tuple[object, threading.Event, list]:
+    """Submit a one-message chat; returns (sequence, done event, events list)."""
+    from appliance.engines.base import Finished, SamplingParams
+
+    events: list = []
+    done = threading.Event()
+
+    def sink(ev: object) -> None:
+        events.append(ev)
+        if isinstance(ev, Finished):
+            done.set()
+
+    params.setdefault("temperature", 0.0)
+    tokens = engine.tokenize(engine.render_chat([{"role": "user", "content": question}]))
+    seq = engine.submit(tokens, SamplingParams(max_tokens=max_tokens, **params), sink)
+    return seq, done, events
+
+
+def generate(engine, question: str, max_tokens: int = 24, **params):
+    """The Finished event of one request (greedy unless told otherwise)."""
+    _, done, events = submit(engine, question, max_tokens, **params)
+    assert done.wait(300), "generation did not finish"
+    return events[-1]
+
+
+def generate_together(engine, questions: list[str], max_tokens: int = 24, **params) -> list:
+    """Submit all at once (so they share batches); Finished events in question order."""
+    subs = [submit(engine, q, max_tokens, **params) for q in questions]
+    for _, done, _ in subs:
+        assert done.wait(300), "generation did not finish"
+    return [events[-1] for _, _, events in subs]

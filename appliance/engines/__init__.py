@@ -27,7 +27,7 @@ def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue
     elif model.backend == "transformers":
         from appliance.engines.transformers_engine import TransformersBackend
 
-        backend = TransformersBackend(path, context_length=model.context_length, dtype=model.dtype)
+        backend = TransformersBackend(path, context_length=model.context_length, dtype=model.dtype, threads=model.threads)
     else:
         raise EngineError(f"The backend {model.backend!r} is not known.", "Use llama.cpp or transformers in [model] backend.")
     adapter_id, adapter_error = None, None

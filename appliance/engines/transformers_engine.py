@@ -1,0 +1,161 @@
+"""safetensors models through transformers (+ peft for LoRA), batched like the llama.cpp engine.
+
+All live sequences share one left-padded batch and one KV cache, so each decode step is a single
+forward pass. When a sequence leaves, its row is dropped from the cache; when one joins, the batch
+is prefilled again from every sequence's tokens (a join costs one prefill, then decoding continues
+for all of them together).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from appliance.engines.base import Sequence
+from appliance.engines.chat_template import ChatTemplate
+from appliance.errors import EngineError
+
+
+class TransformersBackend:
+    def __init__(self, model_path: Path, *, context_length: int, dtype: str = "float32", device: str | None = None,
+                 threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu" and threads:
+            # OpenMP threads beyond the cores that are really free spin against each other.
+            torch.set_num_threads(threads)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(model_path)
+            self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        except (OSError, ValueError) as e:
+            raise EngineError(f"transformers could not load the model in {model_path}: {e}".rstrip(".") + ".") from None
+        self.context_length = context_length
+        self.peft: Any = None  # a PeftModel wrapping `base` once an adapter was loaded
+        self.lora_name: str | None = None
+        ends = self.base.generation_config.eos_token_id
+        self.ends = {int(t) for t in (ends if isinstance(ends, list) else [ends]) if t is not None}
+        if self.tok.eos_token_id is not None:
+            self.ends.add(int(self.tok.eos_token_id))
+        self.pad = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.ends), 0))
+        self.template = ChatTemplate(self.tok.chat_template, self.tok.bos_token or "", self.tok.eos_token or "")
+        self.rows: list[Sequence] = []  # the batch's rows, in cache order
+        self.cache: Any = None
+        self.mask: Any = None
+
+    # --- Backend --------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self.template.render(messages)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return str(self.tok.decode(tokens, skip_special_tokens=True))
+
+    def is_end(self, token: int) -> bool:
+        return token in self.ends
+
+    def prefill_budget(self) -> int:
+        return self.context_length * 8
+
+    def release(self, seq: Sequence) -> None:
+        seq.state = None  # its row leaves the cache at the next step
+
+    def _forward(self, **kw: Any) -> Any:
+        if self.peft is not None and self.lora_name is None:
+            with self.peft.disable_adapter():
+                return self.peft(**kw)
+        return (self.peft or self.base)(**kw)
+
+    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
+        torch = self.torch
+        with torch.inference_mode():
+            if admit or not live or not self.rows:
+                logits = self._prefill([*live, *admit])
+            else:
+                wanted = {id(s) for s in live}
+                keep = [i for i, s in enumerate(self.rows) if id(s) in wanted]
+                if len(keep) != len(self.rows):
+                    self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+                    self.mask = self.mask[keep]
+                    self.rows = [self.rows[i] for i in keep]
+                ids = torch.tensor([[s.generated[-1]] for s in self.rows], device=self.device)
+                self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+                pos = (self.mask.sum(dim=1, keepdim=True) - 1)
+                out = self._forward(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                                    past_key_values=self.cache, use_cache=True)
+                self.cache = out.past_key_values
+                logits = out.logits[:, -1, :]
+            picks = self._sample(logits)
+        by_seq = {id(s): t for s, t in zip(self.rows, picks, strict=True)}
+        return [by_seq[id(s)] for s in [*live, *admit]]
+
+    def _prefill(self, seqs: list[Sequence]) -> Any:
+        from transformers import DynamicCache
+
+        torch = self.torch
+        texts = [s.prompt + s.generated for s in seqs]
+        width = max(len(t) for t in texts)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, t in enumerate(texts):  # left padding: every row's next token is at the last column
+            ids[i, width - len(t):] = torch.tensor(t)
+            mask[i, width - len(t):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
+        self.cache, self.mask, self.rows = out.past_key_values, mask, list(seqs)
+        return out.logits[:, -1, :]
+
+    def _sample(self, logits: Any) -> list[int]:
+        torch = self.torch
+        picks = []
+        for s, row in zip(self.rows, logits.float(), strict=True):
+            p = s.params
+            if p.greedy:
+                picks.append(int(row.argmax()))
+                continue
+            if s.state is None:
+                s.state = torch.Generator(device=self.device)
+                s.state.manual_seed(p.seed if p.seed is not None else int(torch.seed()))
+            probs = torch.softmax(row / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                cut = sorted_p.cumsum(0) - sorted_p > p.top_p
+                sorted_p[cut] = 0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            picks.append(int(torch.multinomial(probs, 1, generator=s.state)))
+        return picks
+
+    def apply_adapter(self, adapter: Any) -> None:
+        """Load `adapter.peft_dir` (PEFT safetensors) beside the base weights; None returns to the base model.
+
+        The new adapter is loaded before the old one is dropped, so a failed load leaves the
+        previous one in place.
+        """
+        self.rows, self.cache, self.mask = [], None, None
+        if adapter is None:
+            self.lora_name = None
+            return
+        from peft import PeftModel
+
+        name = "a_" + re.sub(r"\W", "_", adapter.id)
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, adapter.peft_dir, adapter_name=name).eval()
+            else:
+                if name not in self.peft.peft_config:
+                    self.peft.load_adapter(adapter.peft_dir, adapter_name=name)
+                self.peft.set_adapter(name)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise EngineError(f"peft could not load the adapter {adapter.id} from {adapter.peft_dir}: {e}") from None
+        self.lora_name = name
+        for old in [n for n in self.peft.peft_config if n != name]:
+            self.peft.delete_adapter(old)
+
+    def close(self) -> None:
+        self.rows, self.cache, self.mask = [], None, None

@@ -1,0 +1,119 @@
+"""Behaviour both engines must show; test_engine_llama_cpp.py and test_engine_transformers.py run these."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from appliance.engines.base import Delta, QueueFull, SamplingParams
+from tests.server_fixtures import generate, generate_together, install_adapter, submit
+
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Count from one to five.", "What is 2 + 2?"]
+
+
+def check_batched_equals_alone(engine) -> None:
+    """Continuous batching must not change answers: each sequence has its own cache and sampler."""
+    alone = [generate(engine, q, 16).text for q in QUESTIONS]
+    together = [f.text for f in generate_together(engine, QUESTIONS, 16)]
+    assert together == alone
+    assert len(set(alone)) > 1
+
+
+def check_join_mid_answer(engine) -> None:
+    """A request that arrives while another is decoding joins the batch and both answer correctly."""
+    ref_a, ref_b = generate(engine, QUESTIONS[0], 24).text, generate(engine, QUESTIONS[1], 8).text
+    seq_a, done_a, ev_a = submit(engine, QUESTIONS[0], 24)
+    while not any(isinstance(e, Delta) for e in ev_a):
+        time.sleep(0.01)
+    _, done_b, ev_b = submit(engine, QUESTIONS[1], 8)
+    assert done_a.wait(300) and done_b.wait(300)
+    assert ev_a[-1].text == ref_a and ev_b[-1].text == ref_b
+    assert "".join(e.text for e in ev_a if isinstance(e, Delta)) == ref_a
+
+
+def check_limits_and_stops(engine) -> None:
+    fin = generate(engine, "Write a long story about a dragon.", 5)
+    assert fin.reason == "length" and fin.completion_tokens == 5
+    full = generate(engine, "Count from one to ten, separated by commas.", 30).text
+    assert "," in full
+    stop = full[full.index(","):][:1]
+    cut = generate(engine, "Count from one to ten, separated by commas.", 30, stop=(stop,))
+    assert cut.reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def check_cancel_frees_slot(engine) -> None:
+    seq, done, events = submit(engine, "Write a very long essay about the sea.", 400)
+    while not any(isinstance(e, Delta) for e in events):
+        time.sleep(0.01)
+    seq.cancel()
+    assert done.wait(60)
+    assert events[-1].reason == "cancelled" and events[-1].completion_tokens < 400
+    assert engine.live == 0  # the slot is free by the time the cancellation is reported
+
+
+def check_queue_bound(engine) -> None:
+    old = engine.max_queue
+    engine.max_queue = 0
+    try:
+        held = [submit(engine, "Write a very long essay about mountains.", 200) for _ in range(engine.max_batch)]
+        time.sleep(0.2)
+        with pytest.raises(QueueFull):
+            for _ in range(engine.max_batch + 1):
+                submit(engine, "hello", 4)
+    finally:
+        engine.max_queue = old
+        for seq, done, _ in held:
+            seq.cancel()
+        for seq, done, _ in held:
+            assert done.wait(60)
+
+
+def check_sampling_seed(engine) -> None:
+    a = generate(engine, "Tell me a word.", 12, temperature=1.0, seed=7).text
+    b = generate(engine, "Tell me a word.", 12, temperature=1.0, seed=7).text
+    assert a == b
+
+
+def check_adapter_swap(engine, layout, lora_dir) -> None:
+    """Swapping changes answers, the old answer returns after going back, and nothing fails meanwhile."""
+    base = generate(engine, QUESTIONS[0], 12).text
+    install_adapter(layout, "a1", lora_dir)
+    from appliance import adapters
+
+    busy = [submit(engine, q, 24) for q in QUESTIONS[: engine.max_batch]]
+    while not all(any(isinstance(e, Delta) for e in events) for _, _, events in busy):
+        time.sleep(0.01)
+    assert engine.swap_adapter(adapters.active_adapter(layout), wait=300)
+    for _, done, events in busy:
+        assert done.wait(300)
+        assert events[-1].reason in ("stop", "length") and events[-1].adapter is None
+    assert engine.adapter_id == "a1" and engine.adapter_error is None
+    tuned = generate(engine, QUESTIONS[0], 12)
+    assert tuned.adapter == "a1" and tuned.text != base
+    assert engine.swap_adapter(None, wait=300)
+    assert engine.adapter_id is None and generate(engine, QUESTIONS[0], 12).text == base
+
+
+def check_bad_adapter_keeps_serving(engine, layout) -> None:
+    from appliance.adapters import Adapter
+
+    before = engine.adapter_id
+    bad_dir = layout.adapters / "broken"
+    (bad_dir / "peft").mkdir(parents=True, exist_ok=True)
+    (bad_dir / "peft" / "adapter_model.safetensors").write_bytes(b"not a model")
+    (bad_dir / "peft" / "adapter_config.json").write_text("{}")
+    (bad_dir / "adapter.gguf").write_bytes(b"not a gguf")
+    engine.swap_adapter(Adapter("broken", bad_dir, {}), wait=300)
+    assert engine.adapter_id == before and "broken" in (engine.adapter_error or "")
+    assert generate(engine, QUESTIONS[3], 4).reason in ("stop", "length")
+
+
+def check_empty_and_overlong_prompts(engine) -> None:
+    from appliance.errors import EngineError
+
+    with pytest.raises(EngineError, match="empty"):
+        engine.submit([], SamplingParams(max_tokens=4), lambda e: None)
+    with pytest.raises(EngineError, match="context holds"):
+        engine.submit([1] * engine.context_length, SamplingParams(max_tokens=4), lambda e: None)
+

@@ -1,0 +1,59 @@
+"""The llama.cpp engine on SmolLM2 GGUF: continuous batching, limits, cancellation, LoRA swaps."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.engines.chat_template import ChatTemplate, ChatTemplateError
+from tests import engine_cases as cases
+from tests.server_fixtures import gguf_root, llama_engine, random_lora, smollm2_safetensors  # noqa: F401
+
+
+def test_batched_answers_equal_answers_alone(llama_engine):
+    cases.check_batched_equals_alone(llama_engine)
+
+
+def test_request_joins_mid_answer(llama_engine):
+    cases.check_join_mid_answer(llama_engine)
+
+
+def test_max_tokens_and_stop_strings(llama_engine):
+    cases.check_limits_and_stops(llama_engine)
+
+
+def test_cancel_frees_the_slot(llama_engine):
+    cases.check_cancel_frees_slot(llama_engine)
+
+
+def test_queue_is_bounded(llama_engine):
+    cases.check_queue_bound(llama_engine)
+
+
+def test_seeded_sampling_repeats(llama_engine):
+    cases.check_sampling_seed(llama_engine)
+
+
+def test_empty_and_overlong_prompts(llama_engine):
+    cases.check_empty_and_overlong_prompts(llama_engine)
+
+
+def test_lora_swap_between_batches(llama_engine, gguf_root, random_lora):
+    cases.check_adapter_swap(llama_engine, gguf_root.layout, random_lora)
+
+
+def test_broken_adapter_keeps_the_current_one(llama_engine, gguf_root):
+    cases.check_bad_adapter_keeps_serving(llama_engine, gguf_root.layout)
+
+
+def test_chat_template_comes_from_the_gguf(llama_engine):
+    text = llama_engine.render_chat([{"role": "user", "content": "hi"}])
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_chat_template_is_sandboxed():
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate(evil).render([{"role": "user", "content": "x"}])
+    refusing = "{{ raise_exception('only user and assistant roles') }}"
+    with pytest.raises(ChatTemplateError, match="only user and assistant"):
+        ChatTemplate(refusing).render([])
