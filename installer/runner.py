@@ -25,6 +25,18 @@ class Runner(Protocol):
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]: ...
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the installer dies, so no orphaned pip keeps writing into a release
+    that the next run is cleaning up (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _tail(text: str, lines: int = 5) -> str:
     return " / ".join(text.strip().splitlines()[-lines:])
 
@@ -36,7 +48,8 @@ class SubprocessRunner:
     def run(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         try:
-            proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env)
+            proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env,
+                                  preexec_fn=_die_with_parent)
         except FileNotFoundError:
             raise CommandError(f"The command {argv[0]!r} is not installed on this host.") from None
         except subprocess.TimeoutExpired:
