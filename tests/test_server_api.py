@@ -1,0 +1,215 @@
+"""The HTTP API in process (FastAPI TestClient, real llama.cpp engine): auth, bad input, feedback,
+adapters, metrics and audit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from appliance import adapters, audit
+from appliance.feedback_store import FeedbackStore
+from appliance.server.app import Settings, create_app
+from tests.server_fixtures import gguf_root, install_adapter, llama_engine, random_lora, smollm2_safetensors  # noqa: F401
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def client(gguf_root, llama_engine):
+    cfg = gguf_root.config
+    app = create_app(Settings(gguf_root.layout, cfg.server, cfg.model.id, own_engine=False), llama_engine)
+    with TestClient(app) as c:
+        yield c
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def ask(client, key, **body):
+    body.setdefault("messages", [{"role": "user", "content": "Say hello."}])
+    body.setdefault("max_tokens", 8)
+    body.setdefault("temperature", 0)
+    return client.post(CHAT, json=body, headers=auth(key))
+
+
+def error_of(r):
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    return body["error"]
+
+
+def test_health_needs_no_key(client):
+    assert client.get("/health/live").json()["status"] == "live"
+    ready = client.get("/health/ready").json()
+    assert ready["status"] == "ready" and ready["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("path, method", [(CHAT, "post"), ("/v1/completions", "post"), ("/v1/models", "get"),
+                                          ("/v1/feedback", "post"), ("/metrics", "get"), ("/generate", "post"),
+                                          ("/admin/keys", "get"), ("/admin/adapters/reload", "post"), ("/openapi.json", "get")])
+def test_every_other_route_needs_a_key(client, path, method):
+    r = getattr(client, method)(path)
+    assert r.status_code == 401 and error_of(r)["code"] == "missing_api_key"
+    r = getattr(client, method)(path, headers=auth("apl-00000000-wrong"))
+    assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+
+
+def test_admin_routes_refuse_user_keys(client, gguf_root):
+    r = client.get("/admin/keys", headers=auth(gguf_root.user_key))
+    assert r.status_code == 403 and error_of(r)["type"] == "permission_error"
+    r = client.get("/admin/keys", headers=auth(gguf_root.admin_key))
+    assert r.status_code == 200
+    assert sorted(k["role"] for k in r.json()) == ["admin", "user"] and "hash" not in r.text
+
+
+@pytest.mark.parametrize("change, status, param", [
+    ({"max_tokens": 0}, 422, "max_tokens"),
+    ({"max_tokens": -5}, 422, "max_tokens"),
+    ({"max_tokens": "many"}, 422, "max_tokens"),
+    ({"max_tokens": 10**9}, 400, "max_tokens"),
+    ({"max_tokens": 10**30}, 422, "max_tokens"),
+    ({"messages": []}, 422, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
+    ({"messages": [{"role": "user"}]}, 422, "messages.0.content"),
+    ({"temperature": 9}, 422, "temperature"),
+    ({"n": 3}, 422, "n"),
+    ({"stop": ""}, 422, "stop"),
+])
+def test_bad_input_is_a_4xx_in_openai_shape(client, gguf_root, change, status, param):
+    r = ask(client, gguf_root.user_key, **change)
+    assert r.status_code == status, r.text
+    assert error_of(r)["param"] == param
+
+
+def test_broken_json_and_wrong_body_type(client, gguf_root):
+    r = client.post(CHAT, content=b"{not json", headers={**auth(gguf_root.user_key), "Content-Type": "application/json"})
+    assert r.status_code == 422 and error_of(r)
+    r = client.post(CHAT, json=[1, 2], headers=auth(gguf_root.user_key))
+    assert r.status_code == 422 and error_of(r)
+
+
+def test_prompt_over_the_context_names_the_numbers(client, gguf_root):
+    r = ask(client, gguf_root.user_key, messages=[{"role": "user", "content": "word " * 700}])
+    assert r.status_code == 400
+    err = error_of(r)
+    assert err["code"] == "context_length_exceeded" and "512 tokens" in err["message"]
+    assert any(w.isdigit() and int(w) > 512 for w in err["message"].split())
+
+
+def test_body_over_the_cap_is_413(client, gguf_root):
+    big = {"messages": [{"role": "user", "content": "x" * 70000}]}
+    r = client.post(CHAT, json=big, headers=auth(gguf_root.user_key))
+    assert r.status_code == 413 and error_of(r)["code"] == "body_too_large"
+
+
+def test_chat_usage_record_and_feedback(client, gguf_root):
+    r = ask(client, gguf_root.user_key, max_tokens=6)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    u = out["usage"]
+    assert u["completion_tokens"] <= 6 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 6
+    ok = client.post("/v1/feedback", json={"request_id": out["id"], "rating": -1, "corrected": "Hello!"}, headers=auth(gguf_root.user_key))
+    assert ok.status_code == 200 and ok.json() == {"request_id": out["id"], "stored": True}
+    with FeedbackStore(gguf_root.layout.data / "feedback.sqlite3") as store:
+        ex = [e for e in store.examples_since(0) if e.request_id == out["id"]]
+    assert len(ex) == 1 and ex[0].rating == -1 and ex[0].corrected == "Hello!"
+    assert ex[0].answer == out["choices"][0]["message"]["content"]
+    unknown = client.post("/v1/feedback", json={"request_id": "chatcmpl-nope", "rating": 1}, headers=auth(gguf_root.user_key))
+    assert unknown.status_code == 404 and error_of(unknown)["param"] == "request_id"
+    bad = client.post("/v1/feedback", json={"request_id": out["id"], "rating": 0}, headers=auth(gguf_root.user_key))
+    assert bad.status_code == 422
+
+
+def test_completions_and_generate_alias(client, gguf_root):
+    r = client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 4, "temperature": 0}, headers=auth(gguf_root.user_key))
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 4
+    g = client.post("/generate", json={"prompt": "Say hello.", "max_tokens": 6}, headers=auth(gguf_root.user_key))
+    assert g.status_code == 200 and g.json()["text"] == ask(client, gguf_root.user_key, max_tokens=6).json()["choices"][0]["message"]["content"]
+
+
+def test_streaming_sse_shape(client, gguf_root):
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with client.stream("POST", CHAT, json=body, headers=auth(gguf_root.user_key)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [x for x in r.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x[6:]) for x in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 6
+    assert text == ask(client, gguf_root.user_key, max_tokens=6).json()["choices"][0]["message"]["content"]
+
+
+def test_metrics_count_requests_tokens_and_latency(client, gguf_root):
+    ask(client, gguf_root.user_key, max_tokens=3)
+    text = client.get("/metrics", headers=auth(gguf_root.user_key)).text
+    assert 'appliance_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'appliance_requests_total{route="/v1/chat/completions",status="401"}' in text
+    for name in ("appliance_request_latency_seconds_bucket", "appliance_time_to_first_token_seconds_count",
+                 "appliance_prompt_tokens_total", "appliance_completion_tokens_total", "appliance_queue_depth",
+                 "appliance_active_sequences", "appliance_adapter_info"):
+        assert name in text
+    count = [ln for ln in text.splitlines() if ln.startswith("appliance_time_to_first_token_seconds_count")][0]
+    assert float(count.split()[-1]) >= 1
+
+
+def test_audit_line_per_request_without_prompt_text(client, gguf_root):
+    before = len(gguf_root.layout.audit_log.read_text().splitlines())
+    r = ask(client, gguf_root.user_key, messages=[{"role": "user", "content": "secret-token-xyz"}], max_tokens=2)
+    client.get("/v1/models")  # a 401
+    rows = [json.loads(x) for x in gguf_root.layout.audit_log.read_text().splitlines()[before:]]
+    chat = [x for x in rows if x.get("request_id") == r.json()["id"]][0]
+    assert chat["route"] == CHAT and chat["status"] == 200 and chat["key_id"] and chat["completion_tokens"] <= 2
+    assert chat["prompt_tokens"] > 0 and chat["latency_ms"] > 0 and "prompt" not in chat
+    assert any(x["status"] == 401 and x["key_id"] is None for x in rows)
+    assert "secret-token-xyz" not in gguf_root.layout.audit_log.read_text()
+    assert audit.verify(gguf_root.layout) == (True, None)
+
+
+def test_audit_prompts_when_configured(gguf_root, llama_engine):
+    cfg = gguf_root.config
+    server = dataclasses.replace(cfg.server, audit_prompts=True)
+    app = create_app(Settings(gguf_root.layout, server, cfg.model.id, own_engine=False, watch_adapters=False), llama_engine)
+    with TestClient(app) as c:
+        ask(c, gguf_root.user_key, messages=[{"role": "user", "content": "audit-me-please"}], max_tokens=2)
+    assert "audit-me-please" in gguf_root.layout.audit_log.read_text()
+
+
+def test_adapter_reload_route_and_watcher(client, gguf_root, random_lora):
+    layout, admin = gguf_root.layout, gguf_root.admin_key
+    install_adapter(layout, "r1", random_lora)
+    r = client.post("/admin/adapters/reload", headers=auth(admin))
+    assert r.status_code == 200 and r.json()["adapter"] == "r1"
+    ids = [m["id"] for m in client.get("/v1/models", headers=auth(gguf_root.user_key)).json()["data"]]
+    assert ids == ["smollm2-135m-instruct", "smollm2-135m-instruct:r1"]
+    assert 'appliance_adapter_info{adapter="r1"} 1.0' in client.get("/metrics", headers=auth(admin)).text
+    # The server follows adapters/active by itself (about once a second), with no reload call.
+    adapters.rollback(layout)
+    deadline = time.monotonic() + 30
+    while client.app.state.engine.adapter_id is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.app.state.engine.adapter_id is None
+    assert client.get("/health/ready").json()["adapter"] is None
+
+
+def test_reload_of_a_broken_adapter_is_409_and_keeps_serving(client, gguf_root):
+    layout = gguf_root.layout
+    bad = layout.adapters / "bad1"
+    (bad / "peft").mkdir(parents=True)
+    (bad / "metadata.json").write_text("{}")
+    (bad / "peft" / "adapter_model.safetensors").write_bytes(b"junk")
+    (bad / "adapter.gguf").write_bytes(b"junk")
+    adapters.promote(layout, "bad1")
+    r = client.post("/admin/adapters/reload", headers=auth(gguf_root.admin_key))
+    assert r.status_code == 409 and "bad1" in error_of(r)["message"]
+    assert ask(client, gguf_root.user_key, max_tokens=2).status_code == 200
+    adapters.rollback(layout)
