@@ -71,6 +71,10 @@ def step_user(ctx: Any, progress: Progress) -> str:
     if ids is not None:
         t.chown_tree(layout.var, *ids)
         t.chown_tree(layout.log_dir, *ids)
+        # /etc/appliance: root's, readable by the service's group only; setgid so that files root adds
+        # later (api-keys.json) belong to that group too.
+        t.mkdir(layout.etc, 0o2750)
+        t.chown_tree(layout.etc, 0, ids[1])
     return f"{made}state directories owned by {SERVICE_USER}"
 
 

@@ -353,7 +353,8 @@ def apply_config(ctx: Context, model: dict[str, Any], trainer: dict[str, Any]) -
     kept = f"; kept your values for {', '.join(merged.kept)}" if merged.kept else ""
     if merged.text == existing and cf.load_base(layout) == merged.installed:
         raise Skip(f"{layout.config_file} is up to date{kept}")
-    ctx.target.mkdir(layout.etc, 0o755)
+    if not layout.etc.is_dir():  # the user step later gives it to the service's group
+        ctx.target.mkdir(layout.etc, 0o755)
     ctx.target.write(layout.config_file, merged.text.encode(), 0o644)
     ctx.target.write(cf.base_path(layout), (json.dumps(merged.installed, indent=2, sort_keys=True) + "\n").encode(), 0o644)
     return f"wrote {layout.config_file}{kept}"

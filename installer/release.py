@@ -6,6 +6,7 @@ inside, so a directory without `.partial` is always complete; `current` is one a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -126,16 +127,20 @@ def own_wheel(bundle: Path, manifest: Manifest) -> Path:
 def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, python: str | None = None) -> list[str]:
     """A venv with the appliance and the extras the wheelhouse carries, from the stick only (no index).
 
-    The venv gets no pip of its own: a release is never changed after it is staged, and this
-    interpreter's pip installs into it (`pip --python`), which also saves seconds per install.
+    When this interpreter has pip, it installs into a venv made without one (`pip --python`): a
+    release is never changed after staging, and it saves seconds. An installed release has no pip
+    (upgrades run from it), so then the venv gets its own.
     """
     wheel = own_wheel(bundle, manifest)
     extras = carried_extras(wheel, {_norm(e["name"]) for e in manifest.sbom})
-    runner.run([python or sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], timeout=300)
     spec = f"appliance[{','.join(extras)}]" if extras else "appliance"
-    runner.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "--quiet",
-                "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / "wheels"), "--no-cache-dir", spec],
-               timeout=1800)
+    args = ["install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / "wheels"), "--no-cache-dir", spec]
+    if importlib.util.find_spec("pip") is not None:
+        runner.run([python or sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], timeout=300)
+        runner.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), *args], timeout=1800)
+    else:
+        runner.run([python or sys.executable, "-m", "venv", "--clear", str(venv)], timeout=300)
+        runner.run([str(venv / "bin/python"), "-m", "pip", *args], timeout=1800)
     return extras
 
 
