@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from textual.app import App
@@ -55,7 +56,7 @@ def _playground() -> Screen[Any]:
 
 
 class ConsoleApp(App[None]):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere (bench, tests) keep the style
     TITLE = "appliance console"
     # Screens import their widgets (plotext, DataTable, ...) only when first shown: a fast first paint.
     MODES = {"dashboard": _dashboard, "install": _install, "training": _training, "adapters": _adapters,

@@ -68,6 +68,8 @@ class DashboardScreen(ConsoleScreen):
         self.scrapes: deque[tuple[float, Samples]] = deque(maxlen=WINDOW)
         self.ticks = 0
         self.loaded = False
+        self.overview_due = False
+        self.complete = False  # the overview (release, units) has been painted too
 
     def compose(self) -> ComposeResult:
         yield NavBar(self.NAV)
@@ -90,15 +92,16 @@ class DashboardScreen(ConsoleScreen):
 
     def on_screen_resume(self) -> None:
         self.timer.resume()
-        self.ticks = 0  # a fresh overview when coming back
+        self.overview_due = True  # a fresh overview when coming back
         self.tick()
 
     def tick(self) -> None:
-        if self.ticks % SLOW_EVERY == 0 and not self.busy("slow"):
-            self.poll_overview()
-        self.ticks += 1
+        # The fast poll first: the figures people watch appear before systemctl has answered.
         if not self.busy("fast"):
             self.poll_fast()
+        if self.ticks % SLOW_EVERY == 0 and self.ticks and not self.busy("slow"):
+            self.poll_overview()
+        self.ticks += 1
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="slow")
     def poll_overview(self) -> None:
@@ -138,9 +141,14 @@ class DashboardScreen(ConsoleScreen):
             if u.detail:
                 table.add_row(Text(""), text(_short_time(u.detail), "dim"))
         self.query_one("#units", Static).update(table)
+        self.complete = True
         self.flush_notes()
 
     def on_sampled(self, m: Sampled) -> None:
+        if not self.loaded or self.overview_due:
+            # The first overview starts once the first figures are painted, not competing with them for the GIL.
+            self.overview_due = False
+            self.poll_overview()
         self.loaded = True
         self.query_one("#server", Static).update(self._server_panel(m))
         self.query_one("#host", Static).update(self._host_panel(m.host))

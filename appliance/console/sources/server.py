@@ -6,10 +6,13 @@ Synchronous httpx, called only from worker threads. A server that does not answe
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from appliance.errors import ApplianceError
 
@@ -32,23 +35,56 @@ class Health:
 
 class ServerClient:
     def __init__(self, base_url: str, key: Callable[[], str | None], transport: Any = None, timeout: float = 2.0) -> None:
-        import httpx  # here, not at module level: it is not needed to paint the first screen
-
         self.base_url = base_url
         self._key = key
-        self._httpx = httpx
-        self._client = httpx.Client(base_url=base_url, transport=transport, timeout=timeout)
+        self._transport = transport
+        self._timeout = timeout
+        self._hx: Any = None
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _client(self) -> Any:
+        if self._hx is None:
+            import httpx  # here, not at module level: ~0.2 s that the first paint does not need
+
+            self._httpx = httpx
+            self._hx = httpx.Client(base_url=self.base_url, transport=self._transport, timeout=self._timeout, trust_env=False)
+        return self._hx
 
     def close(self) -> None:
-        self._client.close()
+        if self._hx is not None:
+            self._hx.close()
+        if self._conn is not None:
+            self._conn.close()
+
+    def _get(self, path: str, auth: bool) -> tuple[int, str]:
+        """The once-a-second polls: over the stdlib's http.client (kept alive) unless a transport is injected."""
+        headers = self._headers() if auth else {}
+        if self._transport is not None:
+            r = self._request("GET", path, auth=auth)
+            return r.status_code, r.text
+        url = urlsplit(self.base_url)
+        for attempt in (1, 2):  # a kept-alive connection the server closed is retried once on a new one
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=self._timeout)
+            try:
+                self._conn.request("GET", path, headers=headers)
+                resp = self._conn.getresponse()
+                return resp.status, resp.read().decode("utf-8", "replace")
+            except (OSError, http.client.HTTPException) as e:
+                self._conn.close()
+                self._conn = None
+                if attempt == 2 or isinstance(e, ConnectionRefusedError | TimeoutError | socket.gaierror):
+                    raise ServerDown(f"The server at {self.base_url} does not answer ({type(e).__name__}).") from None
+        raise AssertionError("unreachable")
 
     def _headers(self) -> dict[str, str]:
         key = self._key()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _request(self, method: str, path: str, auth: bool = True, **kw: Any) -> Any:
+        client = self._client()
         try:
-            r = self._client.request(method, path, headers=self._headers() if auth else {}, **kw)
+            r = client.request(method, path, headers=self._headers() if auth else {}, **kw)
         except self._httpx.HTTPError as e:
             raise ServerDown(f"The server at {self.base_url} does not answer ({type(e).__name__}).") from None
         return r
@@ -57,28 +93,34 @@ class ServerClient:
     def _raise_for(r: Any, what: str) -> None:
         if r.status_code < 400:
             return
+        ServerClient._refused(r.status_code, r.text, what)
+
+    @staticmethod
+    def _refused(status: int, body: str, what: str) -> None:
         try:
-            msg = r.json()["error"]["message"]
+            msg = json.loads(body)["error"]["message"]
         except (ValueError, KeyError, TypeError):
-            msg = r.text[:200] or r.reason_phrase
-        raise ServerRefused(f"The server refused {what} ({r.status_code}): {msg}")
+            msg = body[:200] or f"HTTP {status}"
+        raise ServerRefused(f"The server refused {what} ({status}): {msg}")
 
     def health(self) -> Health:
         try:
-            r = self._request("GET", "/health/ready", auth=False)
+            code, text = self._get("/health/ready", auth=False)
         except ServerDown as e:
             return Health("down", detail=e.message)
         try:
-            body = r.json()
+            body = json.loads(text)
+            body = body if isinstance(body, dict) else {}
         except ValueError:
             body = {}
-        status = str(body.get("status") or ("ready" if r.status_code == 200 else f"HTTP {r.status_code}"))
+        status = str(body.get("status") or ("ready" if code == 200 else f"HTTP {code}"))
         return Health(status, body.get("model"), body.get("adapter"))
 
     def metrics(self) -> str:
-        r = self._request("GET", "/metrics")
-        self._raise_for(r, "/metrics")
-        return str(r.text)
+        code, text = self._get("/metrics", auth=True)
+        if code >= 400:
+            self._refused(code, text, "/metrics")
+        return text
 
     def models(self) -> list[str]:
         r = self._request("GET", "/v1/models")
@@ -96,7 +138,7 @@ class ServerClient:
         if model:
             body["model"] = model
         try:
-            with self._client.stream("POST", "/v1/chat/completions", json=body, headers=self._headers(), timeout=600.0) as r:
+            with self._client().stream("POST", "/v1/chat/completions", json=body, headers=self._headers(), timeout=600.0) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._raise_for(r, "the chat request")
