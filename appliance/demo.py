@@ -62,7 +62,7 @@ def _bundle(spec: Path, keys: Path, bundle: Path) -> None:
     _run(["bundle", "inspect", str(bundle), *trust])
 
 
-def _install(bundle: Path, keys: Path, root: Path) -> None:
+def _install(bundle: Path, keys: Path, root: Path, port: int) -> None:
     from appliance.state import load_state
     from installer.bundle_dir import read_signed
     from installer.manifest import parse_manifest
@@ -73,7 +73,7 @@ def _install(bundle: Path, keys: Path, root: Path) -> None:
         _say(f"reusing the install under {root} (sequence {sequence})")
         return
     _say(f"installing the bundle into {root} (--no-systemd: this demo runs the server itself)")
-    _run(["install", str(bundle), "--root", str(root), "--no-systemd", "--yes",
+    _run(["install", str(bundle), "--root", str(root), "--no-systemd", "--yes", "--bind", f"127.0.0.1:{port}",
           "--key-file", str(keys / "model.key"), "--trust", str(keys / "signing.pub")])
 
 
@@ -183,7 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     keys, bundle, root = work / "keys", work / "bundle", work / "root"
     _bundle(spec, keys, bundle)
-    _install(bundle, keys, root)
+    _install(bundle, keys, root, args.port)
     layout = Layout.at(root)
     key = _api_key(layout, work / "api-key")
     base = _serve(layout, work)
@@ -202,6 +202,7 @@ def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentPa
     p = sub.add_parser("demo", help="a first run: demo bundle, install, serve, ask, console", parents=[root_parent])
     p.add_argument("--spec", default="bundles/demo.toml", help="bundle spec to build (default bundles/demo.toml)")
     p.add_argument("--workdir", default="demo", help="where keys, bundle, root and server log go (default ./demo)")
+    p.add_argument("--port", type=int, default=8088, help="port the demo server listens on (default 8088)")
     p.add_argument("--no-console", action="store_true", help="do not open the console at the end")
     p.add_argument("--stop", action="store_true", help="stop the demo server and exit")
     p.set_defaults(func=cmd_demo)

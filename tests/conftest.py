@@ -26,3 +26,4 @@ def smollm2_gguf() -> Path:
 
 
 from tests.bundle_fixtures import slim, slim_master  # noqa: E402,F401  (shared bundle fixtures)
+from tests.demo_fixtures import demo_bundle  # noqa: E402,F401
