@@ -123,7 +123,7 @@ async def test_training_lists_runs_and_train_now_starts_the_unit(tmp_path: Path)
     app = make_app(tmp_path, first="training")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: app.screen.query_one("DataTable").row_count == 3, "the runs")
-        await until(pilot, lambda: "kept unpromoted" in shown(app, "#gate"), "the gate reason")
+        await until(pilot, lambda: "not 2.0% below" in shown(app, "#gate"), "the gate reason")
         await pilot.press("t")
         await until(pilot, lambda: type(app.screen).__name__ == "ConfirmDialog", "the confirmation")
         await pilot.press("y")

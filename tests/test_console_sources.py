@@ -75,7 +75,7 @@ def test_run_reports_newest_first_and_a_damaged_one_is_shown_not_fatal(tmp_path:
     runs = load_runs(layout)
     assert [r.id for r in runs][:3] == ["20261122-030011", "20261121-030009", "20261120-030012"]
     newest = runs[0]
-    assert newest.examples == 362 and newest.pii_masked == 17 and newest.promoted is False
+    assert newest.examples == 362 + 40 and newest.pii_masked == 17 and newest.promoted is False and newest.status == "kept"
     assert newest.candidate_loss == pytest.approx(1.639) and len(newest.curve) > 10 and newest.val_curve
     broken = next(r for r in runs if r.id == "broken")
     assert broken.error.startswith("unreadable report")
@@ -83,9 +83,10 @@ def test_run_reports_newest_first_and_a_damaged_one_is_shown_not_fatal(tmp_path:
 
 def test_read_run_tolerates_missing_fields(tmp_path: Path) -> None:
     p = tmp_path / "r1.json"
-    p.write_text(json.dumps({"id": "r1", "gate": {"promote": True}}))
+    p.write_text(json.dumps({"id": "r1", "status": "failed", "reason": "out of memory at batch 1", "stages": {"gate": {"promote": False}}}))
     r = read_run(p)
-    assert r.promoted is True and r.examples is None and r.base_loss is None and r.curve == ()
+    assert r.promoted is False and r.examples is None and r.base_loss is None and r.curve == ()
+    assert r.status == "failed" and r.reason == "out of memory at batch 1"
 
 
 def test_find_bundles_lists_usb_first(tmp_path: Path) -> None:

@@ -29,9 +29,9 @@ class AdaptersLoaded(Message):
 
 
 def _metric(meta: dict[str, Any], *names: str) -> str:
-    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}  # the trainer's evaluate stage
     for n in names:
-        v = metrics.get(n, meta.get(n))
+        v = metrics.get(n)
         if isinstance(v, int | float) and not isinstance(v, bool):
             return f"{v:.4f}"
     return "–"
@@ -72,9 +72,8 @@ class AdaptersScreen(ConsoleScreen):
             meta = a.metadata
             counts = meta.get("counts") if isinstance(meta.get("counts"), dict) else {}
             mark = Text("●", style="bold green") if a.id == m.active else Text(" ")
-            table.add_row(mark, text(a.id), text(a.created_at[:19].replace("T", " ")),
-                          _metric(meta, "candidate_loss", "val_loss", "candidate"), _metric(meta, "base_loss", "base"),
-                          str(counts.get("train", counts.get("examples", "–"))), text(str(meta.get("parent") or "base")), key=a.id)
+            table.add_row(mark, text(a.id), text(a.created_at[:16].replace("T", " ")), _metric(meta, "candidate"),
+                          str(counts.get("train", "–")), text(str(meta.get("parent") or "base")), key=a.id)
 
     def selected(self) -> str | None:
         table = self.query_one(DataTable)

@@ -69,8 +69,8 @@ class TrainingScreen(ConsoleScreen):
         table.clear()
         self.runs = {r.id: r for r in m.runs}
         for r in m.runs:
-            gate = (Text("promoted", style="green") if r.promoted else Text("kept", style="yellow") if r.promoted is False
-                    else text(r.error or "–", "red" if r.error else "dim"))
+            style = {"promoted": "green", "kept": "yellow", "failed": "bold red", "unreadable": "red", "running": "cyan"}
+            gate = text(r.status or "–", style.get(r.status, "dim"))
             table.add_row(text(r.date or r.id), "–" if r.examples is None else str(r.examples),
                           "–" if r.pii_masked is None else str(r.pii_masked),
                           _loss(r.base_loss), _loss(r.active_loss), _loss(r.candidate_loss), gate, key=r.id)
@@ -81,7 +81,7 @@ class TrainingScreen(ConsoleScreen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         run = self.runs.get(str(event.row_key.value))
         if run is not None:
-            self.query_one("#gate", Static).update(Text("gate: ", style="dim").append_text(text(run.reason or "–")))
+            self.query_one("#gate", Static).update(Text(f"{run.status or 'run'}: ", style="dim").append_text(text(run.error or run.reason or "–")))
             self.show_curve(run)
 
     def show_curve(self, run: RunRow | None) -> None:

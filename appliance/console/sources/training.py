@@ -39,7 +39,8 @@ def _num(v: Any) -> float | None:
 class RunRow:
     id: str
     date: str
-    examples: int | None
+    status: str  # promoted | kept | skipped | failed | running (the trainer's report status)
+    examples: int | None  # trained on plus validated on
     pii_masked: int | None
     base_loss: float | None
     active_loss: float | None
@@ -60,27 +61,30 @@ def _curve(points: Any, key: str) -> tuple[tuple[float, float], ...]:
 
 
 def read_run(path: Path) -> RunRow:
+    """One report as appliance/trainer/run.py writes it: id, started_at, finished_at, status, reason and
+    stages (split, pii, train.history, evaluate, gate)."""
     try:
         r = json.loads(path.read_text())
         if not isinstance(r, dict):
             raise ValueError("not an object")
     except (OSError, ValueError) as e:
-        return RunRow(path.stem, "", None, None, None, None, None, None, "", error=f"unreadable report: {e}")
-    counts = r.get("counts") or {}
-    losses = r.get("losses") or {}
-    examples = next((counts[k] for k in ("train", "trained", "examples", "valid", "collected") if isinstance(counts.get(k), int)), None)
-    masked = _get(r, "counts", "pii_masked")
-    if not isinstance(masked, int):
-        masked = _get(r, "pii", "masked")
-    history = r.get("history") or r.get("curve") or []
+        return RunRow(path.stem, "", "unreadable", None, None, None, None, None, None, "", error=f"unreadable report: {e}")
+    split = _get(r, "stages", "split") or {}
+    sizes = [split.get(k) for k in ("train", "validation")]
+    masked = _get(r, "stages", "pii", "masked")
+    ev = _get(r, "stages", "evaluate") or {}
+    promote = _get(r, "stages", "gate", "promote")
+    history = _get(r, "stages", "train", "history") or []
     return RunRow(
         id=str(r.get("id", path.stem)),
         date=str(r.get("finished_at") or r.get("started_at") or "")[:19].replace("T", " "),
-        examples=examples, pii_masked=masked if isinstance(masked, int) else None,
-        base_loss=_num(losses.get("base")), active_loss=_num(losses.get("active")), candidate_loss=_num(losses.get("candidate")),
-        promoted=_get(r, "gate", "promote") if isinstance(_get(r, "gate", "promote"), bool) else None,
-        reason=str(_get(r, "gate", "reason") or r.get("error") or r.get("status") or ""),
-        curve=_curve(history, "loss"), val_curve=_curve(history, "val_loss"),
+        status=str(r.get("status") or ""),
+        examples=sum(sizes) if all(isinstance(x, int) for x in sizes) else None,
+        pii_masked=sum(v for v in masked.values() if isinstance(v, int)) if isinstance(masked, dict) else None,
+        base_loss=_num(ev.get("base")), active_loss=_num(ev.get("active")), candidate_loss=_num(ev.get("candidate")),
+        promoted=promote if isinstance(promote, bool) else None,
+        reason=str(r.get("reason") or _get(r, "stages", "gate", "reason") or ""),
+        curve=_curve(history, "train_loss"), val_curve=_curve(history, "val_loss"),
     )
 
 
