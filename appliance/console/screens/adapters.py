@@ -49,7 +49,7 @@ class AdaptersScreen(ConsoleScreen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for label, width in [(' ', 1), ('id', 16), ('created', 19), ('val loss', 8), ('base loss', 9), ('examples', 8), ('parent', 16)]:
+        for label, width in [(' ', 1), ('id', 15), ('created', 16), ('val loss', 8), ('examples', 8), ('parent', 15)]:
             table.add_column(label, width=width)  # fixed: auto widths lag behind a clear() and refill
         # the first ScreenResume (right after mount) loads the data
 
