@@ -23,6 +23,7 @@ from appliance.console.sources.host import HostSample
 from appliance.console.sources.overview import Overview
 from appliance.console.sources.prom import Samples, ServerStats, parse, stats
 from appliance.console.sources.server import Health
+from appliance.console.sources.training import RunRow
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
 
@@ -44,6 +45,7 @@ class Sampled(Message):
 @dataclass
 class OverviewLoaded(Message):
     overview: Overview
+    last_run: RunRow | None
 
 
 def _fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
@@ -78,12 +80,14 @@ class DashboardScreen(ConsoleScreen):
             yield Static(id="units", classes="panel")
             yield Static(id="server", classes="panel")
         yield Static(id="host", classes="panel")
+        yield Static(id="last-run", classes="panel")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#units").border_title = "Units"
         self.query_one("#server").border_title = "Server"
         self.query_one("#host").border_title = "Host"
+        self.query_one("#last-run").border_title = "Last training run"
         self.timer = self.set_interval(self.sources.refresh_s, self.tick)
         self.tick()
 
@@ -106,9 +110,10 @@ class DashboardScreen(ConsoleScreen):
     @work(thread=True, exclusive=True, exit_on_error=False, group="slow")
     def poll_overview(self) -> None:
         from appliance.console.sources.overview import overview
+        from appliance.console.sources.training import last_run
 
         s = self.sources
-        self.post_message(OverviewLoaded(overview(s.layout, s.runner, s.systemd)))
+        self.post_message(OverviewLoaded(overview(s.layout, s.runner, s.systemd), last_run(s.layout)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="fast")
     def poll_fast(self) -> None:
@@ -141,6 +146,7 @@ class DashboardScreen(ConsoleScreen):
             if u.detail:
                 table.add_row(Text(""), text(_short_time(u.detail), "dim"))
         self.query_one("#units", Static).update(table)
+        self.query_one("#last-run", Static).update(self._run_panel(m.last_run))
         self.complete = True
         self.flush_notes()
 
@@ -172,6 +178,20 @@ class DashboardScreen(ConsoleScreen):
         t.append(f"\nreq/s {_fmt(s.requests_per_s, digits=2):>7}   tok/s {_fmt(s.tokens_per_s):>7}")
         t.append(f"\np50 {_fmt(s.p50_s, ' s', 2):>9}   p99 {_fmt(s.p99_s, ' s', 2):>9}")
         t.append(f"\nqueue {_fmt(s.queue_depth, digits=0):>7}   decoding {_fmt(s.active, digits=0):>4}")
+        return t
+
+    @staticmethod
+    def _run_panel(r: RunRow | None) -> Text:
+        if r is None:
+            return Text("none yet; the trainer timer runs nightly, or press 3 then t to train now", style="dim")
+        style = {"promoted": "green", "kept": "yellow", "failed": "bold red", "running": "cyan"}.get(r.status, "")
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append_text(text(r.date or r.id)).append("  ").append_text(text(r.status or "?", style))
+        if r.candidate_loss is not None:
+            t.append(f"  val loss {r.candidate_loss:.3f}")
+        if r.examples is not None:
+            t.append(f"  {r.examples} examples")
+        t.append("\n").append_text(text(r.error or r.reason or "", "dim"))
         return t
 
     def _host_panel(self, h: HostSample) -> Table:

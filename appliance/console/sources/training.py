@@ -97,6 +97,13 @@ def load_runs(layout: Layout) -> list[RunRow]:
     return sorted(rows, key=lambda r: (r.date, r.id), reverse=True)
 
 
+def last_run(layout: Layout) -> RunRow | None:
+    """The newest report only (run ids start with a UTC timestamp): cheap enough for the dashboard's poll."""
+    d = runs_dir(layout)
+    names = sorted(p.name for p in d.glob("*.json") if not p.name.startswith(".")) if d.is_dir() else []
+    return read_run(d / names[-1]) if names else None
+
+
 @dataclass
 class Trainer:
     """Starts a run: through systemd where it runs (the unit's priority and sandbox apply), otherwise
