@@ -179,3 +179,11 @@ async def test_digits_switch_screens(tmp_path: Path) -> None:
         for key, name in (("4", "AdaptersScreen"), ("5", "KeysScreen"), ("6", "LogsScreen"), ("1", "DashboardScreen")):
             await pilot.press(key)
             await until(pilot, lambda name=name: type(app.screen).__name__ == name, name)
+
+
+async def test_a_damaged_state_file_is_shown_on_the_dashboard(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    app.sources.layout.state_file.write_text("{damaged")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: "cannot be read" in shown(app, "#summary"), "the problem line")
+        assert app.is_running and not any("cannot be read" in n for n in notes(app))

@@ -26,6 +26,7 @@ from appliance.console.sources.server import Health
 from appliance.console.sources.training import RunRow
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
+from appliance.errors import ApplianceError
 
 WINDOW = 11  # scrapes kept: rates and quantiles over the last ~10 seconds
 SLOW_EVERY = 5
@@ -113,7 +114,11 @@ class DashboardScreen(ConsoleScreen):
         from appliance.console.sources.training import last_run
 
         s = self.sources
-        self.post_message(OverviewLoaded(overview(s.layout, s.runner, s.systemd), last_run(s.layout)))
+        try:
+            o = overview(s.layout, s.runner, s.systemd)
+        except ApplianceError as e:  # e.g. a damaged state.json: shown in place, not as a notification every 5 s
+            o = Overview(None, None, None, None, None, (), f"{e.message} {e.hint}".strip())
+        self.post_message(OverviewLoaded(o, last_run(s.layout)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="fast")
     def poll_fast(self) -> None:
