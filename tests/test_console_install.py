@@ -81,3 +81,46 @@ async def test_a_bad_bundle_is_an_error_sentence_not_a_crash(tmp_path: Path) -> 
         assert app.is_running
         await pilot.press("escape")
         assert str(app.screen.query_one("ContentSwitcher").current) == "pick"
+
+
+async def test_install_screen_plans_on_a_recorded_machine_and_every_no_changes_nothing(slim, tmp_path: Path) -> None:
+    from installer.machine import load_machine
+    from installer.planner import plan
+    from installer.tiers import models_of, parse_tiers
+
+    machine = Path(__file__).parent / "fixtures" / "machines" / "4x-a100-80g.json"
+    sources = Sources.real(tmp_path / "fresh", machine=machine)
+    sources.bundle_roots = (slim.dir.parent,)
+    sources.api_key = "unused"
+    app = ConsoleApp(sources, first="install")
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        table = screen.query_one("#bundles")
+        await until(pilot, lambda: table.row_count == 1, "the bundle list")
+        table.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: dialog(app) is not None, "the fingerprint question")
+        await pilot.press("n")  # not the vendor's key: nothing happens, the reason is shown
+        await until(pilot, lambda: any("not confirmed" in str(n.message) for n in app._notifications), "the refusal")
+        screen.action_back()
+        table.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: dialog(app) is not None, "the fingerprint question again")
+        await pilot.press("y")
+        await until(pilot, lambda: str(screen.query_one("ContentSwitcher").current) == "plan", "the tier table")
+        m = slim.manifest()
+        expected = plan(load_machine(machine), parse_tiers(m["tiers"], models_of(screen.checked.manifest.models)))
+        tiers = screen.query_one("#tiers")
+        assert tiers.row_count == len(expected.tiers)
+        for t, v in zip(expected.tiers, expected.verdicts, strict=True):
+            assert str(tiers.get_cell(t.name, "verdict")) == v.verdict  # the planner `appliance hw` uses
+        assert screen.rows and all(r.bar.progress == 1.0 for r in screen.rows.values())  # every file verified
+        screen.query_one("#go").press()
+        await until(pilot, lambda: any("key file or the passphrase" in str(n.message) for n in app._notifications), "the key prompt")
+        screen.query_one("#key-file").value = str(slim.keys / "model.key")
+        screen.query_one("#go").press()
+        await until(pilot, lambda: dialog(app) is not None and dialog(app).startswith("Install "), "the installer's question")
+        await pilot.press("n")
+        await until(pilot, lambda: not screen.running, "the end of the install")
+        assert "Cancelled; nothing was changed." in str(screen.query_one("#install-result").render())
+        assert not (tmp_path / "fresh" / "opt").exists()

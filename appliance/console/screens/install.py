@@ -113,7 +113,7 @@ class InstallScreen(ConsoleScreen):
         bundles.add_column("where", width=5)
         table = self.query_one("#tiers", DataTable)
         for label, width in [(' ', 1), ('tier', 12), ('verdict', 12), ('backend', 12), ('reasons', 80)]:
-            table.add_column(label, width=width)  # fixed: auto widths lag behind a clear() and refill
+            table.add_column(label, width=width, key=label.strip() or "mark")  # fixed widths: auto ones lag a refill
         self.action_rescan()
 
     # -- pick ---------------------------------------------------------------------------------
