@@ -73,6 +73,13 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
     return JSONResponse(ApiError(status, message, type_, param, code).body(), status_code=status, headers=headers)
 
 
+_TYPE_TAGS = {"int", "str", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _is_tag(part: str) -> bool:
+    return "-" in part or "[" in part or part.lower() in _TYPE_TAGS
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -82,7 +89,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # Drop pydantic's union-branch tags ("constrained-str", "function-before[...]", "int"): the
+        # client wants the field's path, not which of our types failed.
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and not (isinstance(x, str) and _is_tag(x))]
         where = ".".join(loc) or "body"
         return _error(422, f"Invalid request: {where}: {first.get('msg')}.", param=where, code="invalid_value")
 

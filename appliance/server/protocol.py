@@ -8,15 +8,30 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # Larger than any context, small enough to be a plain int everywhere: values above it are typos.
 MAX_TOKENS_BOUND = 1 << 30
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
 
+def _json_int(v: object) -> object:
+    """JSON integers only: 1.0 is one (JSON Schema says so), `true` and "1" are not."""
+    if isinstance(v, bool):
+        raise ValueError("must be an integer, not a boolean")
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if not isinstance(v, int):
+        raise ValueError("must be an integer")
+    return v
+
+
+JsonInt = BeforeValidator(_json_int)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: "1" is not a number nor 1 a boolean (schemathesis found both); integers take JsonInt
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(BaseModel):
@@ -36,27 +51,21 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-Stop = str | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)] | None
+Stop = Annotated[str, Field(min_length=1, max_length=256)] | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)] | None
 
 
 class _Sampling(_Request):
-    model: str | None = Field(default=None, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND, description="answer tokens at most")
+    model: Annotated[str, Field(max_length=256)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = Field(default=None, description="answer tokens at most")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Literal[1] = 1
+    n: Annotated[Literal[1], JsonInt] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
-    user: str | None = Field(default=None, max_length=256)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, str) and not v:
-            raise ValueError("stop must not be an empty string")
-        return v
+    # +-2**53: every integer in range survives a trip through a JSON float unchanged.
+    seed: Annotated[int, Field(ge=-(1 << 53), le=1 << 53), JsonInt] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
 
     def stops(self) -> tuple[str, ...]:
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -64,13 +73,13 @@ class _Sampling(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: Annotated[str, Field(min_length=1, max_length=1 << 20)] | Annotated[
         list[Annotated[str, Field(min_length=1, max_length=1 << 20)]], Field(min_length=1, max_length=1)]
-    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_BOUND)
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = 16
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -80,13 +89,13 @@ class GenerateRequest(_Request):
     """The seed's `POST /generate`, kept as a thin alias of a one-message chat."""
 
     prompt: str = Field(min_length=1, max_length=1 << 20)
-    max_tokens: int = Field(default=128, ge=1, le=MAX_TOKENS_BOUND)
+    max_tokens: Annotated[int, JsonInt] = Field(default=128, ge=1, le=MAX_TOKENS_BOUND)
 
 
 class FeedbackRequest(_Request):
     request_id: str = Field(min_length=1, max_length=128, description="the `id` of a chat completion")
-    rating: Literal[1, -1] = Field(description="+1 good, -1 bad")
-    corrected: str | None = Field(default=None, max_length=1 << 20, description="the answer it should have given")
+    rating: Annotated[Literal[1, -1], JsonInt] = Field(description="+1 good, -1 bad")
+    corrected: Annotated[str, Field(max_length=1 << 20)] | None = Field(default=None, description="the answer it should have given")
 
 
 # --- responses ----------------------------------------------------------------------------------

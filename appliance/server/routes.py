@@ -22,7 +22,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 API_ERRORS = _errors(400, 401, 413, 422, 429, 503)
 ADMIN_ERRORS = _errors(401, 403, 413, 422)
-STREAMED = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events, ending with data: [DONE]"}}}
+# Each server-sent event: `data:` holds one JSON chunk, the last one `[DONE]`.
+STREAMED = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "description": "one server-sent event; the stream ends with data: [DONE]",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}
 
 
 def require(role: str) -> Any:
