@@ -65,8 +65,9 @@ def _read(layout: Layout) -> list[KeyRecord]:
 
 
 def _write(layout: Layout, records: list[KeyRecord]) -> None:
-    # 0600: hashes are not keys, but nobody else needs to read them either.
-    atomic_write_json(keys_file(layout), {"version": 1, "keys": [asdict(r) for r in records]}, mode=0o600)
+    # 0640: the server runs as the `appliance` user; the installer makes /etc/appliance root:appliance
+    # with setgid, so this file (written by root) is readable by that group and nobody else.
+    atomic_write_json(keys_file(layout), {"version": 1, "keys": [asdict(r) for r in records]}, mode=0o640)
 
 
 def create(layout: Layout, role: str) -> tuple[str, str]:

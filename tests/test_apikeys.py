@@ -22,7 +22,7 @@ def test_create_stores_only_the_hash(layout):
     text = apikeys.keys_file(layout).read_text()
     assert key not in text and key.split("-", 2)[2] not in text
     assert key_id in text
-    assert stat.S_IMODE(apikeys.keys_file(layout).stat().st_mode) == 0o600
+    assert stat.S_IMODE(apikeys.keys_file(layout).stat().st_mode) == 0o640  # group: the service user (installer)
     rec = apikeys.verify(layout, key)
     assert rec is not None and rec.id == key_id and rec.role == "admin"
 
