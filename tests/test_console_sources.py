@@ -69,6 +69,18 @@ def test_file_tail_returns_only_new_complete_lines(tmp_path: Path) -> None:
     assert FileTail(tmp_path / "missing").poll() == []
 
 
+def test_without_systemd_the_logs_are_the_audit_log_the_train_log_and_the_demo_server_log(tmp_path: Path) -> None:
+    from appliance.console.sources.journal import log_source
+
+    layout = Layout.at(tmp_path / "root")
+    layout.log_dir.mkdir(parents=True)
+    layout.audit_log.write_text('{"event": "install"}\n')
+    (tmp_path / "server.log").write_text("INFO: ready\n")
+    src = log_source(layout, None, systemd=False)
+    assert src.poll() == ['audit: {"event": "install"}', "server: INFO: ready"]
+    assert "systemd is not running" in src.title
+
+
 def test_run_reports_newest_first_and_a_damaged_one_is_shown_not_fatal(tmp_path: Path) -> None:
     layout = build_root(FIX, tmp_path / "root")
     (layout.var / "runs" / "broken.json").write_text("{not json")

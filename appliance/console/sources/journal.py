@@ -68,5 +68,25 @@ class FileTail:
         return f"{self.path} (systemd is not running for this root, so there is no journal)"
 
 
-def log_source(layout: Layout, runner: Any, systemd: bool) -> Journal | FileTail:
-    return Journal(runner) if systemd else FileTail(layout.audit_log)
+@dataclass
+class Files:
+    """Without systemd there is no journal: follow the files that stand in for it, each line tagged."""
+
+    tails: dict[str, FileTail]
+
+    def poll(self) -> list[str]:
+        return [f"{name}: {line}" for name, t in self.tails.items() for line in t.poll()]
+
+    @property
+    def title(self) -> str:
+        return "no journal (systemd does not run this root); following the " + ", ".join(self.tails) + " logs"
+
+
+def log_source(layout: Layout, runner: Any, systemd: bool) -> Journal | Files:
+    if systemd:
+        return Journal(runner)
+    return Files({
+        "audit": FileTail(layout.audit_log),
+        "train": FileTail(layout.log_dir / "console-train.log"),  # `train now` from the console
+        "server": FileTail(layout.root.parent / "server.log"),  # where `appliance demo` keeps the server's output
+    })
