@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from textual.app import App
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from appliance.console.sources.context import Sources
@@ -61,7 +61,8 @@ class ConsoleApp(App[None]):
     # Screens import their widgets (plotext, DataTable, ...) only when first shown: a fast first paint.
     MODES = {"dashboard": _dashboard, "install": _install, "training": _training, "adapters": _adapters,
              "keys": _keys, "logs": _logs, "playground": _playground}
-    BINDINGS = [Binding(key, f"switch_mode('{mode}')", label, show=False) for key, mode, label in SCREENS] + [
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *(Binding(key, f"switch_mode('{mode}')", label, show=False) for key, mode, label in SCREENS),
         Binding("q", "quit", "Quit"), Binding("ctrl+c", "quit", "Quit", show=False, priority=True)]
 
     def __init__(self, sources: Sources, first: str = "dashboard") -> None:

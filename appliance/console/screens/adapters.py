@@ -29,7 +29,7 @@ class AdaptersLoaded(Message):
 
 
 def _metric(meta: dict[str, Any], *names: str) -> str:
-    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}  # the trainer's evaluate stage
+    metrics: dict[str, Any] = meta["metrics"] if isinstance(meta.get("metrics"), dict) else {}  # the trainer's evaluate stage
     for n in names:
         v = metrics.get(n)
         if isinstance(v, int | float) and not isinstance(v, bool):
@@ -86,12 +86,18 @@ class AdaptersScreen(ConsoleScreen):
         if adapter_id is None:
             self.notify("There is no adapter to promote yet: train one first.", markup=False)
             return
-        self.app.push_screen(ConfirmDialog(f"Promote adapter {adapter_id}? The server switches to it between batches.", "Promote"),
-                             lambda yes: self.change("promote", adapter_id) if yes else None)
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.change("promote", adapter_id)
+
+        self.app.push_screen(ConfirmDialog(f"Promote adapter {adapter_id}? The server switches to it between batches.", "Promote"), answered)
 
     def action_rollback(self) -> None:
-        self.app.push_screen(ConfirmDialog("Roll back to the adapter that was active before this one?", "Roll back"),
-                             lambda yes: self.change("rollback", None) if yes else None)
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.change("rollback", None)
+
+        self.app.push_screen(ConfirmDialog("Roll back to the adapter that was active before this one?", "Roll back"), answered)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="adapters-write")
     def change(self, what: str, adapter_id: str | None) -> None:

@@ -245,10 +245,14 @@ class InstallScreen(ConsoleScreen):
 
         s = self.sources
         assert self.bundle is not None
+
+        def emit(event: Any) -> None:
+            self.post_message(Step(event))
+
         try:
             ctx = run_install(s.layout, s.runner, s.systemd, self.bundle, tier=tier, key_file=key_file, passphrase=passphrase,
                               fingerprint=self.checked.fingerprint, machine=s.machine,
-                              emit=lambda e: self.post_message(Step(e)), confirm=self.confirm)
+                              emit=emit, confirm=self.confirm)
         except Exception as e:  # shown on the screen as the result, and as a notification
             self.post_message(Finished("", e))
             return

@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.widgets import Footer, Input, Log, Static
 
 from appliance.console.screens.base import ConsoleScreen
-from appliance.console.sources.journal import log_source
+from appliance.console.sources.journal import Files, Journal, log_source
 from appliance.console.widgets.literal import literal, text
 from appliance.console.widgets.nav import NavBar
 
@@ -37,7 +37,7 @@ class LogsScreen(ConsoleScreen):
         super().__init__()
         self.lines: deque[str] = deque(maxlen=KEEP)
         self.follow = True
-        self.source = None
+        self.source: Journal | Files | None = None
 
     def compose(self) -> ComposeResult:
         yield NavBar(self.NAV)
@@ -48,8 +48,8 @@ class LogsScreen(ConsoleScreen):
 
     def on_mount(self) -> None:
         s = self.sources
-        self.source = log_source(s.layout, s.runner, s.systemd)
-        self.query_one("#log-title", Static).update(text(self.source.title, "dim"))
+        self.source = source = log_source(s.layout, s.runner, s.systemd)
+        self.query_one("#log-title", Static).update(text(source.title, "dim"))
         self.query_one(Log).focus()
         self.timer = self.set_interval(POLL_S, self.poll)
         self.poll()

@@ -97,8 +97,11 @@ class TrainingScreen(ConsoleScreen):
         widget.refresh()
 
     def action_train_now(self) -> None:
-        self.app.push_screen(ConfirmDialog("Start a training run now? It runs at low priority; the server keeps answering.", "Train"),
-                             lambda yes: self.start_training() if yes else None)
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.start_training()
+
+        self.app.push_screen(ConfirmDialog("Start a training run now? It runs at low priority; the server keeps answering.", "Train"), answered)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="train")
     def start_training(self) -> None:

@@ -70,7 +70,7 @@ def read_run(path: Path) -> RunRow:
     except (OSError, ValueError) as e:
         return RunRow(path.stem, "", "unreadable", None, None, None, None, None, None, "", error=f"unreadable report: {e}")
     split = _get(r, "stages", "split") or {}
-    sizes = [split.get(k) for k in ("train", "validation")]
+    sizes: list[int] = [v for v in (split.get(k) for k in ("train", "validation")) if isinstance(v, int)]
     masked = _get(r, "stages", "pii", "masked")
     ev = _get(r, "stages", "evaluate") or {}
     promote = _get(r, "stages", "gate", "promote")
@@ -79,7 +79,7 @@ def read_run(path: Path) -> RunRow:
         id=str(r.get("id", path.stem)),
         date=str(r.get("finished_at") or r.get("started_at") or "")[:19].replace("T", " "),
         status=str(r.get("status") or ""),
-        examples=sum(sizes) if all(isinstance(x, int) for x in sizes) else None,
+        examples=sum(sizes) if len(sizes) == 2 else None,
         pii_masked=sum(v for v in masked.values() if isinstance(v, int)) if isinstance(masked, dict) else None,
         base_loss=_num(ev.get("base")), active_loss=_num(ev.get("active")), candidate_loss=_num(ev.get("candidate")),
         promoted=promote if isinstance(promote, bool) else None,
