@@ -119,13 +119,29 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
 
     stage_t = time.perf_counter()
     base = load_base(model_ref, paths.base_cache)
-    anchor = st.load_anchor(paths)
+    from appliance.trainer.train import encode, example_losses, train_lora
+
+    def enc(xs: list[Example]) -> list[tuple[Example, Any]]:
+        return [(x, e) for x, e in ((x, encode(base.tokenizer, x, settings.max_length)) for x in xs) if e is not None]
+
+    train_pairs, val_pairs = enc(parts.train), enc(parts.validation)
+    # Noise filter: answers the base model finds absurd (random text, binary junk) teach nothing useful.
+    scores = example_losses(base.model, [e for _, e in train_pairs + val_pairs], base.pad_id)
+    noisy = [x.source for (x, _), s in zip(train_pairs + val_pairs, scores, strict=True) if not s <= settings.max_base_loss]
+    keep = [s <= settings.max_base_loss for s in scores]
+    train_pairs, val_pairs = ([p for p, k in zip(train_pairs, keep[: len(train_pairs)], strict=True) if k],
+                              [p for p, k in zip(val_pairs, keep[len(train_pairs):], strict=True) if k])
+    stages["noise_filter"] = {"dropped": len(noisy), "sources": noisy[:100], "train": len(train_pairs), "validation": len(val_pairs)}
+    if not train_pairs or not val_pairs:
+        report.update(status="skipped", reason=f"{len(train_pairs) + len(val_pairs)} examples left after the noise filter, "
+                                               "too few to train and validate on")
+        _consume(paths, collected, deduped.new_index, prior, [], run_id)
+        return
+    train_examples, val_examples = [x for x, _ in train_pairs], [x for x, _ in val_pairs]
+    train_enc, val_enc = [e for _, e in train_pairs], [e for _, e in val_pairs]
+    anchor_enc = [e for _, e in enc(st.load_anchor(paths))]
     active = registry.active_adapter(layout)
     model = new_lora(base.model, settings, parent=active)
-    from appliance.trainer.train import encode, train_lora
-
-    enc = lambda xs: [e for e in (encode(base.tokenizer, x, settings.max_length) for x in xs) if e is not None]  # noqa: E731
-    train_enc, val_enc, anchor_enc = enc(parts.train), enc(parts.validation), enc(anchor)
     log(f"base model {model_ref.id} ready in {time.perf_counter() - stage_t:.1f}s; training on {len(train_enc)} examples")
     result = train_lora(model, train_enc, val_enc, settings, base.pad_id, log=log, before_micro=opts.before_micro,
                         max_steps=opts.max_steps)
@@ -147,8 +163,8 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     metadata = {
         "created_at": report["started_at"], "run": run_id, "parent": active.id if active else None,
         "base_model": {"id": model_ref.id, "backend": model_ref.backend, "sha256": base.sha256},
-        "data_sha256": _data_hash(parts.train + parts.validation),
-        "counts": {"train": len(parts.train), "validation": len(parts.validation)},
+        "data_sha256": _data_hash(train_examples + val_examples),
+        "counts": {"train": len(train_examples), "validation": len(val_examples)},
         "metrics": stages["evaluate"], "gate": decision.to_json(),
         "lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "targets": list(settings.lora_targets)},
         "training": {"learning_rate": settings.learning_rate, "steps": result.steps, "stopped_early": result.stopped_early},
@@ -157,7 +173,7 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     report["adapter"] = adapter.id
     # State before promotion: a crash between the two leaves a registered, unpromoted adapter and
     # consumed data, which is what a "keep" decision would have left too.
-    _consume(paths, collected, deduped.new_index, prior, parts.validation, run_id)
+    _consume(paths, collected, deduped.new_index, prior, val_examples, run_id)
     if decision.promote:
         registry.promote(layout, adapter.id)
         report.update(status="promoted", reason=decision.reason)

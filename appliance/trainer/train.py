@@ -116,6 +116,26 @@ def evaluate_loss(model: Any, data: list[Encoded], pad_id: int, batch_size: int 
     return total / max(n, 1)
 
 
+def example_losses(model: Any, data: list[Encoded], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Mean assistant-token loss of each example under `model` (for filtering text the base finds absurd)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = [math.nan] * len(data)
+    lm = causal_lm(model)
+    model.eval()
+    with torch.no_grad():
+        for b in length_grouped([len(e.input_ids) for e in data], batch_size, random.Random(0)):
+            batch = collate([data[i] for i in b], pad_id)
+            logits = lm(input_ids=batch["input_ids"].to(lm.device), attention_mask=batch["attention_mask"].to(lm.device)).logits
+            targets = batch["labels"][:, 1:].to(lm.device)
+            tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+            n = (targets != IGNORE).sum(1).clamp(min=1)
+            for row, i in enumerate(b):
+                out[i] = float(tok[row].sum() / n[row])
+    return out
+
+
 @dataclass
 class TrainResult:
     best_val_loss: float
