@@ -187,3 +187,13 @@ async def test_a_damaged_state_file_is_shown_on_the_dashboard(tmp_path: Path) ->
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: "cannot be read" in shown(app, "#summary"), "the problem line")
         assert app.is_running and not any("cannot be read" in n for n in notes(app))
+
+
+async def test_dashboard_restarts_the_server_through_systemctl_after_confirmation(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    runner = app.sources.runner
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("s")
+        await until(pilot, lambda: type(app.screen).__name__ == "ConfirmDialog", "the confirmation")
+        await pilot.press("y")
+        await until(pilot, lambda: ["systemctl", "restart", "appliance-server.service"] in runner.commands, "systemctl restart")

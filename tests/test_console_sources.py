@@ -179,3 +179,18 @@ def test_server_client_polls_over_http_with_the_key_and_reports_down() -> None:
     assert down.health().status == "down"
     with pytest.raises(ServerDown):
         down.metrics()
+
+
+def test_server_starter_uses_the_installed_release_command_when_there_is_one(tmp_path: Path) -> None:
+    import sys
+
+    from appliance.console.sources.services import ServerStarter
+
+    layout = Layout.at(tmp_path)
+    s = ServerStarter(layout, None, systemd=False)
+    assert s.command() == [sys.executable, "-m", "appliance.cli", "serve", "--root", str(layout.root)]
+    exe = layout.releases / "1.0.0+1" / "venv" / "bin" / "appliance"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    layout.current.symlink_to("releases/1.0.0+1")
+    assert s.command()[:2] == [str(layout.current / "venv/bin/appliance"), "serve"]

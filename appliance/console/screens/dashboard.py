@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Footer, Static
@@ -65,6 +66,7 @@ def _gib(mib: float | None) -> str:
 
 class DashboardScreen(ConsoleScreen):
     NAV = "dashboard"
+    BINDINGS = [Binding("s", "start_server", "Start/restart server")]
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,6 +134,21 @@ class DashboardScreen(ConsoleScreen):
             except Exception as e:  # shown in the panel, not as a notification every second
                 error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
         self.post_message(Sampled(health, metrics, error, s.clock(), s.sample_host()))
+
+    def action_start_server(self) -> None:
+        from appliance.console.widgets.dialogs import ConfirmDialog
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.start_server()
+
+        how = "systemctl restart appliance-server" if self.sources.systemd else "appliance serve in the background"
+        self.app.push_screen(ConfirmDialog(f"Start (or restart) the server ({how})? Requests in flight are cut off.", "Start"), answered)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="start")
+    def start_server(self) -> None:
+        msg = self.sources.server_starter().start()
+        self.app.call_from_thread(self.notify, msg, markup=False)
 
     def on_overview_loaded(self, m: OverviewLoaded) -> None:
         o = m.overview

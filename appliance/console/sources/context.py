@@ -31,6 +31,7 @@ class Sources:
     notes: list[str] = field(default_factory=list)  # things to tell the user once (e.g. a key was created)
     _server: Any = field(default=None, repr=False)
     _trainer: Any = field(default=None, repr=False)
+    _starter: Any = field(default=None, repr=False)
 
     @classmethod
     def real(cls, root: str | Path, machine: Path | None = None) -> Sources:
@@ -73,6 +74,13 @@ class Sources:
 
             self._trainer = Trainer(self.layout, self.runner, self.systemd)
         return self._trainer
+
+    def server_starter(self) -> Any:
+        if self._starter is None:
+            from appliance.console.sources.services import ServerStarter
+
+            self._starter = ServerStarter(self.layout, self.runner, self.systemd)
+        return self._starter
 
     def close(self) -> None:
         if self._server is not None:

@@ -88,5 +88,6 @@ def log_source(layout: Layout, runner: Any, systemd: bool) -> Journal | Files:
     return Files({
         "audit": FileTail(layout.audit_log),
         "train": FileTail(layout.log_dir / "console-train.log"),  # `train now` from the console
+        "serve": FileTail(layout.log_dir / "console-server.log"),  # a server started from the console
         "server": FileTail(layout.root.parent / "server.log"),  # where `appliance demo` keeps the server's output
     })
