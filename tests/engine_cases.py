@@ -36,9 +36,9 @@ def check_limits_and_stops(engine) -> None:
     fin = generate(engine, "Write a long story about a dragon.", 5)
     assert fin.reason == "length" and fin.completion_tokens == 5
     full = generate(engine, "Count from one to ten, separated by commas.", 30).text
-    assert "," in full
-    stop = full[full.index(","):][:1]
-    cut = generate(engine, "Count from one to ten, separated by commas.", 30, stop=(stop,))
+    assert len(full) > 8
+    stop = full[len(full) // 2: len(full) // 2 + 3]  # from the middle of the answer, possibly across tokens
+    cut = generate(engine, "Count from one to ten, separated by commas.", 30, stop=(stop, "never-said-xyz"))
     assert cut.reason == "stop" and cut.text == full[: full.index(stop)]
 
 
@@ -77,7 +77,7 @@ def check_sampling_seed(engine) -> None:
 
 def check_adapter_swap(engine, layout, lora_dir) -> None:
     """Swapping changes answers, the old answer returns after going back, and nothing fails meanwhile."""
-    base = generate(engine, QUESTIONS[0], 12).text
+    base = [f.text for f in generate_together(engine, QUESTIONS, 12)]
     install_adapter(layout, "a1", lora_dir)
     from appliance import adapters
 
@@ -89,10 +89,11 @@ def check_adapter_swap(engine, layout, lora_dir) -> None:
         assert done.wait(300)
         assert events[-1].reason in ("stop", "length") and events[-1].adapter is None
     assert engine.adapter_id == "a1" and engine.adapter_error is None
-    tuned = generate(engine, QUESTIONS[0], 12)
-    assert tuned.adapter == "a1" and tuned.text != base
+    tuned = generate_together(engine, QUESTIONS, 12)
+    assert all(f.adapter == "a1" for f in tuned)
+    assert [f.text for f in tuned] != base  # a random LoRA may leave a confident answer alone, not all four
     assert engine.swap_adapter(None, wait=300)
-    assert engine.adapter_id is None and generate(engine, QUESTIONS[0], 12).text == base
+    assert engine.adapter_id is None and [f.text for f in generate_together(engine, QUESTIONS, 12)] == base
 
 
 def check_bad_adapter_keeps_serving(engine, layout) -> None:
