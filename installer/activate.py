@@ -136,9 +136,12 @@ def step_start(ctx: Any, progress: Progress) -> str:
     if not ctx.systemd_running:
         ctx.notices.append(f"systemd is not running for {ctx.layout.root}: units are installed and enabled but not started")
         raise Skip("systemd is not running here; the units start at the next boot")
-    ctx.runner.run(["systemctl", "restart", SERVER], timeout=1200)
     ctx.runner.run(["systemctl", "start", TIMER])
     ctx.started = True
+    # A failed start is judged by the readiness step, which rolls back with the journal's last lines.
+    proc = ctx.runner.run(["systemctl", "restart", SERVER], check=False, timeout=1200)
+    if proc.returncode != 0:
+        return f"{SERVER} did not start (systemctl exit code {proc.returncode})"
     return f"restarted {SERVER}, started {TIMER}"
 
 
@@ -239,7 +242,6 @@ def record(ctx: Any, action: str) -> None:
 
 def step_record(ctx: Any, progress: Progress) -> str:
     action = "upgrade" if ctx.previous is not None and ctx.previous.id != ctx.release_id else "install"
-    action = getattr(ctx, "action", None) or action
     record(ctx, action)
     return f"state.json and the audit log record {action} of {ctx.release_id}"
 

@@ -12,9 +12,7 @@ from typing import Any
 from appliance.errors import ApplianceError, StateError, UsageError
 from appliance.paths import Layout
 from appliance.state import highest_sequence, load_state
-from installer.activate import (
-    audit, record, service_ids, step_enable, step_ready, step_start, step_switch, step_units, unit_settings,
-)
+from installer.activate import audit, record, service_ids, step_enable, step_ready, step_start, step_switch, step_units
 from installer.install import Context, apply_config, clean_partials
 from installer.release import Release, current_release, list_releases, previous_release
 from installer.steps import Skip, Step, run_steps
@@ -54,6 +52,11 @@ def step_rollback_config(ctx: Context, progress: Any) -> str:
     return apply_config(ctx, c["model"], c["trainer"])
 
 
+def _record_rollback(ctx: Context, progress: Any) -> str:
+    record(ctx, "rollback")
+    return f"rolled back to {ctx.release_id}"
+
+
 def rollback(ctx: Context, to: str | None = None) -> str:
     """Make the previous release (or `to`) current again; returns its id."""
     cur = current_release(ctx.layout)
@@ -69,7 +72,6 @@ def rollback(ctx: Context, to: str | None = None) -> str:
         raise UsageError(f"Release {target.id} is already current.")
     clean_partials(ctx.layout, ctx.target)
     ctx.previous, ctx.release_id, ctx.release_info = cur, target.id, dict(target.info)
-    ctx.action = "rollback"  # type: ignore[attr-defined]
     steps = (
         Step("config", "restore the release's model settings in appliance.toml", step_rollback_config),
         Step("units", "restore the release's systemd units", step_units),
@@ -77,7 +79,7 @@ def rollback(ctx: Context, to: str | None = None) -> str:
         Step("switch", f"point /opt/appliance/current at {target.id}", step_switch),
         Step("start", "restart the server", step_start),
         Step("ready", "wait until /health/ready answers", step_ready),
-        Step("record", "record state.json and an audit entry", lambda c, p: (record(c, "rollback"), f"rolled back to {target.id}")[1]),
+        Step("record", "record state.json and an audit entry", _record_rollback),
     )
     if not ctx.config:
         from installer.config_file import read_config
@@ -190,4 +192,4 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["install_lock", "rollback", "uninstall", "status", "format_status", "unit_settings", "SERVER"]
+__all__ = ["install_lock", "rollback", "uninstall", "status", "format_status", "SERVER", "TIMER"]

@@ -14,19 +14,25 @@ import time
 from pathlib import Path
 
 BASE = Path(os.environ.get("APPLIANCE_TEST_ROOTFS", "/var/cache/appliance-test/bookworm"))
-PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv"
+# libgomp1: the wheelhouse's llama-cpp-python is built on the vendor's machine and links the system's OpenMP
+# runtime (it is not an auditwheel-repaired wheel), so a target needs it like it needs python3.
+PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,libgomp1"
+STAMP = ".appliance-test-packages"
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 
 
 def ensure_base() -> Path:
     """Build the cached tree once (about a minute); a half-built one is never used."""
-    if (BASE / "usr/lib/systemd/systemd").exists():
+    stamp = BASE / STAMP
+    if stamp.is_file() and stamp.read_text() == PACKAGES:
         return BASE
     partial = BASE.with_name(BASE.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(partial)],
                    check=True, capture_output=True, timeout=1800)
+    (partial / STAMP).write_text(PACKAGES)
+    shutil.rmtree(BASE, ignore_errors=True)  # an older tree, made with another package list
     os.replace(partial, BASE)
     return BASE
 
