@@ -212,6 +212,7 @@ def test_operations_doc_runs(tmp_path: Path, smollm2_gguf: Path, gguf_sha: str, 
     # What the doc promises, checked on the result.
     assert "verified site 1.0.0 sequence 1" in out and '"status":"ready"' in out
     assert "\n401\n" in out, "the revoked API key was still accepted"
+    assert re.search(r'"adapter":"\d{8}T\d{6}Z-[0-9a-f]+"', out), "the server did not switch to the promoted adapter"
     assert re.search(r"^appliance_adapter_info\{adapter=", out, re.M), "the metrics block showed no adapter gauge"
     assert "rolled back to release 1.0.0+1" in out and "rolled back to release 1.0.0+2" in out
     assert "upgraded to site 1.0.0 (sequence 3)" in out
