@@ -201,7 +201,7 @@ def train_lora(model: Any, train: list[Encoded], val: list[Encoded], settings: T
                             before_micro(len(chunk))
                         s, _ = loss_sum(model, collate(chunk, pad_id))
                         (s / n_labels).backward()
-                        step_loss += float(s)
+                        step_loss += float(s.detach())
                         step_tokens += sum(len(e.input_ids) for e in chunk)
                     break
                 except Exception as e:
