@@ -148,6 +148,27 @@ def test_metrics_table_names_real_metrics() -> None:
     assert documented <= exported, f"documented but not exported: {sorted(documented - exported)}"
 
 
+def test_quoted_error_messages_are_the_codes() -> None:
+    """The troubleshooting table quotes messages with `…` for the variable parts; every literal part is in the code."""
+    source = "".join(p.read_text() for d in ("appliance", "installer") for p in (REPO / d).rglob("*.py"))
+    section = DOC.read_text().split("When something goes wrong", 1)[1].split("\n## ", 1)[0]
+    quoted = [m for m in re.findall(r"^\| `([^`]+)`", section, re.M)]
+    assert len(quoted) >= 6
+    for message in quoted:
+        for part in message.split("…"):
+            part = part.strip()
+            if len(part) >= 6:
+                assert part in source, f"the doc quotes {part!r}, which no error message says"
+
+
+def test_console_screens_are_the_apps() -> None:
+    from appliance.console.widgets.nav import SCREENS
+
+    text = re.sub(r"\s+", " ", DOC.read_text())
+    for key, _mode, label in SCREENS:
+        assert f"{key} {label}" in text, f"the console section does not list screen {key} {label}"
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
