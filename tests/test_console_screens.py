@@ -151,12 +151,14 @@ async def test_playground_streams_with_the_adapter_and_without(tmp_path: Path) -
     transport = app.sources.transport
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press(*"how do I undo a promotion?", "enter")
-        chat = app.screen.query_one("#chat")
-        await until(pilot, lambda: len(chat.lines) >= 2, "the answer")
-        shown = "".join(str(s.text) for s in chat.lines)
-        assert "`appliance adapters rollback` [b]to go back[/b]." in shown  # markup in model output stays text
+        def chat() -> str:
+            return "\n".join(str(m.render()) for m in app.screen.query(".msg"))
+
+        await until(pilot, lambda: app.screen.answer is None and "go back" in chat(), "the answer")
+        assert "model: Run `appliance adapters rollback` [b]to go back[/b]." in chat()  # markup in model output stays text
         bodies = [json.loads(b) for m, p, b in transport.requests if p == "/v1/chat/completions"]
         assert bodies[-1]["model"] == "smollm2-135m-instruct-q4_1:20261121-030009" and bodies[-1]["stream"] is True
+        assert chat().startswith("you: how do I undo a promotion?")
         await pilot.press("ctrl+t")
         await pilot.press(*"again", "enter")
         await until(pilot, lambda: len([1 for m, p, b in transport.requests if p == "/v1/chat/completions"]) == 2, "the second request")
@@ -176,9 +178,16 @@ async def test_an_error_in_an_action_is_a_notification_not_a_crash(tmp_path: Pat
 async def test_digits_switch_screens(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
-        for key, name in (("4", "AdaptersScreen"), ("5", "KeysScreen"), ("6", "LogsScreen"), ("1", "DashboardScreen")):
+        for key, name in (("4", "AdaptersScreen"), ("5", "KeysScreen"), ("6", "LogsScreen"), ("1", "DashboardScreen"),
+                          ("7", "PlaygroundScreen")):
             await pilot.press(key)
             await until(pilot, lambda name=name: type(app.screen).__name__ == name, name)
+        await pilot.press("3")  # the prompt has the focus: a digit is text there ...
+        assert app.screen.query_one("#prompt").value == "3"
+        await pilot.press("f5")  # ... and F1..F7 still switch
+        await until(pilot, lambda: type(app.screen).__name__ == "KeysScreen", "F5")
+        await pilot.press("7", "escape", "1")  # Esc leaves the prompt, then digits switch again
+        await until(pilot, lambda: type(app.screen).__name__ == "DashboardScreen", "1 after Esc")
 
 
 async def test_a_damaged_state_file_is_shown_on_the_dashboard(tmp_path: Path) -> None:

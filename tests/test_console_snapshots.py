@@ -17,10 +17,12 @@ from appliance.console.sources.recorded import recorded_sources
 FIX = Path(__file__).parent / "fixtures" / "console"
 
 
-def wait_for(cond: Callable[[ConsoleApp], bool]) -> Callable:
+def wait_for(cond: Callable[[ConsoleApp], bool], typed: str = "") -> Callable:
     async def run_before(pilot) -> None:
         for inp in pilot.app.screen.query("Input"):
             inp.cursor_blink = False
+        if typed:
+            await pilot.press(*typed, "enter")
         for _ in range(200):
             if cond(pilot.app):
                 break
@@ -50,8 +52,9 @@ SCREENS = {
     "adapters": rows(3),
     "keys": rows(3),
     "logs": lambda app: app.screen.query_one("#log").line_count == 7,
-    "playground": lambda app: True,
+    "playground": lambda app: app.screen.answer is None and len(app.screen.query(".msg")) == 2,
 }
+TYPED = {"playground": "how do I undo a promotion?"}
 
 
 @pytest.mark.parametrize("screen", list(SCREENS))
@@ -59,7 +62,7 @@ def test_screen_snapshot(screen: str, snap_compare, tmp_path: Path, monkeypatch:
     monkeypatch.chdir(FIX)  # the install screen lists the recorded stick as `usb/...`
     sources = recorded_sources(FIX, tmp_path / "root")
     sources.bundle_roots = (FIX / "usb",)
-    assert snap_compare(ConsoleApp(sources, first=screen), terminal_size=(80, 24), run_before=wait_for(SCREENS[screen]))
+    assert snap_compare(ConsoleApp(sources, first=screen), terminal_size=(80, 24), run_before=wait_for(SCREENS[screen], TYPED.get(screen, "")))
 
 
 def test_server_down_snapshot(snap_compare, tmp_path: Path) -> None:

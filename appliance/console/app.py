@@ -63,6 +63,8 @@ class ConsoleApp(App[None]):
              "keys": _keys, "logs": _logs, "playground": _playground}
     BINDINGS: ClassVar[list[BindingType]] = [
         *(Binding(key, f"switch_mode('{mode}')", label, show=False) for key, mode, label in SCREENS),
+        # F1..F7 work even while typing in an input (digits then go into the input).
+        *(Binding(f"f{key}", f"switch_mode('{mode}')", label, show=False, priority=True) for key, mode, label in SCREENS),
         Binding("q", "quit", "Quit"), Binding("ctrl+c", "quit", "Quit", show=False, priority=True)]
 
     def __init__(self, sources: Sources, first: str = "dashboard") -> None:

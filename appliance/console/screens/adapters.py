@@ -39,7 +39,7 @@ def _metric(meta: dict[str, Any], *names: str) -> str:
 
 class AdaptersScreen(ConsoleScreen):
     NAV = "adapters"
-    BINDINGS = [Binding("p", "promote", "Promote"), Binding("b", "rollback", "Roll back"), Binding("f5", "reload", "Reload")]
+    BINDINGS = [Binding("p", "promote", "Promote"), Binding("b", "rollback", "Roll back"), Binding("ctrl+r", "reload", "Reload")]
 
     def compose(self) -> ComposeResult:
         yield NavBar(self.NAV)

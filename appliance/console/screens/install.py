@@ -77,7 +77,7 @@ class ProgressRow(Horizontal):
 
 class InstallScreen(ConsoleScreen):
     NAV = "install"
-    BINDINGS = [Binding("f5", "rescan", "Rescan"), Binding("escape", "back", "Back")]
+    BINDINGS = [Binding("ctrl+r", "rescan", "Rescan"), Binding("escape", "back", "Back")]
 
     def __init__(self) -> None:
         super().__init__()

@@ -32,7 +32,7 @@ class KeyCreated(Message):
 class KeysScreen(ConsoleScreen):
     NAV = "keys"
     BINDINGS = [Binding("u", "create('user')", "New user key"), Binding("a", "create('admin')", "New admin key"),
-                Binding("r", "revoke", "Revoke"), Binding("f5", "reload", "Reload")]
+                Binding("r", "revoke", "Revoke"), Binding("ctrl+r", "reload", "Reload")]
 
     def compose(self) -> ComposeResult:
         yield NavBar(self.NAV)

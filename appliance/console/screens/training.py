@@ -31,7 +31,7 @@ def _loss(v: float | None) -> str:
 
 class TrainingScreen(ConsoleScreen):
     NAV = "training"
-    BINDINGS = [Binding("t", "train_now", "Train now"), Binding("f5", "reload", "Reload")]
+    BINDINGS = [Binding("t", "train_now", "Train now"), Binding("ctrl+r", "reload", "Reload")]
 
     def __init__(self) -> None:
         super().__init__()

@@ -132,9 +132,10 @@ class ServerClient:
         self._raise_for(r, "the adapter reload")
         return r.json().get("adapter")
 
-    def chat_stream(self, messages: list[dict[str, str]], model: str | None, max_tokens: int = 256) -> Iterator[str]:
+    def chat_stream(self, messages: list[dict[str, str]], model: str | None, max_tokens: int = 256,
+                    temperature: float = 1.0) -> Iterator[str]:
         """Yield the answer's text as the server streams it (SSE chunks until `data: [DONE]`)."""
-        body: dict[str, Any] = {"messages": messages, "stream": True, "max_tokens": max_tokens}
+        body: dict[str, Any] = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": temperature}
         if model:
             body["model"] = model
         try:

@@ -1,4 +1,4 @@
-"""The one-line bar of screens at the top: digits switch screens, the current one is highlighted."""
+"""The one-line bar of screens at the top: digits (or F1..F7, also while typing) switch screens."""
 
 from __future__ import annotations
 
