@@ -262,3 +262,4 @@ ACTIVATE_STEPS = (
     Step("ready", "wait until /health/ready answers", step_ready),
     Step("record", "record state.json and an audit entry", step_record),
 )
+REFRESH_STEPS = tuple(s for s in ACTIVATE_STEPS if s.name in ("units", "enable"))

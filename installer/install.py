@@ -386,6 +386,14 @@ def install(ctx: Context) -> None:
     ctx.previous = _current_or_none(ctx.layout)
     run_steps(PREPARE_STEPS, ctx, ctx.emit)
     if ctx.noop:
+        # Nothing to install, but the units follow appliance.toml (e.g. an edited trainer schedule).
+        from installer.activate import REFRESH_STEPS
+        from installer.config_file import read_config
+
+        cur = _current_or_none(ctx.layout)
+        assert cur is not None
+        ctx.release_info, ctx.config = dict(cur.info), read_config(ctx.layout)
+        run_steps(REFRESH_STEPS, ctx, ctx.emit)
         return
     run_steps(INSTALL_STEPS + ACTIVATE_STEPS, ctx, ctx.emit)
 

@@ -117,6 +117,12 @@ def test_units_written_and_enabled_offline_with_answers_and_leftovers_cleaned(
     assert s["units"]["appliance-server.service"] == {"installed": True, "enabled": True}
     assert (layout.releases / s["current"]["id"] / "units/appliance-server.service").read_text() == server
 
+    # The timer follows appliance.toml: after an edit, running the same install again re-renders it.
+    layout.config_file.write_text(layout.config_file.read_text().replace('"*-*-* 03:00:00"', '"Sat *-*-* 22:00:00"'))
+    code, out, err = cli(capsys, "install", str(b.b1), "--root", str(root), "--yes", "--answers", str(answers))
+    assert code == 0 and "nothing to do" in err, err
+    assert "OnCalendar=Sat *-*-* 22:00:00" in (units / "appliance-trainer.timer").read_text()
+
 
 def test_dry_run_records_and_writes_nothing(install_bundles: InstallBundles, tmp_path: Path,  # noqa: F811
                                             capsys: pytest.CaptureFixture[str]) -> None:
