@@ -57,3 +57,17 @@ def test_chat_template_is_sandboxed():
     refusing = "{{ raise_exception('only user and assistant roles') }}"
     with pytest.raises(ChatTemplateError, match="only user and assistant"):
         ChatTemplate(refusing).render([])
+
+
+def test_shared_prefix_cache_does_not_change_answers(llama_engine):
+    from tests.server_fixtures import generate
+
+    backend = llama_engine.backend
+    assert len(backend.prefix) >= 4  # the system preamble of SmolLM2's template
+    with_prefix = [generate(llama_engine, q, 12).text for q in cases.QUESTIONS[:2]]
+    saved, backend.prefix = backend.prefix, []
+    try:
+        without = [generate(llama_engine, q, 12).text for q in cases.QUESTIONS[:2]]
+    finally:
+        backend.prefix = saved
+    assert with_prefix == without

@@ -3,6 +3,10 @@
 The high-level `Llama` object decodes one sequence at a time. Here every live sequence has its
 own KV-cache sequence id (its slot) and its own sampler chain, and one `llama_decode` call per step
 carries the newcomers' whole prompts plus one token for each live sequence.
+
+Every chat prompt starts with the same tokens (the template's system preamble). Those are decoded
+once into a spare sequence and copied into each new sequence's cache (llama_memory_seq_cp), so a
+newcomer prefills only its own part.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ class LlamaCppBackend:
             raise EngineError(f"llama.cpp could not load the model {model_path}.", "Check that the file is a complete GGUF model.")
         self.vocab = L.llama_model_get_vocab(self.model)
         cp = L.llama_context_default_params()
-        # One KV stream per sequence, each `context_length` long; a batch holds one whole prompt plus
-        # one token for every other live sequence.
+        # One KV stream per sequence, each `context_length` long, plus one for the shared prefix; a
+        # batch holds one whole prompt plus one token for every other live sequence.
         self.n_batch = context_length + max_batch
-        cp.n_ctx = context_length * max_batch
+        self.prefix_seq = max_batch
+        cp.n_ctx = context_length * (max_batch + 1)
         cp.n_batch = self.n_batch
-        cp.n_seq_max = max_batch
+        cp.n_seq_max = max_batch + 1
         cp.n_threads = cp.n_threads_batch = threads
         cp.kv_unified = False
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -52,6 +57,28 @@ class LlamaCppBackend:
         self.template = ChatTemplate(self._meta("tokenizer.chat_template"),
                                      self._piece(L.llama_vocab_bos(self.vocab), True).decode(errors="replace"),
                                      self._piece(L.llama_vocab_eos(self.vocab), True).decode(errors="replace"))
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.prefix: list[int] = []
+        self._fill_prefix()
+
+    def _fill_prefix(self) -> None:
+        """Decode the tokens every chat prompt starts with into the spare sequence."""
+        L = self.L
+        L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), self.prefix_seq, -1, -1)
+        a, b = (self.tokenize(self.render_chat([{"role": "user", "content": c}])) for c in ("A", "B"))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        self.prefix = a[:n] if n >= 4 else []
+        if not self.prefix:
+            return
+        bt = self.batch
+        for i, t in enumerate(self.prefix):
+            bt.token[i], bt.pos[i], bt.n_seq_id[i], bt.logits[i] = t, i, 1, False
+            bt.seq_id[i][0] = self.prefix_seq
+        bt.n_tokens = n
+        if L.llama_decode(self.ctx, bt) != 0:
+            self.prefix = []
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(65536)
@@ -121,17 +148,30 @@ class LlamaCppBackend:
         for s in live:
             put(s.generated[-1], len(s.prompt) + len(s.generated) - 1, s.slot, True)
             rows.append(n - 1)
+        mem = self.L.llama_get_memory(self.ctx)
+        k = len(self.prefix)
         for s in admit:
-            s.state = self._sampler(s)
+            s.state = None if s.params.greedy else self._sampler(s)
+            start = 0
+            if k and len(s.prompt) > k and s.prompt[:k] == self.prefix:
+                self.L.llama_memory_seq_cp(mem, self.prefix_seq, s.slot, -1, -1)
+                start = k
             last = len(s.prompt) - 1
-            for i, t in enumerate(s.prompt):
-                put(t, i, s.slot, i == last)
+            for i in range(start, len(s.prompt)):
+                put(s.prompt[i], i, s.slot, i == last)
             rows.append(n - 1)
         b.n_tokens = n
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc} for a batch of {n} tokens.")
-        return [self.L.llama_sampler_sample(s.state, self.ctx, row) for s, row in zip([*live, *admit], rows, strict=True)]
+        return [self._pick(s, row) for s, row in zip([*live, *admit], rows, strict=True)]
+
+    def _pick(self, s: Sequence, row: int) -> int:
+        if s.state is None:  # greedy: an argmax over a view of the logits, no copy
+            import numpy as np
+
+            return int(np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)).argmax())
+        return int(self.L.llama_sampler_sample(s.state, self.ctx, row))
 
     def release(self, seq: Sequence) -> None:
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq.slot, -1, -1)
@@ -145,6 +185,7 @@ class LlamaCppBackend:
         if adapter is None:
             L.llama_set_adapters_lora(self.ctx, None, 0, None)
             self._lora = None
+            self._fill_prefix()
             return
         path = adapter.gguf_path
         if path is None:
@@ -158,6 +199,7 @@ class LlamaCppBackend:
             raise EngineError(f"llama.cpp refused the LoRA adapter {path} (code {rc}).")
         # The previous adapter stays allocated until the model is freed (llama.cpp owns it); swaps are rare.
         self._lora = lora
+        self._fill_prefix()  # the shared prefix's cache was computed with the old weights
 
     def close(self) -> None:
         L = self.L
