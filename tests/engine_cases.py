@@ -63,9 +63,9 @@ def check_queue_bound(engine) -> None:
                 submit(engine, "hello", 4)
     finally:
         engine.max_queue = old
-        for seq, done, _ in held:
+        for seq, _, _ in held:
             seq.cancel()
-        for seq, done, _ in held:
+        for _, done, _ in held:
             assert done.wait(60)
 
 

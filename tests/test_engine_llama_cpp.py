@@ -6,7 +6,6 @@ import pytest
 
 from appliance.engines.chat_template import ChatTemplate, ChatTemplateError
 from tests import engine_cases as cases
-from tests.server_fixtures import gguf_root, llama_engine, random_lora, smollm2_safetensors  # noqa: F401
 
 
 def test_batched_answers_equal_answers_alone(llama_engine):

@@ -8,7 +8,7 @@ import pytest
 
 from appliance.server.app import Settings, create_app
 from tests import engine_cases as cases
-from tests.server_fixtures import live_server, make_root, random_lora, smollm2_safetensors  # noqa: F401
+from tests.server_fixtures import live_server, make_root
 
 
 @pytest.fixture(scope="module")

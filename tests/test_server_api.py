@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from appliance import adapters, audit
 from appliance.feedback_store import FeedbackStore
 from appliance.server.app import Settings, create_app
-from tests.server_fixtures import gguf_root, install_adapter, llama_engine, random_lora, smollm2_safetensors  # noqa: F401
+from tests.server_fixtures import install_adapter
 
 CHAT = "/v1/chat/completions"
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from appliance.server.app import Settings, create_app
-from tests.server_fixtures import gguf_root, live_server, llama_engine  # noqa: F401
+from tests.server_fixtures import live_server
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 

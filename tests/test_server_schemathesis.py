@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
-
 from schemathesis.config import SchemathesisConfig
 
 from appliance.server.app import Settings, create_app

@@ -30,7 +30,8 @@ class TransformersBackend:
             torch.set_num_threads(threads)
         try:
             self.tok = AutoTokenizer.from_pretrained(model_path)
-            self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+            self.base = model.to(self.device).eval()  # type: ignore[arg-type]
         except (OSError, ValueError) as e:
             raise EngineError(f"transformers could not load the model in {model_path}: {e}".rstrip(".") + ".") from None
         self.context_length = context_length

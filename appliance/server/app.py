@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -97,7 +96,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None, headers=e.headers)
+        return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None,
+                      headers=dict(e.headers) if e.headers else None)
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception) -> JSONResponse:

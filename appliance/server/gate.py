@@ -63,7 +63,8 @@ class Gate:
                         return None
                 except ValueError:
                     pass
-        chunks, size, more = [], 0, True
+        chunks: list[bytes | None] = []
+        size, more = 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":

@@ -29,7 +29,7 @@ STREAMED = {"text/event-stream": {"schema": {
 
 
 def require(role: str) -> Any:
-    async def check(request: Request, cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> apikeys.KeyRecord:
+    async def check(request: Request, cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> apikeys.KeyRecord:  # noqa: B008
         if cred is None:
             raise ApiError(401, "This route needs an API key: send `Authorization: Bearer <key>`.", "authentication_error",
                            code="missing_api_key")
