@@ -120,7 +120,9 @@ def test_every_documented_command_parses() -> None:
 
 
 def test_the_7b_spec_is_a_valid_tier_table() -> None:
+    from installer.machine import load_machine
     from installer.manifest import BACKENDS
+    from installer.planner import plan
     from installer.tiers import parse_tiers
 
     toml = [b for b in blocks() if b.lang == "toml"]
@@ -133,6 +135,13 @@ def test_the_7b_spec_is_a_valid_tier_table() -> None:
     tiers = parse_tiers(spec["tiers"], models)
     assert [t.name for t in tiers] == ["gpu", "gpu-q4", "cpu"]
     assert tiers[0].needs.gpu_memory_mib == 20 * 1024 and tiers[1].needs.gpu_memory_mib == 7 * 1024  # bundles/README.md's floors
+    # The choices the doc quotes for recorded machines.
+    machines = REPO / "tests" / "fixtures" / "machines"
+    quoted = re.findall(r"`([\w-]+\.json)`(?: gets)?\s+`([\w-]+)`", DOC.read_text())
+    assert len(quoted) >= 3, quoted
+    for name, tier in quoted:
+        chosen = plan(load_machine(machines / name), tiers).chosen
+        assert chosen is not None and chosen.name == tier, f"{name}: the planner chooses {chosen and chosen.name}, the doc says {tier}"
 
 
 def test_metrics_table_names_real_metrics() -> None:
