@@ -124,3 +124,17 @@ async def test_install_screen_plans_on_a_recorded_machine_and_every_no_changes_n
         await until(pilot, lambda: not screen.running, "the end of the install")
         assert "Cancelled; nothing was changed." in str(screen.query_one("#install-result").render())
         assert not (tmp_path / "fresh" / "opt").exists()
+
+
+async def test_quitting_while_the_installer_asks_does_not_hang(slim, tmp_path: Path) -> None:
+    sources = Sources.real(tmp_path / "fresh", machine=Path(__file__).parent / "fixtures" / "machines" / "4x-a100-80g.json")
+    sources.bundle_roots = (slim.dir.parent,)
+    app = ConsoleApp(sources, first="install")
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.screen.query_one("#bundles")
+        await until(pilot, lambda: table.row_count == 1, "the bundle list")
+        table.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: dialog(app) is not None, "the fingerprint question")
+        app.exit()
+    assert not (tmp_path / "fresh" / "etc").exists()  # nothing was pinned or written

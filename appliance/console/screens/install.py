@@ -19,11 +19,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, ContentSwitcher, DataTable, Footer, Input, Label, ProgressBar, Static
+from textual.worker import get_current_worker
 
 from appliance.console.screens.base import ConsoleScreen
 from appliance.console.widgets.dialogs import ConfirmDialog
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
+from appliance.errors import UsageError
 
 
 @dataclass
@@ -157,7 +159,10 @@ class InstallScreen(ConsoleScreen):
             answered.set()
 
         self.app.call_from_thread(self.app.push_screen, ConfirmDialog(question), done)
-        answered.wait()
+        worker = get_current_worker()
+        while not answered.wait(0.2):
+            if worker.is_cancelled:  # the console is closing: a blocked thread would hold up its exit
+                raise UsageError("The console closed before the question was answered; nothing more was done.")
         return box[0]
 
     def start_check(self, bundle: Path) -> None:
