@@ -35,7 +35,7 @@ set -eu
 BUNDLE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 VENV=${{APPLIANCE_BOOTSTRAP_VENV:-/var/tmp/appliance-bootstrap}}
 "${{PYTHON:-python3}}" -m venv --clear "$VENV"
-"$VENV/bin/pip" install --quiet --no-index --find-links "$BUNDLE/wheels" "appliance[server,console]"
+"$VENV/bin/pip" install --quiet --no-index --find-links "$BUNDLE/wheels" "{requirement}"
 if [ "$#" -gt 0 ]; then exec "$VENV/bin/appliance" "$@"; fi
 exec "$VENV/bin/appliance" console
 """
@@ -119,7 +119,10 @@ def build_bundle(
 
         version = spec.version
         public = signing_key.public_key()
-        (work / BOOTSTRAP).write_text(BOOTSTRAP_SH.format(name=spec.name, version=version, sequence=sequence, fingerprint=fingerprint(public)))
+        extras = ",".join(spec.wheelhouse.extras)  # install what the wheelhouse holds, no more
+        requirement = f"appliance[{extras}]" if extras else "appliance"
+        (work / BOOTSTRAP).write_text(BOOTSTRAP_SH.format(name=spec.name, version=version, sequence=sequence,
+                                                          fingerprint=fingerprint(public), requirement=requirement))
         (work / BOOTSTRAP).chmod(0o755)
         (work / TRUST_FILE).parent.mkdir(parents=True, exist_ok=True)
         (work / TRUST_FILE).write_bytes(public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))

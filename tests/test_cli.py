@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -87,3 +88,13 @@ def test_verify_of_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFix
 def test_verify_without_any_trusted_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bundle", "verify", str(tmp_path), "--root", str(tmp_path)]) != 0
     assert "No trusted vendor key" in capsys.readouterr().err
+
+
+def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as with `| head` that already quit
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "bundle", "keygen", "--out", str(tmp_path / "k")],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    os.close(write_end)
+    assert proc.returncode == 141
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
