@@ -56,8 +56,8 @@ class Release:
 
 def read_release(directory: Path) -> Release | None:
     """The release in `directory`, or None when it is not a complete release."""
-    if directory.name.endswith(PARTIAL_SUFFIX) or directory.name.startswith("."):
-        return None
+    if directory.name.endswith(PARTIAL_SUFFIX) or directory.name.startswith(".") or directory.is_symlink():
+        return None  # a link named like a release points into a `.partial` being staged
     try:
         info = json.loads((directory / RELEASE_JSON).read_text())
     except (OSError, ValueError):
