@@ -1,9 +1,9 @@
 """safetensors models through transformers (+ peft for LoRA), batched like the llama.cpp engine.
 
 All live sequences share one left-padded batch and one KV cache, so each decode step is a single
-forward pass. When a sequence leaves, its row is dropped from the cache; when one joins, the batch
-is prefilled again from every sequence's tokens (a join costs one prefill, then decoding continues
-for all of them together).
+forward pass. When a sequence leaves, its row is dropped from the cache; when some join, their
+prompts are prefilled in one pass of their own and their cache rows are appended to the batch
+(the shorter side left-padded), so a join never recomputes the others.
 """
 
 from __future__ import annotations
@@ -74,28 +74,37 @@ class TransformersBackend:
 
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
         torch = self.torch
+        order = [*live, *admit]
+        picks: dict[int, int] = {}
         with torch.inference_mode():
-            if admit or not live or not self.rows:
-                logits = self._prefill([*live, *admit])
-            else:
-                wanted = {id(s) for s in live}
-                keep = [i for i, s in enumerate(self.rows) if id(s) in wanted]
-                if len(keep) != len(self.rows):
-                    self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
-                    self.mask = self.mask[keep]
-                    self.rows = [self.rows[i] for i in keep]
+            if live and self.rows:
+                self._keep(live)
                 ids = torch.tensor([[s.generated[-1]] for s in self.rows], device=self.device)
                 self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-                pos = (self.mask.sum(dim=1, keepdim=True) - 1)
+                pos = self.mask.sum(dim=1, keepdim=True) - 1
                 out = self._forward(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                                     past_key_values=self.cache, use_cache=True)
                 self.cache = out.past_key_values
-                logits = out.logits[:, -1, :]
-            picks = self._sample(logits)
-        by_seq = {id(s): t for s, t in zip(self.rows, picks, strict=True)}
-        return [by_seq[id(s)] for s in [*live, *admit]]
+                picks.update(zip(map(id, self.rows), self._sample(self.rows, out.logits[:, -1, :]), strict=True))
+            elif live:  # nothing cached (e.g. right after an adapter swap): prefill them too
+                admit = [*live, *admit]
+            if admit:
+                cache, mask, logits = self._prefill(admit)
+                self._merge(admit, cache, mask)
+                picks.update(zip(map(id, admit), self._sample(admit, logits), strict=True))
+        return [picks[id(s)] for s in order]
 
-    def _prefill(self, seqs: list[Sequence]) -> Any:
+    def _keep(self, live: list[Sequence]) -> None:
+        """Drop the cache rows of sequences that left (finished or cancelled)."""
+        wanted = {id(s) for s in live}
+        keep = [i for i, s in enumerate(self.rows) if id(s) in wanted]
+        if len(keep) != len(self.rows):
+            self.cache.batch_select_indices(self.torch.tensor(keep, device=self.device))
+            self.mask = self.mask[keep]
+            self.rows = [self.rows[i] for i in keep]
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[Any, Any, Any]:
+        """One forward pass over the newcomers' prompts, left-padded: (cache, mask, last logits)."""
         from transformers import DynamicCache
 
         torch = self.torch
@@ -108,14 +117,37 @@ class TransformersBackend:
             mask[i, width - len(t):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
-        self.cache, self.mask, self.rows = out.past_key_values, mask, list(seqs)
-        return out.logits[:, -1, :]
+        # logits_to_keep=1: the vocabulary projection only for the last position, not every prompt token.
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
+                            use_cache=True, logits_to_keep=1)
+        return out.past_key_values, mask, out.logits[:, -1, :]
 
-    def _sample(self, logits: Any) -> list[int]:
+    def _merge(self, seqs: list[Sequence], cache: Any, mask: Any) -> None:
+        """Append newcomers' cache rows to the batch, left-padding whichever side is shorter."""
+        if not self.rows:
+            self.cache, self.mask, self.rows = cache, mask, list(seqs)
+            return
+        torch = self.torch
+
+        def pad(x: Any, n: int, dim: int) -> Any:
+            if n == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = n
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        old_t, new_t = self.mask.shape[1], mask.shape[1]
+        width = max(old_t, new_t)
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([pad(old.keys, width - old_t, 2), pad(new.keys, width - new_t, 2)], dim=0)
+            old.values = torch.cat([pad(old.values, width - old_t, 2), pad(new.values, width - new_t, 2)], dim=0)
+        self.mask = torch.cat([pad(self.mask, width - old_t, 1), pad(mask, width - new_t, 1)], dim=0)
+        self.rows = [*self.rows, *seqs]
+
+    def _sample(self, seqs: list[Sequence], logits: Any) -> list[int]:
         torch = self.torch
         picks = []
-        for s, row in zip(self.rows, logits.float(), strict=True):
+        for s, row in zip(seqs, logits.float(), strict=True):
             p = s.params
             if p.greedy:
                 picks.append(int(row.argmax()))
