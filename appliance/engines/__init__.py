@@ -12,8 +12,37 @@ from appliance.paths import Layout
 __all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "load_engine"]
 
 
-def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any = None) -> Engine:
-    """Load the configured model with `adapter` (an appliance.adapters.Adapter or None) applied; not started."""
+def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any = None,
+                devices: list[str] | None = None) -> Any:
+    """Load the configured model with `adapter` (an appliance.adapters.Adapter or None) applied; not started.
+
+    With [model] replicas > 1 (transformers on multi-GPU tiers) this is a ReplicaSet: one engine
+    per device, the same interface.
+    """
+    if model.replicas > 1 or (devices and len(devices) > 1):
+        from appliance.engines.replicas import ReplicaSet
+
+        if model.backend != "transformers":
+            raise EngineError(f"[model] replicas = {model.replicas} needs the transformers backend, not {model.backend}.",
+                              "Set replicas = 1 for llama.cpp tiers.")
+        devices = devices or _gpus(model.replicas)
+        return ReplicaSet([_load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=d)
+                           for d in devices])
+    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter,
+                     device=devices[0] if devices else None)
+
+
+def _gpus(n: int) -> list[str]:
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < n:
+        raise EngineError(f"[model] replicas = {n} needs {n} GPUs, and {found} are visible.",
+                          "Lower replicas in appliance.toml, or check the GPUs with `appliance hw`.")
+    return [f"cuda:{i}" for i in range(n)]
+
+
+def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, device: str | None) -> Engine:
     path = model.resolve_path(layout)
     if not path.exists():
         raise EngineError(f"The model {path} does not exist.", "Install a bundle (`appliance install`) or fix [model] path.")
@@ -27,7 +56,8 @@ def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue
     elif model.backend == "transformers":
         from appliance.engines.transformers_engine import TransformersBackend
 
-        backend = TransformersBackend(path, context_length=model.context_length, dtype=model.dtype, threads=model.threads)
+        backend = TransformersBackend(path, context_length=model.context_length, dtype=model.dtype, threads=model.threads,
+                                      device=device)
     else:
         raise EngineError(f"The backend {model.backend!r} is not known.", "Use llama.cpp or transformers in [model] backend.")
     adapter_id, adapter_error = None, None
