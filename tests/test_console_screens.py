@@ -135,7 +135,8 @@ async def test_logs_are_literal_and_filterable(tmp_path: Path) -> None:
     app = make_app(tmp_path, first="logs")
     async with app.run_test(size=(80, 24)) as pilot:
         log = app.screen.query_one("#log")
-        await until(pilot, lambda: log.line_count == 7, "the journal")
+        await until(pilot, lambda: log.line_count == 8, "the journal")
+        assert "loading: 100%|##########| 272/272" in log.lines[2] and "0/272" not in log.lines[2]  # \r redraws
         last = log.lines[-1]
         assert "[bold red]not markup[/]" in last and "\\x1b[31m" in last and "\x1b" not in last
         await pilot.press("slash")
@@ -143,7 +144,7 @@ async def test_logs_are_literal_and_filterable(tmp_path: Path) -> None:
         await until(pilot, lambda: log.line_count == 1, "the filter")
         assert "kept unpromoted" in log.lines[0]
         await pilot.press("escape")
-        await until(pilot, lambda: log.line_count == 7, "the cleared filter")
+        await until(pilot, lambda: log.line_count == 8, "the cleared filter")
 
 
 async def test_playground_streams_with_the_adapter_and_without(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ SCREENS = {
     "training": lambda app: rows(3)(app) and "kept" in painted(app, "#gate"),
     "adapters": rows(3),
     "keys": rows(3),
-    "logs": lambda app: app.screen.query_one("#log").line_count == 7,
+    "logs": lambda app: app.screen.query_one("#log").line_count == 8,
     "playground": lambda app: app.screen.answer is None and len(app.screen.query(".msg")) == 2,
 }
 TYPED = {"playground": "how do I undo a promotion?"}

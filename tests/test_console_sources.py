@@ -53,8 +53,8 @@ def test_literal_makes_escapes_visible_and_keeps_markup_as_text() -> None:
 def test_journal_follows_by_cursor(tmp_path: Path) -> None:
     j = Journal(recorded_runner(FIX))
     first = j.poll()
-    assert len(first) == 7 and j.cursor == "s=recorded;i=7"
-    assert j.argv()[1] == "--after-cursor=s=recorded;i=7"
+    assert len(first) == 8 and j.cursor == "s=recorded;i=8"
+    assert j.argv()[1] == "--after-cursor=s=recorded;i=8"
     assert j.poll() == []  # nothing new
 
 

@@ -76,7 +76,8 @@ class LogsScreen(ConsoleScreen):
         return not f or f.lower() in line.lower()
 
     def on_log_lines(self, m: LogLines) -> None:
-        shown = [literal(ln) for ln in m.lines]
+        # A carriage return redraws the line in a terminal (progress bars): show what the terminal would.
+        shown = [literal(ln.rstrip("\r").rsplit("\r", 1)[-1]) for ln in m.lines]
         self.lines.extend(shown)
         log = self.query_one(Log)
         log.auto_scroll = self.follow

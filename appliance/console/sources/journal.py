@@ -29,7 +29,9 @@ class Journal:
 
     def poll(self) -> list[str]:
         out = self.runner.run(self.argv(), check=False, timeout=10).stdout
-        lines = out.splitlines()
+        lines = out.split("\n")  # not splitlines(): a carriage return inside a line is not a new line
+        if lines and lines[-1] == "":
+            lines.pop()
         if lines and lines[-1].startswith(CURSOR):
             self.cursor = lines.pop()[len(CURSOR):].strip()
         return [ln for ln in lines if ln != "-- No entries --"]

@@ -40,7 +40,7 @@ def recorded_runner(fixtures: Path) -> Any:
     from installer.runner import RecordingRunner
 
     replies = {tuple(shlex.split(k)): (0, v + "\n") for k, v in json.loads((fixtures / "systemctl.json").read_text()).items()}
-    journal = (fixtures / "journal.txt").read_text()
+    journal = (fixtures / "journal.txt").read_bytes().decode()  # bytes: read_text() would turn \r into \n
     replies[("journalctl",)] = (0, journal)
     cursor = next((ln[len(CURSOR):] for ln in journal.splitlines() if ln.startswith(CURSOR)), None)
     if cursor:
