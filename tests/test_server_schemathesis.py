@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, smollm2_gguf):
-    """A short context (64 tokens) so that generated requests that are valid finish quickly."""
+    """A short context (40 tokens) so that generated requests that are valid finish quickly."""
     from appliance.engines import load_engine
 
-    root = make_root(tmp_path_factory.mktemp("st"), smollm2_gguf, context=64, max_batch=2, max_queue=4)
+    root = make_root(tmp_path_factory.mktemp("st"), smollm2_gguf, context=40, max_batch=2, max_queue=4)
     engine = load_engine(root.config.model, root.layout, max_batch=2, max_queue=4)
     app = create_app(Settings(root.layout, root.config.server, root.config.model.id), engine)
     yield root, app
@@ -50,7 +50,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
 def test_api_conforms(case, small):
     root, app = small
     key = root.admin_key
