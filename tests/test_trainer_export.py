@@ -10,7 +10,7 @@ import pytest
 from appliance import adapters as reg
 from tests.trainer_fixtures import DEMO_DATA, DemoRun, demo_run, gguf_sha, trainer_base_dir  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 SYSTEM = "You are the operations assistant of the appliance, a private LLM for air-gapped sites."
 # A fixed continuation, teacher-forced, so the 50 positions compare the same contexts in both engines.
@@ -33,7 +33,7 @@ def engines(demo_run: DemoRun, trainer_base_dir: Path):  # noqa: F811
 def _llama(gguf: Path, lora: Path | None, n_ctx: int = 512):
     from llama_cpp import Llama
 
-    kw = {"model_path": str(gguf), "n_ctx": n_ctx, "logits_all": True, "verbose": False, "n_threads": 2, "seed": 0}
+    kw = {"model_path": str(gguf), "n_ctx": n_ctx, "logits_all": True, "verbose": False, "n_threads": 1, "seed": 0}
     if lora is not None:
         kw["lora_path"] = str(lora)
     return Llama(**kw)

@@ -106,3 +106,11 @@ def test_labels_cover_only_assistant_turns(trainer_base_dir: Path):  # noqa: F81
     learned = tok.decode([t for t, lab in zip(e.input_ids, e.labels, strict=True) if lab != IGNORE])
     assert learned.replace("\n", "") == "Port 8088.<|im_end|>127.0.0.1 only.<|im_end|>"
     assert encode(tok, ex, 8) is None  # cut before any answer: nothing to learn
+
+
+def test_per_example_losses_match_single_evaluations():
+    from appliance.trainer.train import example_losses
+
+    model, data = tiny_lora(), pattern(10, 50)
+    batched = example_losses(model, data, 0, batch_size=4)
+    assert batched == pytest.approx([evaluate_loss(model, [x], 0) for x in data], rel=1e-4)

@@ -25,7 +25,7 @@ from tests.trainer_fixtures import (  # noqa: F401
     trainer_root,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def test_demo_run_promotes_a_better_adapter(demo_run: DemoRun, gguf_sha: str):  # noqa: F811

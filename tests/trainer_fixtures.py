@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ DEMO_DATA = REPO / "bundles" / "demo-data"
 # dozen CPU steps teach the facts (on a GPU tier the same data gets full epochs).
 DEMO_SETTINGS = TrainerSettings(learning_rate=5e-3, epochs=2, batch_size=8, max_length=160, gate_margin=0.02,
                                 lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-DEMO_STEPS = 30
+DEMO_STEPS = 24
 
 CONFIG = """
 [model]
@@ -118,7 +119,12 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, gguf_
     root = make_root(tmp_path_factory.mktemp("demo") / "root", smollm2_gguf, gguf_sha, trainer_base_dir)
     root.add_inbox("manual.jsonl", demo_lines("train.jsonl"))
     log: list[str] = []
-    report = run_training(root.layout, RunOptions(now=True, settings=DEMO_SETTINGS, max_steps=DEMO_STEPS, log=log.append))
+
+    def note(line: str) -> None:
+        log.append(line)
+        print(line, file=sys.stderr, flush=True)  # visible with -s: the run takes minutes on a busy CPU
+
+    report = run_training(root.layout, RunOptions(now=True, settings=DEMO_SETTINGS, max_steps=DEMO_STEPS, log=note))
     return DemoRun(root, report, log)
 
 

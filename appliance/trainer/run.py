@@ -118,6 +118,11 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     from appliance.trainer.modeling import evaluate_all, load_base, new_lora
 
     stage_t = time.perf_counter()
+    import torch
+
+    # Half the cores by default: the server keeps answering while the trainer runs, and on a busy
+    # machine fewer threads train faster than threads that wait on each other.
+    torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) // 2))
     base = load_base(model_ref, paths.base_cache)
     from appliance.trainer.train import encode, example_losses, train_lora
 

@@ -127,12 +127,16 @@ def example_losses(model: Any, data: list[Encoded], pad_id: int, batch_size: int
     with torch.no_grad():
         for b in length_grouped([len(e.input_ids) for e in data], batch_size, random.Random(0)):
             batch = collate([data[i] for i in b], pad_id)
-            logits = lm(input_ids=batch["input_ids"].to(lm.device), attention_mask=batch["attention_mask"].to(lm.device)).logits
+            hidden = lm.model(input_ids=batch["input_ids"].to(lm.device),
+                              attention_mask=batch["attention_mask"].to(lm.device)).last_hidden_state
             targets = batch["labels"][:, 1:].to(lm.device)
-            tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-            n = (targets != IGNORE).sum(1).clamp(min=1)
-            for row, i in enumerate(b):
-                out[i] = float(tok[row].sum() / n[row])
+            sel = targets != IGNORE
+            tok = F.cross_entropy(lm.lm_head(hidden[:, :-1][sel]).float(), targets[sel], reduction="none")
+            rows = sel.nonzero()[:, 0]
+            sums = torch.zeros(len(b), device=tok.device).index_add_(0, rows, tok)
+            counts = sel.sum(1).clamp(min=1)
+            for r, i in enumerate(b):
+                out[i] = float(sums[r] / counts[r])
     return out
 
 
