@@ -12,12 +12,13 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from appliance.atomic import atomic_write_json
+from appliance.atomic import atomic_file
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
 
@@ -65,9 +66,24 @@ def _read(layout: Layout) -> list[KeyRecord]:
 
 
 def _write(layout: Layout, records: list[KeyRecord]) -> None:
-    # 0640: the server runs as the `appliance` user; the installer makes /etc/appliance root:appliance
-    # with setgid, so this file (written by root) is readable by that group and nobody else.
-    atomic_write_json(keys_file(layout), {"version": 1, "keys": [asdict(r) for r in records]}, mode=0o640)
+    """Replace the file atomically, keeping the owner, group and mode it already had.
+
+    0640 for a new file: the server runs as the `appliance` user; the installer makes /etc/appliance
+    root:appliance with setgid, so this file (written by root) is readable by that group and nobody
+    else. A rewrite keeps whatever ownership and mode the file had, so `appliance keys` run as root
+    never locks the service out.
+    """
+    path = keys_file(layout)
+    try:
+        st = os.stat(path)
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode, owner = 0o640, None
+    data = (json.dumps({"version": 1, "keys": [asdict(r) for r in records]}, indent=2, sort_keys=True) + "\n").encode()
+    with atomic_file(path, mode) as f:
+        if owner and os.geteuid() == 0:
+            os.fchown(f.fileno(), *owner)
+        f.write(data)
 
 
 def create(layout: Layout, role: str) -> tuple[str, str]:

@@ -76,3 +76,12 @@ def test_keys_verb_create_json_list_revoke(tmp_path, capsys):
     assert apikeys.verify(Layout.at(tmp_path), made["key"]) is None
     assert main(["keys", "revoke", "missing", "--root", root]) == apikeys.ApiKeyError.exit_code
     assert "no key with id" in capsys.readouterr().err
+
+
+def test_rewrites_keep_the_installers_ownership_and_mode(layout):
+    apikeys.create(layout, "admin")
+    path = apikeys.keys_file(layout)
+    path.chmod(0o600)  # differs from the default 0640: a rewrite must keep what the file had
+    apikeys.create(layout, "user")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(apikeys.list_keys(layout)) == 2

@@ -213,3 +213,15 @@ def test_reload_of_a_broken_adapter_is_409_and_keeps_serving(client, gguf_root):
     assert r.status_code == 409 and "bad1" in error_of(r)["message"]
     assert ask(client, gguf_root.user_key, max_tokens=2).status_code == 200
     adapters.rollback(layout)
+
+
+def test_unreadable_key_file_is_503_not_500(client, gguf_root):
+    path = gguf_root.layout.etc / "api-keys.json"
+    saved = path.read_bytes()
+    path.write_text("{broken")
+    try:
+        r = client.get("/v1/models", headers=auth(gguf_root.user_key))
+        assert r.status_code == 503 and error_of(r)["code"] == "key_store_unavailable"
+    finally:
+        path.write_bytes(saved)
+    assert client.get("/v1/models", headers=auth(gguf_root.user_key)).status_code == 200

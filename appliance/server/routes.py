@@ -21,7 +21,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 API_ERRORS = _errors(400, 401, 413, 422, 429, 503)
-ADMIN_ERRORS = _errors(401, 403, 413, 422)
+ADMIN_ERRORS = _errors(401, 403, 413, 422, 503)
 # Each server-sent event: `data:` holds one JSON chunk, the last one `[DONE]`.
 STREAMED = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"], "description": "one server-sent event; the stream ends with data: [DONE]",
@@ -33,7 +33,11 @@ def require(role: str) -> Any:
         if cred is None:
             raise ApiError(401, "This route needs an API key: send `Authorization: Bearer <key>`.", "authentication_error",
                            code="missing_api_key")
-        record = request.app.state.keys.verify(cred.credentials)
+        try:
+            record = request.app.state.keys.verify(cred.credentials)
+        except apikeys.ApiKeyError as e:  # e.g. the service user cannot read the key file
+            raise ApiError(503, f"{e.message} No key can be checked until that is fixed.", "server_error",
+                           code="key_store_unavailable") from None
         if record is None:
             raise ApiError(401, "The API key is not valid (unknown or revoked).", "authentication_error", code="invalid_api_key")
         request.state.key_id = record.id
