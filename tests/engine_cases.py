@@ -92,6 +92,13 @@ def check_adapter_swap(engine, layout, lora_dir) -> None:
     tuned = generate_together(engine, QUESTIONS, 12)
     assert all(f.adapter == "a1" for f in tuned)
     assert [f.text for f in tuned] != base  # a random LoRA may leave a confident answer alone, not all four
+    # Base and adapter requests in the same batches: each gets what it asked for.
+    mixed = [submit(engine, q, 12, use_adapter=(i % 2 == 0)) for i, q in enumerate(QUESTIONS)]
+    for _, done, _ in mixed:
+        assert done.wait(300)
+    for i, (_, _, events) in enumerate(mixed):
+        fin = events[-1]
+        assert (fin.text, fin.adapter) == ((tuned[i].text, "a1") if i % 2 == 0 else (base[i], None))
     assert engine.swap_adapter(None, wait=300)
     assert engine.adapter_id is None and [f.text for f in generate_together(engine, QUESTIONS, 12)] == base
 

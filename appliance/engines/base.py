@@ -30,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    use_adapter: bool = True  # False: the base model, even while an adapter is active
 
     @property
     def greedy(self) -> bool:
@@ -236,7 +237,7 @@ class Engine:
                     break
                 s = self._waiting.popleft()
                 s.slot = self._free_slots.pop()
-                s.adapter = self.adapter_id
+                s.adapter = self.adapter_id if s.params.use_adapter else None
                 budget -= n
                 admit.append(s)
         return admit

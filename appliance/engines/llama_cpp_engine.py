@@ -39,10 +39,10 @@ class LlamaCppBackend:
         # One KV stream per sequence, each `context_length` long, plus one for the shared prefix; a
         # batch holds one whole prompt plus one token for every other live sequence.
         self.n_batch = context_length + max_batch
-        self.prefix_seq = max_batch
-        cp.n_ctx = context_length * (max_batch + 1)
+        self.prefix_seq, self.base_prefix_seq = max_batch, max_batch + 1
+        cp.n_ctx = context_length * (max_batch + 2)
         cp.n_batch = self.n_batch
-        cp.n_seq_max = max_batch + 1
+        cp.n_seq_max = max_batch + 2
         cp.n_threads = cp.n_threads_batch = threads
         cp.kv_unified = False
         self.ctx = L.llama_init_from_model(self.model, cp)
@@ -53,6 +53,7 @@ class LlamaCppBackend:
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
         self._lora: Any = None
+        self._lora_on = False
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         self.template = ChatTemplate(self._meta("tokenizer.chat_template"),
                                      self._piece(L.llama_vocab_bos(self.vocab), True).decode(errors="replace"),
@@ -62,23 +63,41 @@ class LlamaCppBackend:
         self._fill_prefix()
 
     def _fill_prefix(self) -> None:
-        """Decode the tokens every chat prompt starts with into the spare sequence."""
+        """Decode the tokens every chat prompt starts with into the spare sequences (with and,
+        while an adapter is loaded, without it: a sequence's cache must come from one set of weights)."""
         L = self.L
-        L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), self.prefix_seq, -1, -1)
+        mem = L.llama_get_memory(self.ctx)
         a, b = (self.tokenize(self.render_chat([{"role": "user", "content": c}])) for c in ("A", "B"))
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         self.prefix = a[:n] if n >= 4 else []
-        if not self.prefix:
-            return
         bt = self.batch
-        for i, t in enumerate(self.prefix):
-            bt.token[i], bt.pos[i], bt.n_seq_id[i], bt.logits[i] = t, i, 1, False
-            bt.seq_id[i][0] = self.prefix_seq
-        bt.n_tokens = n
-        if L.llama_decode(self.ctx, bt) != 0:
-            self.prefix = []
+        for seq, on in ((self.prefix_seq, True), (self.base_prefix_seq, False)):
+            L.llama_memory_seq_rm(mem, seq, -1, -1)
+            if not self.prefix or (not on and self._lora is None):
+                continue
+            self._use_lora(on)
+            for i, t in enumerate(self.prefix):
+                bt.token[i], bt.pos[i], bt.n_seq_id[i], bt.logits[i] = t, i, 1, False
+                bt.seq_id[i][0] = seq
+            bt.n_tokens = n
+            if L.llama_decode(self.ctx, bt) != 0:
+                self.prefix = []
+
+    def _use_lora(self, on: bool) -> None:
+        """Apply the loaded adapter to the next decode call, or not (llama.cpp applies it per call)."""
+        on = on and self._lora is not None
+        if on == self._lora_on:
+            return
+        L = self.L
+        if on:
+            rc = L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(self._lora), 1, (ctypes.c_float * 1)(1.0))
+            if rc != 0:
+                raise EngineError(f"llama.cpp refused the LoRA adapter (code {rc}).")
+        else:
+            L.llama_set_adapters_lora(self.ctx, None, 0, None)
+        self._lora_on = on
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(65536)
@@ -136,7 +155,23 @@ class LlamaCppBackend:
         return chain
 
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
-        """Decode one step; return the next token of each sequence, `live` first, then `admit`."""
+        """Decode one step; return the next token of each sequence, `live` first, then `admit`.
+
+        Sequences that asked for the base model while an adapter is loaded go in a second decode
+        call with the adapter off (llama.cpp applies adapters per context, not per sequence).
+        """
+        groups: dict[bool, tuple[list[Sequence], list[Sequence]]] = {}
+        for s in live:
+            groups.setdefault(self._lora is not None and s.params.use_adapter, ([], []))[0].append(s)
+        for s in admit:
+            groups.setdefault(self._lora is not None and s.params.use_adapter, ([], []))[1].append(s)
+        picks: dict[int, int] = {}
+        for on, (group_live, group_admit) in sorted(groups.items(), reverse=True):
+            self._use_lora(on)
+            picks.update(self._decode(group_admit, group_live, self.prefix_seq if on or self._lora is None else self.base_prefix_seq))
+        return [picks[id(s)] for s in [*live, *admit]]
+
+    def _decode(self, admit: list[Sequence], live: list[Sequence], prefix_seq: int) -> dict[int, int]:
         b, n, rows = self.batch, 0, []
 
         def put(tok: int, pos: int, slot: int, want: bool) -> None:
@@ -154,7 +189,7 @@ class LlamaCppBackend:
             s.state = None if s.params.greedy else self._sampler(s)
             start = 0
             if k and len(s.prompt) > k and s.prompt[:k] == self.prefix:
-                self.L.llama_memory_seq_cp(mem, self.prefix_seq, s.slot, -1, -1)
+                self.L.llama_memory_seq_cp(mem, prefix_seq, s.slot, -1, -1)
                 start = k
             last = len(s.prompt) - 1
             for i in range(start, len(s.prompt)):
@@ -164,7 +199,7 @@ class LlamaCppBackend:
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
             raise EngineError(f"llama_decode returned {rc} for a batch of {n} tokens.")
-        return [self._pick(s, row) for s, row in zip([*live, *admit], rows, strict=True)]
+        return {id(s): self._pick(s, row) for s, row in zip([*live, *admit], rows, strict=True)}
 
     def _pick(self, s: Sequence, row: int) -> int:
         if s.state is None:  # greedy: an argmax over a view of the logits, no copy
@@ -180,10 +215,10 @@ class LlamaCppBackend:
             seq.state = None
 
     def apply_adapter(self, adapter: Any) -> None:
-        """Load `adapter.gguf_path` (a GGUF LoRA) onto the context; None returns to the base model."""
+        """Load `adapter.gguf_path` (a GGUF LoRA); None returns to the base model."""
         L = self.L
         if adapter is None:
-            L.llama_set_adapters_lora(self.ctx, None, 0, None)
+            self._use_lora(False)
             self._lora = None
             self._fill_prefix()
             return
@@ -194,11 +229,15 @@ class LlamaCppBackend:
         lora = L.llama_adapter_lora_init(self.model, str(path).encode())
         if not lora:
             raise EngineError(f"llama.cpp could not load the LoRA adapter {path}.")
-        rc = L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(lora), 1, (ctypes.c_float * 1)(1.0))
-        if rc != 0:
-            raise EngineError(f"llama.cpp refused the LoRA adapter {path} (code {rc}).")
+        previous, self._lora = self._lora, lora
+        self._lora_on = False
+        try:
+            self._use_lora(True)
+        except EngineError:
+            self._lora = previous
+            L.llama_set_adapters_lora(self.ctx, None, 0, None)
+            raise
         # The previous adapter stays allocated until the model is freed (llama.cpp owns it); swaps are rare.
-        self._lora = lora
         self._fill_prefix()  # the shared prefix's cache was computed with the old weights
 
     def close(self) -> None:

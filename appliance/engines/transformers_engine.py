@@ -66,11 +66,17 @@ class TransformersBackend:
     def release(self, seq: Sequence) -> None:
         seq.state = None  # its row leaves the cache at the next step
 
-    def _forward(self, **kw: Any) -> Any:
-        if self.peft is not None and self.lora_name is None:
+    def _forward(self, seqs: list[Sequence], **kw: Any) -> Any:
+        """One forward pass; rows that asked for the base model skip the adapter (peft's mixed batches)."""
+        if self.peft is None:
+            return self.base(**kw)
+        wants = [self.lora_name is not None and s.params.use_adapter for s in seqs]
+        if not any(wants):
             with self.peft.disable_adapter():
                 return self.peft(**kw)
-        return (self.peft or self.base)(**kw)
+        if all(wants):
+            return self.peft(**kw)
+        return self.peft(**kw, adapter_names=[self.lora_name if w else "__base__" for w in wants])
 
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
         torch = self.torch
@@ -82,7 +88,7 @@ class TransformersBackend:
                 ids = torch.tensor([[s.generated[-1]] for s in self.rows], device=self.device)
                 self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
                 pos = self.mask.sum(dim=1, keepdim=True) - 1
-                out = self._forward(input_ids=ids, attention_mask=self.mask, position_ids=pos,
+                out = self._forward(self.rows, input_ids=ids, attention_mask=self.mask, position_ids=pos,
                                     past_key_values=self.cache, use_cache=True)
                 self.cache = out.past_key_values
                 picks.update(zip(map(id, self.rows), self._sample(self.rows, out.logits[:, -1, :]), strict=True))
@@ -118,7 +124,7 @@ class TransformersBackend:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
         # logits_to_keep=1: the vocabulary projection only for the last position, not every prompt token.
-        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
+        out = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
                             use_cache=True, logits_to_keep=1)
         return out.past_key_values, mask, out.logits[:, -1, :]
 
