@@ -192,6 +192,13 @@ def test_adapter_reload_route_and_watcher(client, gguf_root, random_lora):
     ids = [m["id"] for m in client.get("/v1/models", headers=auth(gguf_root.user_key)).json()["data"]]
     assert ids == ["smollm2-135m-instruct", "smollm2-135m-instruct:r1"]
     assert 'appliance_adapter_info{adapter="r1"} 1.0' in client.get("/metrics", headers=auth(admin)).text
+    # The ids /v1/models lists choose per request: the base id turns the adapter off (the console's playground).
+    key = gguf_root.user_key
+    assert ask(client, key, model="smollm2-135m-instruct").json()["model"] == "smollm2-135m-instruct"
+    assert ask(client, key, model="smollm2-135m-instruct:r1").json()["model"] == "smollm2-135m-instruct:r1"
+    assert ask(client, key, model="gpt-4o").json()["model"] == "smollm2-135m-instruct:r1"  # unknown names: the default
+    missing = ask(client, key, model="smollm2-135m-instruct:nope")
+    assert missing.status_code == 404 and error_of(missing)["code"] == "model_not_found"
     # The server follows adapters/active by itself (about once a second), with no reload call.
     adapters.rollback(layout)
     deadline = time.monotonic() + 30

@@ -20,7 +20,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": P.ErrorResponse} for c in codes}
 
 
-API_ERRORS = _errors(400, 401, 413, 422, 429, 503)
+API_ERRORS = _errors(400, 401, 404, 413, 422, 429, 503)
 ADMIN_ERRORS = _errors(401, 403, 413, 422, 503)
 # Each server-sent event: `data:` holds one JSON chunk, the last one `[DONE]`.
 STREAMED = {"text/event-stream": {"schema": {

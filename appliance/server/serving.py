@@ -46,6 +46,7 @@ class Job:
     events: asyncio.Queue[Delta | Finished]
     started: float
     prompt_tokens: int
+    model: str
     answered: bool = False
 
 
@@ -63,7 +64,26 @@ class Serving:
         except ChatTemplateError as e:
             raise ApiError(400, e.message, param="messages") from None
 
+    def _choose(self, requested: str | None) -> tuple[bool, str]:
+        """(use the adapter?, model name to answer with) for the request's `model`.
+
+        The base id asks for the base model even while an adapter is active; `<base>:<adapter>` for
+        that adapter (404 if it is not the active one); anything else gets the default, the active
+        adapter, so clients with a hard-coded model name keep working.
+        """
+        active = self.engine.adapter_id
+        default = f"{self.model_id}:{active}" if active else self.model_id
+        if requested == self.model_id:
+            return False, self.model_id
+        if requested and requested.startswith(self.model_id + ":"):
+            if requested != default:
+                raise ApiError(404, f"The model {requested!r} is not served; GET /v1/models lists what is.",
+                               param="model", code="model_not_found")
+            return True, default
+        return True, default
+
     def _submit(self, prefix: str, tokens: list[int], req: P._Sampling, max_tokens: int | None) -> Job:
+        use_adapter, model_name = self._choose(req.model)
         ctx = self.engine.context_length
         if len(tokens) >= ctx:
             raise ApiError(400, f"The prompt has {len(tokens)} tokens but the model's context holds {ctx} tokens; "
@@ -72,7 +92,8 @@ class Serving:
             raise ApiError(400, f"max_tokens is {max_tokens} but the model's context holds {ctx} tokens.",
                            param="max_tokens", code="context_length_exceeded")
         budget = ctx - len(tokens) if max_tokens is None else min(max_tokens, ctx - len(tokens))
-        params = SamplingParams(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stops())
+        params = SamplingParams(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stops(),
+                                use_adapter=use_adapter)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
 
@@ -88,7 +109,7 @@ class Serving:
         except EngineError as e:
             raise ApiError(503, e.message, type_="server_error", code="engine_unavailable") from None
         self.metrics.tokens_in.inc(len(tokens))
-        return Job(f"{prefix}-{uuid.uuid4().hex}", seq, events, time.monotonic(), len(tokens))
+        return Job(f"{prefix}-{uuid.uuid4().hex}", seq, events, time.monotonic(), len(tokens), model_name)
 
     def _observe(self, job: Job, ev: Delta | Finished) -> None:
         if isinstance(ev, Delta) and not job.answered:
@@ -136,6 +157,9 @@ class Serving:
             raise ApiError(500, f"The engine failed on this request: {fin.error}", type_="server_error", code="engine_error")
         return fin
 
+    def _answered_by(self, fin: Finished) -> str:
+        return f"{self.model_id}:{fin.adapter}" if fin.adapter else self.model_id
+
     @staticmethod
     def _usage(fin: Finished) -> dict[str, int]:
         return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
@@ -164,7 +188,7 @@ class Serving:
             fin = await self._collect(job, request)
             self._note(request, fin)
             await self._record(job.id, messages, fin)
-            return {"id": job.id, "object": "chat.completion", "created": created, "model": self.model_id,
+            return {"id": job.id, "object": "chat.completion", "created": created, "model": self._answered_by(fin),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
                                  "finish_reason": fin.reason, "logprobs": None}],
                     "usage": self._usage(fin), "system_fingerprint": fin.adapter}
@@ -172,7 +196,7 @@ class Serving:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(delta: dict[str, Any], finish: str | None) -> str:
-            return _sse({"id": job.id, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
+            return _sse({"id": job.id, "object": "chat.completion.chunk", "created": created, "model": job.model,
                          "system_fingerprint": None,
                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
 
@@ -190,7 +214,7 @@ class Serving:
                 yield chunk({}, ev.reason)
                 if include_usage:
                     yield _sse({"id": job.id, "object": "chat.completion.chunk", "created": created,
-                                "model": self.model_id, "choices": [], "usage": self._usage(ev)})
+                                "model": job.model, "choices": [], "usage": self._usage(ev)})
             yield "data: [DONE]\n\n"
 
         return _stream(body(), job.id)
@@ -203,12 +227,12 @@ class Serving:
         if not req.stream:
             fin = await self._collect(job, request)
             self._note(request, fin)
-            return {"id": job.id, "object": "text_completion", "created": created, "model": self.model_id,
+            return {"id": job.id, "object": "text_completion", "created": created, "model": self._answered_by(fin),
                     "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.reason, "logprobs": None}],
                     "usage": self._usage(fin)}
 
         def chunk(text: str, finish: str | None) -> str:
-            return _sse({"id": job.id, "object": "text_completion", "created": created, "model": self.model_id,
+            return _sse({"id": job.id, "object": "text_completion", "created": created, "model": job.model,
                          "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -224,7 +248,7 @@ class Serving:
                     return
                 yield chunk("", ev.reason)
                 if include_usage:
-                    yield _sse({"id": job.id, "object": "text_completion", "created": created, "model": self.model_id,
+                    yield _sse({"id": job.id, "object": "text_completion", "created": created, "model": job.model,
                                 "choices": [], "usage": self._usage(ev)})
             yield "data: [DONE]\n\n"
 
