@@ -49,7 +49,8 @@ class AdaptersScreen(ConsoleScreen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for label, width in [(' ', 1), ('id', 15), ('created', 16), ('val loss', 8), ('examples', 8), ('parent', 15)]:
+        # Ids start with their UTC creation time (the trainer's run id), so no separate date column.
+        for label, width in [(' ', 1), ('id', 23), ('val loss', 8), ('examples', 8), ('parent', 23)]:
             table.add_column(label, width=width)  # fixed: auto widths lag behind a clear() and refill
         # the first ScreenResume (right after mount) loads the data
 
@@ -72,7 +73,7 @@ class AdaptersScreen(ConsoleScreen):
             meta = a.metadata
             counts = meta.get("counts") if isinstance(meta.get("counts"), dict) else {}
             mark = Text("●", style="bold green") if a.id == m.active else Text(" ")
-            table.add_row(mark, text(a.id), text(a.created_at[:16].replace("T", " ")), _metric(meta, "candidate"),
+            table.add_row(mark, text(a.id), _metric(meta, "candidate"),
                           str(counts.get("train", "–")), text(str(meta.get("parent") or "base")), key=a.id)
 
     def selected(self) -> str | None:
