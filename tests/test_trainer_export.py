@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance import adapters as reg
-from tests.trainer_fixtures import DEMO_DATA, DemoRun, demo_run, gguf_sha, trainer_base_dir  # noqa: F401
+from tests.trainer_fixtures import DEMO_DATA, DemoRun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -19,7 +19,7 @@ TEXT = ("The configuration is /etc/appliance/appliance.toml and the trainer runs
 
 
 @pytest.fixture(scope="module")
-def engines(demo_run: DemoRun, trainer_base_dir: Path):  # noqa: F811
+def engines(demo_run: DemoRun, trainer_base_dir: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,7 +39,7 @@ def _llama(gguf: Path, lora: Path | None, n_ctx: int = 512):
     return Llama(**kw)
 
 
-def test_gguf_lora_agrees_with_peft_on_50_greedy_choices(engines, demo_run: DemoRun):  # noqa: F811
+def test_gguf_lora_agrees_with_peft_on_50_greedy_choices(engines, demo_run: DemoRun):
     import numpy as np
     import torch
 
@@ -71,7 +71,7 @@ def _heldout() -> list[dict]:
     return [json.loads(line) for line in (DEMO_DATA / "heldout.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_served_model_knows_the_domain_better_than_the_base(engines, demo_run: DemoRun):  # noqa: F811
+def test_served_model_knows_the_domain_better_than_the_base(engines, demo_run: DemoRun):
     """Scored: greedy answers to held-out questions (never trained on) that contain the fact's key."""
     import torch
 

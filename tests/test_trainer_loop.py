@@ -10,7 +10,6 @@ import pytest
 from appliance.trainer.data import Example
 from appliance.trainer.settings import TrainerSettings
 from appliance.trainer.train import IGNORE, Encoded, TrainingError, encode, evaluate_loss, train_lora
-from tests.trainer_fixtures import gguf_sha, trainer_base_dir  # noqa: F401
 
 
 def tiny_lora(targets: list[str] | None = None):
@@ -96,7 +95,7 @@ def test_early_stopping_keeps_the_best_weights():
     assert evaluate_loss(model, val, 0) == pytest.approx(r.best_val_loss, rel=1e-4)
 
 
-def test_labels_cover_only_assistant_turns(trainer_base_dir: Path):  # noqa: F811
+def test_labels_cover_only_assistant_turns(trainer_base_dir: Path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(trainer_base_dir)
@@ -107,10 +106,3 @@ def test_labels_cover_only_assistant_turns(trainer_base_dir: Path):  # noqa: F81
     assert learned.replace("\n", "") == "Port 8088.<|im_end|>127.0.0.1 only.<|im_end|>"
     assert encode(tok, ex, 8) is None  # cut before any answer: nothing to learn
 
-
-def test_per_example_losses_match_single_evaluations():
-    from appliance.trainer.train import example_losses
-
-    model, data = tiny_lora(), pattern(10, 50)
-    batched = example_losses(model, data, 0, batch_size=4)
-    assert batched == pytest.approx([evaluate_loss(model, [x], 0) for x in data], rel=1e-4)

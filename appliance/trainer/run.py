@@ -124,22 +124,16 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     # machine fewer threads train faster than threads that wait on each other.
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) // 2))
     base = load_base(model_ref, paths.base_cache)
-    from appliance.trainer.train import encode, example_losses, train_lora
+    from appliance.trainer.train import encode, train_lora
 
     def enc(xs: list[Example]) -> list[tuple[Example, Any]]:
         return [(x, e) for x, e in ((x, encode(base.tokenizer, x, settings.max_length)) for x in xs) if e is not None]
 
+    # Garbage is handled in layers: unparseable lines fail validation, floods collapse in dedupe, and
+    # what remains must beat the active adapter without losing ground on earlier validation data.
     train_pairs, val_pairs = enc(parts.train), enc(parts.validation)
-    # Noise filter: answers the base model finds absurd (random text, binary junk) teach nothing useful.
-    scores = example_losses(base.model, [e for _, e in train_pairs + val_pairs], base.pad_id)
-    noisy = [x.source for (x, _), s in zip(train_pairs + val_pairs, scores, strict=True) if not s <= settings.max_base_loss]
-    keep = [s <= settings.max_base_loss for s in scores]
-    train_pairs, val_pairs = ([p for p, k in zip(train_pairs, keep[: len(train_pairs)], strict=True) if k],
-                              [p for p, k in zip(val_pairs, keep[len(train_pairs):], strict=True) if k])
-    stages["noise_filter"] = {"dropped": len(noisy), "sources": noisy[:100], "train": len(train_pairs), "validation": len(val_pairs)}
     if not train_pairs or not val_pairs:
-        report.update(status="skipped", reason=f"{len(train_pairs) + len(val_pairs)} examples left after the noise filter, "
-                                               "too few to train and validate on")
+        report.update(status="skipped", reason="no example fits max_length with its answer, nothing to train on")
         _consume(paths, collected, deduped.new_index, prior, [], run_id)
         return
     train_examples, val_examples = [x for x, _ in train_pairs], [x for x, _ in val_pairs]

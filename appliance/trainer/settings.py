@@ -38,7 +38,6 @@ class TrainerSettings:
     validation_fraction: float = _f(0.1, "share of examples held out for validation (by hash, never trained on)", min=0.01, max=0.5)
     near_duplicate_threshold: float = _f(0.8, "estimated Jaccard similarity above which two examples are duplicates", min=0.1, max=1.0)
     anchor_tolerance: float = _f(0.05, "how much worse the candidate may be on earlier runs' validation data", min=0.0, max=1.0)
-    max_base_loss: float = _f(7.0, "examples whose answers the base model finds this unlikely (nats per token) are dropped as noise", min=1.0)
     threads: int = _f(0, "CPU threads for training (0: half the cores, leaving the rest to the server)", min=0)
     min_batch_size: int = _f(1, "smallest micro-batch before an out-of-memory run gives up", min=1)
     seed: int = _f(0, "random seed of LoRA initialisation and shuffling")

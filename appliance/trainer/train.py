@@ -116,30 +116,6 @@ def evaluate_loss(model: Any, data: list[Encoded], pad_id: int, batch_size: int 
     return total / max(n, 1)
 
 
-def example_losses(model: Any, data: list[Encoded], pad_id: int, batch_size: int = 8) -> list[float]:
-    """Mean assistant-token loss of each example under `model` (for filtering text the base finds absurd)."""
-    import torch
-    import torch.nn.functional as F
-
-    out = [math.nan] * len(data)
-    lm = causal_lm(model)
-    model.eval()
-    with torch.no_grad():
-        for b in length_grouped([len(e.input_ids) for e in data], batch_size, random.Random(0)):
-            batch = collate([data[i] for i in b], pad_id)
-            hidden = lm.model(input_ids=batch["input_ids"].to(lm.device),
-                              attention_mask=batch["attention_mask"].to(lm.device)).last_hidden_state
-            targets = batch["labels"][:, 1:].to(lm.device)
-            sel = targets != IGNORE
-            tok = F.cross_entropy(lm.lm_head(hidden[:, :-1][sel]).float(), targets[sel], reduction="none")
-            rows = sel.nonzero()[:, 0]
-            sums = torch.zeros(len(b), device=tok.device).index_add_(0, rows, tok)
-            counts = sel.sum(1).clamp(min=1)
-            for r, i in enumerate(b):
-                out[i] = float(sums[r] / counts[r])
-    return out
-
-
 @dataclass
 class TrainResult:
     best_val_loss: float
