@@ -218,6 +218,7 @@ def test_reload_of_a_broken_adapter_is_409_and_keeps_serving(client, gguf_root):
     adapters.promote(layout, "bad1")
     r = client.post("/admin/adapters/reload", headers=auth(gguf_root.admin_key))
     assert r.status_code == 409 and "bad1" in error_of(r)["message"]
+    assert "bad1" in client.get("/health/ready").json()["adapter_error"]
     assert ask(client, gguf_root.user_key, max_tokens=2).status_code == 200
     adapters.rollback(layout)
 

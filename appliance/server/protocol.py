@@ -195,3 +195,4 @@ class Health(BaseModel):
     status: str
     model: str | None = None
     adapter: str | None = None
+    adapter_error: str | None = None  # why the adapter adapters/active names is not the one in use

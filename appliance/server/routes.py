@@ -128,4 +128,5 @@ async def ready(request: Request) -> Any:
     st = request.app.state
     if not st.ready:
         return JSONResponse({"status": "loading", "model": st.settings.model_id, "adapter": None}, status_code=503)
-    return {"status": "ready", "model": st.settings.model_id, "adapter": st.engine.adapter_id}
+    return {"status": "ready", "model": st.settings.model_id, "adapter": st.engine.adapter_id,
+            "adapter_error": st.engine.adapter_error}
