@@ -222,7 +222,10 @@ class Engine:
             self._live.extend(admit)
             # the backend answers for `live` first, then `admit`: the order of self._live now
             for s, tok in zip(list(self._live), tokens, strict=True):
-                self._advance(s, tok)
+                try:
+                    self._advance(s, tok)
+                except Exception as e:  # one bad sequence must not stop the decode thread
+                    self._drop(s, "error", f"{type(e).__name__}: {e}")
             self.steps += 1
             if self.on_step:
                 self.on_step(self)
