@@ -70,3 +70,21 @@ def test_shared_prefix_cache_does_not_change_answers(llama_engine):
     finally:
         backend.prefix = saved
     assert with_prefix == without
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llama_engine, monkeypatch):
+    from tests.server_fixtures import generate
+
+    real, calls = llama_engine.backend.step, []
+
+    def fail_once(admit, live):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected decode failure")
+        return real(admit, live)
+
+    monkeypatch.setattr(llama_engine.backend, "step", fail_once)
+    fin = generate(llama_engine, "Hello", 4)
+    assert fin.reason == "error" and "injected" in fin.error
+    assert generate(llama_engine, "Hello", 4).reason in ("stop", "length")
+    assert llama_engine.live == 0
