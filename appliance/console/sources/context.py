@@ -20,7 +20,7 @@ from appliance.paths import Layout
 class Sources:
     layout: Layout
     runner: Any  # installer.runner.Runner: systemctl and journalctl go through it
-    systemd: bool  # whether systemd manages this root (only `/` on a systemd host)
+    systemd_flag: bool | None = None  # whether systemd manages this root; None: find out on first use
     sample_host: Callable[[], HostSample] = field(default_factory=lambda: HostSampler().sample)
     transport: Any = None  # an httpx transport; None means the network
     api_key: str | None = None  # None: credentials.console_key() decides
@@ -35,11 +35,18 @@ class Sources:
 
     @classmethod
     def real(cls, root: str | Path, machine: Path | None = None) -> Sources:
-        from installer.activate import systemd_running
         from installer.runner import SubprocessRunner
 
-        layout = Layout.at(root)
-        return cls(layout, SubprocessRunner(), systemd_running(layout.root), machine=machine)
+        return cls(Layout.at(root), SubprocessRunner(), machine=machine)
+
+    @property
+    def systemd(self) -> bool:
+        """Only `/` on a host booted with systemd. Asked lazily: installer.activate is not needed for the first paint."""
+        if self.systemd_flag is None:
+            from installer.activate import systemd_running
+
+            self.systemd_flag = systemd_running(self.layout.root)
+        return self.systemd_flag
 
     def server_url(self) -> str:
         from appliance.config import ConfigError, ServerConfig, load_config

@@ -96,5 +96,5 @@ def recorded_sources(fixtures: Path, root: Path, server_down: bool = False) -> S
     layout = build_root(fixtures, root)
     transport = ReplayTransport(fixtures, down=server_down)
     host = HostSample.from_json(json.loads((fixtures / "host.json").read_text()))
-    return Sources(layout, recorded_runner(fixtures), systemd=True, sample_host=lambda: host, transport=transport,
+    return Sources(layout, recorded_runner(fixtures), systemd_flag=True, sample_host=lambda: host, transport=transport,
                    api_key="apl-recorded-key", clock=lambda: transport.clock)
