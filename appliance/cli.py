@@ -25,12 +25,14 @@ VERB_MODULES = (
 )
 
 def build_parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(add_help=False)
-    root.add_argument("--root", default=os.environ.get("APPLIANCE_ROOT", "/"),
-                      help="install root (default: $APPLIANCE_ROOT or /); tests and demos use a temporary tree")
-
-    parser = argparse.ArgumentParser(prog="appliance", description="A private LLM for sites with no internet.", parents=[root])
+    help_text = "install root (default: $APPLIANCE_ROOT or /); tests and demos use a temporary tree"
+    parser = argparse.ArgumentParser(prog="appliance", description="A private LLM for sites with no internet.")
+    parser.add_argument("--root", default=os.environ.get("APPLIANCE_ROOT", "/"), help=help_text)
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    # Verbs accept --root after the verb too. SUPPRESS: a verb that is not given --root must not
+    # overwrite one given before the verb (`appliance --root R keys create`) with the default.
+    root = argparse.ArgumentParser(add_help=False)
+    root.add_argument("--root", default=argparse.SUPPRESS, help=help_text)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     for name in VERB_MODULES:

@@ -98,3 +98,20 @@ def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     os.close(write_end)
     assert proc.returncode == 141
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_root_is_honoured_before_or_after_the_verb(tmp_path: Path, where: str) -> None:
+    from appliance.cli import build_parser
+
+    argv = ["--root", str(tmp_path), "status"] if where == "before" else ["status", "--root", str(tmp_path)]
+    assert build_parser().parse_args(argv).root == str(tmp_path)
+
+
+def test_root_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from appliance.cli import build_parser
+
+    monkeypatch.setenv("APPLIANCE_ROOT", str(tmp_path))
+    assert build_parser().parse_args(["status"]).root == str(tmp_path)
+    monkeypatch.delenv("APPLIANCE_ROOT")
+    assert build_parser().parse_args(["status"]).root == "/"
