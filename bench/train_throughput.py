@@ -6,7 +6,7 @@ rate. Throughput counts only real tokens (no padding) per second of the training
 is outside the timer for both. TRL is installed for the benchmark only (`pip install trl`); without
 it the script says so and measures ours alone.
 
-    .venv/bin/python bench/train_throughput.py [--examples 128] [--batch 8] [--max-length 160]
+    .venv/bin/python bench/train_throughput.py [--examples 128] [--batch 8] [--max-length 160] [--threads N]
 
 Last line: `ratio=<ours tok/s ÷ TRL tok/s> rss_ratio=<ours peak RSS ÷ TRL peak RSS>`.
 """
@@ -51,6 +51,9 @@ def peak_rss_mib() -> float:
 
 
 def child_ours(a: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from appliance.trainer.modeling import new_lora
@@ -69,6 +72,9 @@ def child_ours(a: argparse.Namespace) -> dict:
 
 
 def child_trl(a: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,7 +102,8 @@ def child_trl(a: argparse.Namespace) -> dict:
 
 def run_child(kind: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--examples", str(a.examples), "--batch", str(a.batch),
-           "--max-length", str(a.max_length), "--lr", str(a.lr)]
+           "--max-length", str(a.max_length), "--lr", str(a.lr),
+           "--threads", str(a.threads)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{p.stderr[-3000:]}")
@@ -109,6 +116,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="torch CPU threads for both trainers (default: half the cores, as the trainer uses)")
     ap.add_argument("--child", choices=["ours", "trl"])
     a = ap.parse_args()
     if a.child:
