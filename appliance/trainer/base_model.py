@@ -49,7 +49,7 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> None:
     except Exception as e:  # transformers raises many types for an unreadable or unsupported file
         raise BaseModelError(f"The base model {gguf_file} cannot be loaded for training: {e}.") from None
     # The loaded weights are plain float tensors; only the quantizer marker stops save_pretrained.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute; clearing it is the point)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)

@@ -38,8 +38,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         a = reg.promote(layout, args.id)
         print(f"active adapter: {a.id}")
     elif args.action == "rollback":
-        a = reg.rollback(layout)
-        print(f"active adapter: {a.id if a else 'none (base model)'}")
+        back = reg.rollback(layout)
+        print(f"active adapter: {back.id if back else 'none (base model)'}")
     else:
         active = reg.active_id(layout)
         rows = reg.list_adapters(layout)

@@ -96,7 +96,7 @@ def collect(inbox: Path, store: FeedbackStore | None, last_row: int) -> Collecte
                 src = f"inbox/{path.name}:{n}"
                 try:
                     records.append(RawRecord(src, json.loads(line)))
-                except ValueError as e:
+                except json.JSONDecodeError as e:
                     records.append(RawRecord(src, None, f"not JSON ({e.msg})"))
                 counts["inbox_lines"] += 1
     counts["inbox_files"] = len(files)

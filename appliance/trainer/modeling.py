@@ -37,7 +37,7 @@ def load_base(ref: BaseModelRef, cache_root: Path) -> Base:
     tok = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     if torch.cuda.is_available():
-        model = model.to("cuda")
+        model = model.to("cuda")  # type: ignore[arg-type]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     config = json.loads((directory / "config.json").read_text())
     return Base(model, tok, int(pad), digest, config, directory)
@@ -53,7 +53,8 @@ def new_lora(model: Any, settings: TrainerSettings, parent: Adapter | None = Non
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.manual_seed(settings.seed)
-    cfg = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=list(settings.lora_targets),
+    # peft annotates lora_alpha as int but scales by alpha / r in floating point; a float is fine.
+    cfg = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=list(settings.lora_targets),  # type: ignore[arg-type]
                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     try:
         peft_model = get_peft_model(model, cfg, adapter_name="default")

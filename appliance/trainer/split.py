@@ -15,7 +15,8 @@ class Split:
 
 def split(examples: list[Example], validation_fraction: float) -> Split:
     """Hash of the prompt (not the answer) decides, so two answers to one question never straddle the split."""
-    train, val = [], []
+    train: list[Example] = []
+    val: list[Example] = []
     cut = int(validation_fraction * 10_000)
     for ex in examples:
         (val if int(ex.prompt_key[:8], 16) % 10_000 < cut else train).append(ex)
