@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from appliance.trainer.pii import cn_id_valid, luhn_valid, mask, mask_messages
 
 
-
 def test_cn_id_checksum():
     assert cn_id_valid("11010519491231002X")
     assert cn_id_valid("11010519491231002x")
