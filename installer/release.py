@@ -144,8 +144,29 @@ def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, pyt
     return extras
 
 
+def _syncfs(path: Path) -> bool:
+    """syncfs(2): one call makes everything written to the filesystem holding `path` durable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return bool(libc.syncfs(fd) == 0)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        return False
+
+
 def fsync_tree(root: Path) -> None:
-    """Make every file and directory entry under `root` durable before it is renamed into use."""
+    """Make every file and directory entry under `root` durable before it is renamed into use.
+
+    A venv holds thousands of files (tens of thousands with torch); one syncfs is far cheaper than
+    an fsync each, and covers the directory entries too. Without syncfs, fsync them one by one.
+    """
+    if _syncfs(root):
+        return
     for d, _dirs, files in os.walk(root):
         for name in files:
             p = os.path.join(d, name)

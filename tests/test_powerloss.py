@@ -44,16 +44,17 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=300)
 
 
-def _kill_at(argv: list[str], delay: float) -> bool:
-    """Start the command and SIGKILL its process group after `delay` s; True when it was still running."""
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _kill_at(argv: list[str], delay: float) -> int | None:
+    """Start the command and SIGKILL its process group after `delay` s: None when it was killed, else its exit code."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        p.wait(timeout=delay)
-        return False
+        _, err = p.communicate(timeout=delay)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        return True
+        p.communicate()
+        return None
+    assert p.returncode == 0, err.decode()[-2000:]
+    return 0
 
 
 def _sha256(path: Path) -> str:
@@ -92,14 +93,17 @@ def _chains(argv: list[str], root: Path, reset: callable, allowed: set[str | Non
     kills = 0
     while kills < KILLS_PER_PHASE:
         reset()
+        completed = False
         for _ in range(CHAIN):  # one chain: kill, check, run again ... (a kill during staging loses its work)
             delay = rng.uniform(0.05, full)
-            if not _kill_at(argv, delay):
-                break  # this run completed
+            if _kill_at(argv, delay) is not None:
+                completed = True  # this re-run finished (exit code 0) before its kill came
+                break
             kills += 1
             check_consistent(root, allowed, f"seed {seed}, kill {kills} at {delay:.2f} s")
-        proc = _run(argv)  # completes (again: a no-op after a completed run)
-        assert proc.returncode == 0, f"seed {seed}: re-run failed: {proc.stderr[-2000:]}"
+        if not completed:
+            proc = _run(argv)  # the re-run that is left alone completes
+            assert proc.returncode == 0, f"seed {seed}: re-run failed: {proc.stderr[-2000:]}"
         assert check_consistent(root, {final}, f"seed {seed}, after completing") == final
         _no_leftovers(root)
     return kills
@@ -124,16 +128,18 @@ def test_sigkill_during_install_and_upgrade(install_bundles: InstallBundles, tmp
     def fresh() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
+    print(f"reference install {install_time:.1f} s")
     kills = _chains(_cmd("install", b.b1, root, b), root, fresh, {None, "1.0.0+1"}, "1.0.0+1", install_time, rng, seed)
 
     def installed() -> None:
         shutil.rmtree(root, ignore_errors=True)
         shutil.copytree(snapshot, root, symlinks=True)  # same path, so the venv's scripts still point into it
 
-    t0 = time.monotonic()
     installed()
+    t0 = time.monotonic()
     assert _run(_cmd("upgrade", b.b2, root, b)).returncode == 0
     upgrade_time = time.monotonic() - t0
+    print(f"reference upgrade {upgrade_time:.1f} s")
     kills += _chains(_cmd("upgrade", b.b2, root, b), root, installed, {"1.0.0+1", "1.0.0+2"}, "1.0.0+2", upgrade_time, rng, seed)
     assert kills >= 2 * KILLS_PER_PHASE
 
