@@ -17,12 +17,12 @@ import struct
 from collections.abc import Callable
 from typing import BinaryIO
 
-Readable = io.RawIOBase | io.BufferedIOBase
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import DecryptError
+
+Readable = io.RawIOBase | io.BufferedIOBase
 
 MAGIC = b"APLSTRM1"
 HEADER = struct.Struct(">8sI7s")
