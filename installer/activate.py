@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, StateError
+from appliance.errors import ApplianceError
 from appliance.paths import Layout
 from appliance.state import load_state, save_state, with_release
-from installer.release import RELEASE_JSON, Release, current_release, link_target, read_release
+from installer.release import RELEASE_JSON, Release, current_or_none, link_target, read_release
 from installer.steps import Skip, Step
 from installer.units import ENABLE, SERVER, SERVICE_USER, TIMER, UNITS, UnitSettings, load_templates, render_units
 
@@ -121,7 +121,7 @@ def step_enable(ctx: Any, progress: Progress) -> str:
 
 
 def step_switch(ctx: Any, progress: Progress) -> str:
-    cur = _current(ctx.layout)
+    cur = current_or_none(ctx.layout)
     if cur is not None and cur.id == ctx.release_id:
         raise Skip(f"current already points at {ctx.release_id}")
     ctx.target.symlink(link_target(ctx.release_id), ctx.layout.current)
@@ -245,12 +245,6 @@ def step_record(ctx: Any, progress: Progress) -> str:
     record(ctx, action)
     return f"state.json and the audit log record {action} of {ctx.release_id}"
 
-
-def _current(layout: Layout) -> Release | None:
-    try:
-        return current_release(layout)
-    except StateError:
-        return None
 
 
 ACTIVATE_STEPS = (

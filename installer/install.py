@@ -24,7 +24,7 @@ from appliance.errors import KeyMaterialError, SignatureError, StateError, TierE
 from appliance.paths import Layout
 from appliance.state import highest_sequence, load_state, time_floor
 from installer.manifest import Manifest, Model
-from installer.release import RELEASE_JSON, Release, build_venv, current_release, fsync_tree, read_release, release_id
+from installer.release import RELEASE_JSON, Release, build_venv, current_or_none, fsync_tree, read_release, release_id
 from installer.runner import Runner
 from installer.steps import Emit, Skip, Step, run_steps
 from installer.target import Target
@@ -164,18 +164,12 @@ def step_verify(ctx: Context, progress: Callable[[str, float | None], None]) -> 
         ctx.target.mkdir(ctx.layout.trust_dir, 0o755)
         ctx.target.write(ctx.layout.trust_dir / f"vendor-{fingerprint(ctx.pin)[7:23]}.pub", pem, 0o644)
         ctx.notices.append(f"pinned vendor key {fingerprint(ctx.pin)} under {ctx.layout.trust_dir}")
-    cur = _current_or_none(ctx.layout)
+    cur = current_or_none(ctx.layout)
     if cur is not None and cur.id == ctx.release_id and ctx.release_id in (ctx.state.get("releases") or {}):
         ctx.noop = True
         return f"{manifest.name} {manifest.version} sequence {manifest.sequence} is already installed and current; nothing to do"
     return f"{manifest.name} {manifest.version} sequence {manifest.sequence}: {len(manifest.files)} files verified, signed by {fingerprint(signer)} ({how})"
 
-
-def _current_or_none(layout: Layout) -> Release | None:
-    try:
-        return current_release(layout)
-    except StateError:
-        return None
 
 
 def _model(manifest: Manifest, model_id: str) -> Model:
@@ -203,7 +197,7 @@ def step_plan(ctx: Context, progress: Callable[[str, float | None], None]) -> st
     machine = load_machine(ctx.opts.machine) if ctx.opts.machine else probe(ctx.layout.root)
     p = plan(machine, parse_tiers(m.tiers, models_of(m.models)))
     wanted = ctx.opts.tier
-    cur = _current_or_none(ctx.layout)
+    cur = current_or_none(ctx.layout)
     if wanted is None and cur is not None and cur.info.get("tier") in {t.name for t in p.tiers}:
         if p.verdict(cur.info["tier"]).verdict != "incompatible":
             wanted = cur.info["tier"]  # an upgrade keeps the tier the site runs
@@ -378,19 +372,19 @@ def install(ctx: Context) -> None:
     """The whole install or upgrade. Raises an ApplianceError on the first failure, after its event."""
     from installer.activate import ACTIVATE_STEPS
 
-    if ctx.opts.upgrade and _current_or_none(ctx.layout) is None:
+    if ctx.opts.upgrade and current_or_none(ctx.layout) is None:
         raise UsageError(f"Nothing is installed under {ctx.layout.root} to upgrade.", "Use `appliance install DIR`.")
     removed = clean_partials(ctx.layout, ctx.target)
     if removed:
         ctx.notices.append(f"removed {len(removed)} leftover(s) of an interrupted run: {', '.join(removed)}")
-    ctx.previous = _current_or_none(ctx.layout)
+    ctx.previous = current_or_none(ctx.layout)
     run_steps(PREPARE_STEPS, ctx, ctx.emit)
     if ctx.noop:
         # Nothing to install, but the units follow appliance.toml (e.g. an edited trainer schedule).
         from installer.activate import REFRESH_STEPS
         from installer.config_file import read_config
 
-        cur = _current_or_none(ctx.layout)
+        cur = current_or_none(ctx.layout)
         assert cur is not None
         ctx.release_info, ctx.config = dict(cur.info), read_config(ctx.layout)
         run_steps(REFRESH_STEPS, ctx, ctx.emit)

@@ -87,6 +87,14 @@ def current_release(layout: Layout) -> Release | None:
     return rel
 
 
+def current_or_none(layout: Layout) -> Release | None:
+    """Like current_release, but a dangling or broken link reads as nothing installed (the steps repair it)."""
+    try:
+        return current_release(layout)
+    except StateError:
+        return None
+
+
 def previous_release(layout: Layout, current: Release | None) -> Release | None:
     """The newest release older than `current` (by sequence)."""
     older = [r for r in list_releases(layout) if current is None or (r.sequence, r.id) < (current.sequence, current.id)]
