@@ -4,6 +4,7 @@ and client disconnects on the same live server."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -11,7 +12,7 @@ import openai
 import pytest
 
 from appliance.server.app import Settings, create_app
-from tests.server_fixtures import live_server
+from tests.server_fixtures import live_server, submit
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -31,6 +32,17 @@ def test_sync_client(url, gguf_root):
     assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
     c = client.completions.create(model="x", prompt="One, two, three,", max_tokens=4, temperature=0)
     assert c.usage.completion_tokens == 4 and c.choices[0].text
+
+
+def test_ignore_eos_runs_to_max_tokens(url, gguf_root):
+    """vLLM's `ignore_eos` extension: the answer that would stop early goes on to max_tokens."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=gguf_root.user_key, max_retries=0)
+    short = [{"role": "user", "content": "What is 2 + 2?"}]  # greedy SmolLM2 answers in about a dozen tokens
+    plain = client.chat.completions.create(model="m", messages=short, max_tokens=60, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 60
+    forced = client.chat.completions.create(model="m", messages=short, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 60
+    assert forced.choices[0].message.content.startswith(plain.choices[0].message.content)
 
 
 def test_streaming_matches_non_streaming(url, gguf_root):
@@ -74,24 +86,37 @@ def test_client_errors_are_typed(url, gguf_root):
 
 
 def test_overload_gives_429_with_retry_after(url, gguf_root, llama_engine):
-    """Beyond the live batch and the queue, requests are refused at once with Retry-After."""
+    """With the live batch and the queue full, a request is refused at once with Retry-After; the queued one is served."""
     old = llama_engine.max_queue
     llama_engine.max_queue = 1
     headers = {"Authorization": f"Bearer {gguf_root.user_key}"}
-    body = {"messages": [{"role": "user", "content": "Write a long essay about rivers."}], "max_tokens": 60, "temperature": 0}
-
-    async def main():
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as c:
-            return await asyncio.gather(*[c.post("/v1/chat/completions", json=body) for _ in range(llama_engine.max_batch + 4)])
-
+    body = {"messages": MSG, "max_tokens": 4, "temperature": 0}
+    # Requests that cannot end early (ignore_eos) hold every slot while the test looks.
+    held = [submit(llama_engine, "Write a long essay about rivers.", 400, ignore_eos=True) for _ in range(llama_engine.max_batch)]
+    queued: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: queued.append(httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=300)))
     try:
-        results = asyncio.run(main())
+        _wait_for(lambda: llama_engine.live == llama_engine.max_batch)
+        t.start()
+        _wait_for(lambda: llama_engine.waiting == 1)
+        refused = [httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) for _ in range(3)]
+        assert llama_engine.live == llama_engine.max_batch and not any(done.is_set() for _, done, _ in held)
     finally:
+        for seq, _, _ in held:
+            seq.cancel()
         llama_engine.max_queue = old
-    codes = sorted(r.status_code for r in results)
-    assert codes.count(200) >= llama_engine.max_batch + 1 and 429 in codes, codes
-    refused = [r for r in results if r.status_code == 429]
+    t.join(300)
+    assert [r.status_code for r in refused] == [429] * 3
     assert all(int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+    assert queued[0].status_code == 200 and queued[0].json()["choices"][0]["message"]["content"]
+    assert all(done.wait(60) and events[-1].reason == "cancelled" for _, done, events in held)
+
+
+def _wait_for(cond, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "the engine did not reach the expected state"
+        time.sleep(0.01)
 
 
 def _tokens_out(url, key) -> float:

@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     use_adapter: bool = True  # False: the base model, even while an adapter is active
+    ignore_eos: bool = False  # go on past end-of-sequence until max_tokens (load tests, benchmarks)
 
     @property
     def greedy(self) -> bool:
@@ -158,7 +159,8 @@ class Engine:
 
     @property
     def live(self) -> int:
-        return len(self._live)
+        """Sequences holding a batch slot: decoding, or admitted and being prefilled right now."""
+        return self.max_batch - len(self._free_slots)
 
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> Sequence:
         """Queue a request; events arrive on `sink` from the engine thread. Raises QueueFull."""
@@ -171,7 +173,7 @@ class Engine:
             if self._stopping:
                 raise EngineError("The engine is shutting down.")
             # The live batch plus `max_queue` waiting; anything beyond is refused, not buffered.
-            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._live)):
+            if len(self._waiting) >= self.max_queue + len(self._free_slots):
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting.")
             self._waiting.append(seq)
             self._cv.notify_all()
@@ -259,7 +261,7 @@ class Engine:
             done.set()
 
     def _advance(self, s: Sequence, tok: int) -> None:
-        if self.backend.is_end(tok):
+        if self.backend.is_end(tok) and not s.params.ignore_eos:
             self._drop(s, "stop")
             return
         s.generated.append(tok)

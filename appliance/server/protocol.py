@@ -66,6 +66,8 @@ class _Sampling(_Request):
     # +-2**53: every integer in range survives a trip through a JSON float unchanged.
     seed: Annotated[int, Field(ge=-(1 << 53), le=1 << 53), JsonInt] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
+    # vLLM's extension (the openai client sends it with extra_body): generate max_tokens whatever the model says
+    ignore_eos: bool = Field(default=False, description="go on past end-of-sequence until max_tokens")
 
     def stops(self) -> tuple[str, ...]:
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

@@ -93,7 +93,7 @@ class Serving:
                            param="max_tokens", code="context_length_exceeded")
         budget = ctx - len(tokens) if max_tokens is None else min(max_tokens, ctx - len(tokens))
         params = SamplingParams(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stops(),
-                                use_adapter=use_adapter)
+                                use_adapter=use_adapter, ignore_eos=req.ignore_eos)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
 
