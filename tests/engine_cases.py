@@ -43,7 +43,7 @@ def check_limits_and_stops(engine) -> None:
 
 
 def check_cancel_frees_slot(engine) -> None:
-    seq, done, events = submit(engine, "Write a very long essay about the sea.", 400)
+    seq, done, events = submit(engine, "Write a very long essay about the sea.", 400, ignore_eos=True)
     while not any(isinstance(e, Delta) for e in events):
         time.sleep(0.01)
     seq.cancel()
@@ -56,8 +56,7 @@ def check_queue_bound(engine) -> None:
     old = engine.max_queue
     engine.max_queue = 0
     try:
-        held = [submit(engine, "Write a very long essay about mountains.", 200) for _ in range(engine.max_batch)]
-        time.sleep(0.2)
+        held = [submit(engine, "Write a very long essay about mountains.", 200, ignore_eos=True) for _ in range(engine.max_batch)]
         with pytest.raises(QueueFull):
             for _ in range(engine.max_batch + 1):
                 submit(engine, "hello", 4)

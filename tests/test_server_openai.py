@@ -137,7 +137,7 @@ LONG = [{"role": "user", "content": "Write a very long essay about the sea."}]
 def test_disconnect_mid_stream_frees_the_sequence(url, gguf_root, llama_engine):
     headers = {"Authorization": f"Bearer {gguf_root.user_key}"}
     before = _tokens_out(url, gguf_root.user_key)
-    body = {"messages": LONG, "max_tokens": 400, "temperature": 0, "stream": True}
+    body = {"messages": LONG, "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         for _ in range(6):
@@ -151,7 +151,7 @@ def test_disconnect_mid_stream_frees_the_sequence(url, gguf_root, llama_engine):
 def test_non_streaming_disconnect_frees_the_sequence(url, gguf_root, llama_engine):
     headers = {"Authorization": f"Bearer {gguf_root.user_key}"}
     before = _tokens_out(url, gguf_root.user_key)
-    body = {"messages": LONG, "max_tokens": 400, "temperature": 0}
+    body = {"messages": LONG, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=1.0)
     _wait_idle(llama_engine)
