@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from appliance.atomic import PARTIAL_SUFFIX, fsync_dir
-from appliance.errors import BundleError, StateError
+from appliance.errors import BundleError, HardwareError, StateError
 from appliance.paths import Layout
 from installer.manifest import Manifest
 from installer.runner import Runner
 
 RELEASE_JSON = "release.json"
 EXTRAS = ("server", "train", "console")
+# What the server imports for each backend; the llama.cpp wheel links the system's libgomp.so.1.
+ENGINE_MODULES = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers", "peft")}
 
 
 def release_id(manifest: Manifest) -> str:
@@ -150,6 +152,24 @@ def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, pyt
         runner.run([python or sys.executable, "-m", "venv", "--clear", str(venv)], timeout=300)
         runner.run([str(venv / "bin/python"), "-m", "pip", *args], timeout=1800)
     return extras
+
+
+def check_engine_loads(runner: Runner, venv: Path, backend: str) -> None:
+    """Import the tier's engine in the new venv, so a missing system library stops the install
+    before anything is switched, instead of the server failing at its first start."""
+    modules = ENGINE_MODULES.get(backend, ())
+    if not modules:
+        return
+    proc = runner.run([str(venv / "bin/python"), "-c", f"import {', '.join(modules)}"], check=False, timeout=600)
+    if proc.returncode == 0:
+        return
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    detail = lines[-1] if lines else f"exit code {proc.returncode}"
+    lib = re.search(r"(lib[\w.+-]+?\.so[\w.]*): cannot open shared object file", detail)
+    hint = (f"Install the system package that provides {lib[1]} (on Debian and Ubuntu, libgomp1 gives libgomp.so.1) "
+            "and run the install again; nothing was switched." if lib else
+            "The bundle's wheels may not fit this machine; `appliance hw --bundle DIR` shows what it needs.")
+    raise HardwareError(f"The {backend} engine cannot load on this machine: {detail}", hint)
 
 
 def _syncfs(path: Path) -> bool:
