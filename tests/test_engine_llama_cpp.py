@@ -62,8 +62,8 @@ def test_shared_prefix_cache_does_not_change_answers(llama_engine):
     from tests.server_fixtures import generate
 
     backend = llama_engine.backend
-    assert len(backend.prefix) >= 4  # the system preamble of SmolLM2's template
     with_prefix = [generate(llama_engine, q, 12).text for q in cases.QUESTIONS[:2]]
+    assert len(backend.prefix) >= 4  # the system preamble of SmolLM2's template, decoded at the first step
     saved, backend.prefix = backend.prefix, []
     try:
         without = [generate(llama_engine, q, 12).text for q in cases.QUESTIONS[:2]]
@@ -88,3 +88,31 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llama_engine, m
     assert fin.reason == "error" and "injected" in fin.error
     assert generate(llama_engine, "Hello", 4).reason in ("stop", "length")
     assert llama_engine.live == 0
+
+
+def test_every_decode_runs_on_the_engine_thread(gguf_root, monkeypatch):
+    """One thread calls llama_decode, from the first (the shared prefix) to the last: a decode from a
+    second thread gives libgomp a second team, and then every step ran about 2.5x slower."""
+    import threading
+
+    import llama_cpp
+
+    from appliance.engines import load_engine
+    from tests.server_fixtures import generate
+
+    callers: list[int] = []
+    real = llama_cpp.llama_decode
+
+    def recording(ctx, batch):
+        callers.append(threading.get_ident())
+        return real(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    engine = load_engine(gguf_root.config.model, gguf_root.layout, max_batch=2, max_queue=2)
+    assert callers == []  # loading decodes nothing
+    engine.start()
+    try:
+        assert generate(engine, "Hello", 4).completion_tokens >= 1
+    finally:
+        engine.close()
+    assert len(callers) > 2 and set(callers) == {engine._thread.ident}

@@ -60,12 +60,17 @@ class LlamaCppBackend:
                                      self._piece(L.llama_vocab_eos(self.vocab), True).decode(errors="replace"))
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.prefix: list[int] = []
-        self._fill_prefix()
+        # Decoded at the first step, on the engine's thread, like every other llama_decode. libgomp
+        # lets its idle workers spin only while it manages no more threads than there are cores; one
+        # decode from a second thread adds a second team, after which workers sleep between the
+        # barriers of every step and decoding ran about 2.5x slower here (bench/RESULTS.md).
+        self._prefix_due = True
 
     def _fill_prefix(self) -> None:
         """Decode the tokens every chat prompt starts with into the spare sequences (with and,
         while an adapter is loaded, without it: a sequence's cache must come from one set of weights)."""
         L = self.L
+        self._prefix_due = False
         mem = L.llama_get_memory(self.ctx)
         a, b = (self.tokenize(self.render_chat([{"role": "user", "content": c}])) for c in ("A", "B"))
         n = 0
@@ -160,6 +165,8 @@ class LlamaCppBackend:
         Sequences that asked for the base model while an adapter is loaded go in a second decode
         call with the adapter off (llama.cpp applies adapters per context, not per sequence).
         """
+        if self._prefix_due:
+            self._fill_prefix()
         groups: dict[bool, tuple[list[Sequence], list[Sequence]]] = {}
         for s in live:
             groups.setdefault(self._lora is not None and s.params.use_adapter, ([], []))[0].append(s)
@@ -220,7 +227,7 @@ class LlamaCppBackend:
         if adapter is None:
             self._use_lora(False)
             self._lora = None
-            self._fill_prefix()
+            self._prefix_due = True
             return
         path = adapter.gguf_path
         if path is None:
@@ -238,7 +245,7 @@ class LlamaCppBackend:
             L.llama_set_adapters_lora(self.ctx, None, 0, None)
             raise
         # The previous adapter stays allocated until the model is freed (llama.cpp owns it); swaps are rare.
-        self._fill_prefix()  # the shared prefix's cache was computed with the old weights
+        self._prefix_due = True  # the shared prefix's cache was computed with the old weights
 
     def close(self) -> None:
         L = self.L
