@@ -124,3 +124,16 @@ def check_empty_and_overlong_prompts(engine) -> None:
     with pytest.raises(EngineError, match="context holds"):
         engine.submit([1] * engine.context_length, SamplingParams(max_tokens=4), lambda e: None)
 
+
+
+def check_shared_prefix(engine) -> None:
+    """The template's preamble is computed once and copied into each sequence: same answers as without."""
+    backend = engine.backend
+    with_prefix = [f.text for f in generate_together(engine, QUESTIONS, 12)]
+    assert len(backend.prefix) >= 4  # the system preamble of SmolLM2's template
+    saved, backend.prefix = backend.prefix, []
+    try:
+        without = [f.text for f in generate_together(engine, QUESTIONS, 12)]
+    finally:
+        backend.prefix = saved
+    assert with_prefix == without

@@ -59,17 +59,7 @@ def test_chat_template_is_sandboxed():
 
 
 def test_shared_prefix_cache_does_not_change_answers(llama_engine):
-    from tests.server_fixtures import generate
-
-    backend = llama_engine.backend
-    with_prefix = [generate(llama_engine, q, 12).text for q in cases.QUESTIONS[:2]]
-    assert len(backend.prefix) >= 4  # the system preamble of SmolLM2's template, decoded at the first step
-    saved, backend.prefix = backend.prefix, []
-    try:
-        without = [generate(llama_engine, q, 12).text for q in cases.QUESTIONS[:2]]
-    finally:
-        backend.prefix = saved
-    assert with_prefix == without
+    cases.check_shared_prefix(llama_engine)
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llama_engine, monkeypatch):

@@ -32,6 +32,10 @@ def test_batched_answers_equal_answers_alone(tf_engine):
     cases.check_batched_equals_alone(tf_engine)
 
 
+def test_shared_prefix_cache_does_not_change_answers(tf_engine):
+    cases.check_shared_prefix(tf_engine)
+
+
 def test_request_joins_mid_answer(tf_engine):
     cases.check_join_mid_answer(tf_engine)
 

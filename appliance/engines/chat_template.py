@@ -6,6 +6,7 @@ the bundle, not code we trust: CVE-2024-34359 was llama-cpp-python rendering one
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -49,3 +50,13 @@ class ChatTemplate:
             raise
         except self._error as e:  # includes SecurityError from the sandbox
             raise ChatTemplateError(f"The chat template failed: {e}.") from None
+
+
+def shared_prefix(tokenize: Callable[[str], list[int]], render: Callable[[list[dict[str, Any]]], str]) -> list[int]:
+    """The tokens every rendered chat starts with (the template's system preamble), or [] when that
+    is under 4 tokens: engines compute its cache once and copy it into each new sequence."""
+    a, b = (tokenize(render([{"role": "user", "content": c}])) for c in ("A", "B"))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n] if n >= 4 else []

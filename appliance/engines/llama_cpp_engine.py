@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.engines.base import Sequence
-from appliance.engines.chat_template import ChatTemplate
+from appliance.engines.chat_template import ChatTemplate, shared_prefix
 from appliance.errors import EngineError
 
 
@@ -72,11 +72,8 @@ class LlamaCppBackend:
         L = self.L
         self._prefix_due = False
         mem = L.llama_get_memory(self.ctx)
-        a, b = (self.tokenize(self.render_chat([{"role": "user", "content": c}])) for c in ("A", "B"))
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        self.prefix = a[:n] if n >= 4 else []
+        self.prefix = shared_prefix(self.tokenize, self.render_chat)
+        n = len(self.prefix)
         bt = self.batch
         for seq, on in ((self.prefix_seq, True), (self.base_prefix_seq, False)):
             L.llama_memory_seq_rm(mem, seq, -1, -1)

@@ -4,6 +4,10 @@ All live sequences share one left-padded batch and one KV cache, so each decode 
 forward pass. When a sequence leaves, its row is dropped from the cache; when some join, their
 prompts are prefilled in one pass of their own and their cache rows are appended to the batch
 (the shorter side left-padded), so a join never recomputes the others.
+
+Every chat prompt starts with the template's system preamble: its cache is computed once (with and
+without the adapter) and copied into each newcomer's rows, so a prefill computes only the rest of
+the prompt; the padding then sits between the preamble and the rest, which the mask hides.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.engines.base import Sequence
-from appliance.engines.chat_template import ChatTemplate
+from appliance.engines.chat_template import ChatTemplate, shared_prefix
 from appliance.errors import EngineError
 
 
@@ -43,6 +47,8 @@ class TransformersBackend:
             self.ends.add(int(self.tok.eos_token_id))
         self.pad = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.ends), 0))
         self.template = ChatTemplate(self.tok.chat_template, self.tok.bos_token or "", self.tok.eos_token or "")
+        self.prefix = shared_prefix(self.tokenize, self.render_chat)
+        self._prefix_kv: dict[bool, list[tuple[Any, Any]]] = {}  # adapter on? -> each layer's (keys, values)
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
         self.cache: Any = None
         self.mask: Any = None
@@ -66,11 +72,17 @@ class TransformersBackend:
     def release(self, seq: Sequence) -> None:
         seq.state = None  # its row leaves the cache at the next step
 
+    def _wants(self, seqs: list[Sequence]) -> list[bool]:
+        """Per row: does it run with the adapter?"""
+        return [self.lora_name is not None and s.params.use_adapter for s in seqs]
+
     def _forward(self, seqs: list[Sequence], **kw: Any) -> Any:
         """One forward pass; rows that asked for the base model skip the adapter (peft's mixed batches)."""
+        return self._forward_rows(self._wants(seqs), **kw)
+
+    def _forward_rows(self, wants: list[bool], **kw: Any) -> Any:
         if self.peft is None:
             return self.base(**kw)
-        wants = [self.lora_name is not None and s.params.use_adapter for s in seqs]
         if not any(wants):
             with self.peft.disable_adapter():
                 return self.peft(**kw)
@@ -115,18 +127,39 @@ class TransformersBackend:
 
         torch = self.torch
         texts = [s.prompt + s.generated for s in seqs]
-        width = max(len(t) for t in texts)
+        k = len(self.prefix)
+        if not (k and all(len(t) > k and t[:k] == self.prefix for t in texts)):
+            k = 0
+        rests = [t[k:] for t in texts]
+        width = max(len(t) for t in rests)
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, t in enumerate(texts):  # left padding: every row's next token is at the last column
+        for i, t in enumerate(rests):  # padded on the left: every row's next token is at the last column
             ids[i, width - len(t):] = torch.tensor(t)
             mask[i, width - len(t):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        if k:
+            per_row = [self._prefix_cache(w) for w in self._wants(seqs)]
+            for layer in range(len(per_row[0])):
+                cache.update(torch.cat([kv[layer][0] for kv in per_row]), torch.cat([kv[layer][1] for kv in per_row]), layer)
+            mask = torch.cat([mask.new_ones((len(seqs), k)), mask], dim=1)
+        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, k:]
         # logits_to_keep=1: the vocabulary projection only for the last position, not every prompt token.
-        out = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
+        out = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                             use_cache=True, logits_to_keep=1)
         return out.past_key_values, mask, out.logits[:, -1, :]
+
+    def _prefix_cache(self, adapter: bool) -> list[tuple[Any, Any]]:
+        """The shared prefix's keys and values per layer (one row), computed on first use."""
+        kv = self._prefix_kv.get(adapter)
+        if kv is None:
+            from transformers import DynamicCache
+
+            ids = self.torch.tensor([self.prefix], device=self.device)
+            out = self._forward_rows([adapter], input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            kv = self._prefix_kv[adapter] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return kv
 
     def _merge(self, seqs: list[Sequence], cache: Any, mask: Any) -> None:
         """Append newcomers' cache rows to the batch, left-padding whichever side is shorter."""
@@ -177,6 +210,7 @@ class TransformersBackend:
         previous one in place.
         """
         self.rows, self.cache, self.mask = [], None, None
+        self._prefix_kv.clear()  # computed with the weights that are about to change
         if adapter is None:
             self.lora_name = None
             return
