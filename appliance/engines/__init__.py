@@ -18,7 +18,20 @@ def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue
 
     With [model] replicas > 1 (transformers on multi-GPU tiers) this is a ReplicaSet: one engine
     per device, the same interface.
+
+    Loading runs on a thread of its own that ends before this returns. Both backends compute with
+    OpenMP, and libgomp keeps a team of workers for every thread that ever ran a parallel region;
+    with more of those than cores it stops letting idle workers spin, and each decode step on the
+    engine's thread then waited on sleeping workers (about 2.5x slower, bench/RESULTS.md). A thread
+    that ends takes its team with it.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="engine-load") as pool:
+        return pool.submit(_load, model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, devices=devices).result()
+
+
+def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, devices: list[str] | None) -> Any:
     if model.replicas > 1 or (devices and len(devices) > 1):
         from appliance.engines.replicas import ReplicaSet
 
