@@ -67,5 +67,15 @@ class Layout:
         return self.log_dir / "audit.jsonl"
 
     @property
+    def command_link(self) -> Path:
+        """`appliance` on the administrators' PATH: a link to the current release's command."""
+        return self.root / "usr/local/bin/appliance"
+
+    @property
+    def command(self) -> Path:
+        """What the link points at (through `current`, so upgrades and rollbacks never touch it)."""
+        return self.current / "venv/bin/appliance"
+
+    @property
     def systemd_units(self) -> Path:
         return self.root / "etc/systemd/system"

@@ -8,6 +8,7 @@ its units are restored and it is restarted; the error says so.
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -126,6 +127,19 @@ def step_switch(ctx: Any, progress: Progress) -> str:
         raise Skip(f"current already points at {ctx.release_id}")
     ctx.target.symlink(link_target(ctx.release_id), ctx.layout.current)
     return f"current -> releases/{ctx.release_id}" + (f" (was {cur.id})" if cur else "")
+
+
+def step_command(ctx: Any, progress: Progress) -> str:
+    link, target = ctx.layout.command_link, str(ctx.layout.command)
+    if link.is_symlink() and os.readlink(link) == target:
+        raise Skip(f"{link} already points at the current release")
+    if link.exists() or link.is_symlink():
+        ctx.notices.append(f"{link} exists and is not the appliance's, so it was left alone; run {target} instead")
+        raise Skip(f"{link} belongs to something else")
+    if not link.parent.is_dir():
+        ctx.target.mkdir(link.parent, 0o755)
+    ctx.target.symlink(target, link)
+    return f"{link} -> {target}"
 
 
 def step_start(ctx: Any, progress: Progress) -> str:
@@ -252,6 +266,7 @@ ACTIVATE_STEPS = (
     Step("units", "render the systemd units", step_units),
     Step("enable", "enable the server and the trainer timer", step_enable),
     Step("switch", "point /opt/appliance/current at the new release", step_switch),
+    Step("command", "put `appliance` on PATH (/usr/local/bin)", step_command),
     Step("start", "start the server and the timer", step_start),
     Step("ready", "wait until /health/ready answers", step_ready),
     Step("record", "record state.json and an audit entry", step_record),

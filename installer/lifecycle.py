@@ -111,6 +111,9 @@ def uninstall(ctx: Context, purge: bool) -> None:
             raise Skip(f"{layout.opt} is not there")
         t.remove_tree(layout.current)  # first, so no half-removed release is ever current
         t.remove_tree(layout.opt)
+        link = layout.command_link
+        if link.is_symlink() and os.readlink(link) == str(layout.command):
+            t.remove_tree(link)
         return f"removed {layout.opt}"
 
     def remove_data(c: Context, p: Any) -> str:

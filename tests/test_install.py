@@ -48,6 +48,10 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
     assert s["current"]["sequence"] == 1 and s["current"]["tier"] == "cpu" and len(s["releases"]) == 1
     model1 = s["model"]["path"]
     assert (root / model1.lstrip("/")).is_file()
+    # `appliance` is on PATH: a link through `current` into the release's venv, which runs.
+    link = Layout.at(root).command_link
+    assert os.readlink(link) == str(Layout.at(root).command)
+    assert subprocess.run([str(link), "--version"], capture_output=True, text=True, check=True).stdout.startswith("appliance ")
 
     # An administrator edits the config; the upgrade keeps the edit and the comment, and moves the model.
     config = Layout.at(root).config_file
@@ -80,6 +84,7 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
     code, out, err = cli(capsys, "uninstall", "--root", str(root), "--yes", "--no-systemd")
     assert code == 0, err
     assert not (root / "opt/appliance").exists() and config.is_file() and (root / model1.lstrip("/")).is_file()
+    assert not link.is_symlink()
     assert status_json(capsys, root)["current"] is None
     # The state outlives an uninstall: an older bundle is still refused afterwards.
     code, out, err = cli(capsys, *install_args(b, root, None, "--no-systemd"))
@@ -98,6 +103,8 @@ def test_units_written_and_enabled_offline_with_answers_and_leftovers_cleaned(
     (layout.releases / "1.0.0+1.partial/venv").mkdir(parents=True)
     os.symlink("1.0.0+1.partial", layout.releases / "1.0.0+1")
     (layout.models / "abc.partial").mkdir(parents=True)
+    layout.command_link.parent.mkdir(parents=True)
+    layout.command_link.write_text("#!/bin/sh\n")
     answers = tmp_path / "answers.toml"
     shutil.copy(b.model_key, tmp_path / "site.key")
     answers.write_text(f'tier = "cpu"\nkey_file = "site.key"\nbind = "0.0.0.0:9000"\ntrust_fingerprint = "{b.fingerprint}"\n')
@@ -105,6 +112,8 @@ def test_units_written_and_enabled_offline_with_answers_and_leftovers_cleaned(
     assert code == 0, err
     assert "removed 3 leftover(s)" in err and not list(root.rglob("*.partial"))
     assert "units are installed and enabled but not started" in err
+    # An administrator's own /usr/local/bin/appliance is left alone, and the install says so.
+    assert "is not the appliance's, so it was left alone" in err and layout.command_link.read_text() == "#!/bin/sh\n"
     units = layout.systemd_units
     assert (units / "multi-user.target.wants/appliance-server.service").is_symlink()
     assert (units / "timers.target.wants/appliance-trainer.timer").is_symlink()

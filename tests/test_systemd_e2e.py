@@ -102,7 +102,8 @@ def _lifecycle(c: Container, command: str) -> None:
 
 
 def _status(c: Container) -> dict:
-    return json.loads(c.sh(f"{APP} status --json").stdout)
+    # through the link the install puts on PATH
+    return json.loads(c.sh("/usr/local/bin/appliance status --json").stdout)
 
 
 def _chat(c: Container, key: str) -> str:
