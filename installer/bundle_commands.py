@@ -31,12 +31,14 @@ def _trusted(args: argparse.Namespace) -> list[Any]:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from installer.keys import keygen
 
-    info = keygen(Path(args.out), force=args.force)
+    info = keygen(Path(args.out), force=args.force, only=args.only)
     if args.json:
         print(json.dumps(info))
-    else:
+        return 0
+    if "signing_key" in info:
         print(f"signing key  {info['signing_key']}  (keep it with the vendor, 0600)")
         print(f"public key   {info['signing_pub']}  fingerprint {info['fingerprint']}")
+    if "model_key" in info:
         print(f"model key    {info['model_key']}  (carry it to the site on a second stick, 0600)")
     return 0
 
@@ -114,6 +116,8 @@ def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentPa
     p = bsub.add_parser("keygen", help="make a vendor signing key pair and a model key")
     p.add_argument("--out", required=True, help="directory for signing.key, signing.pub, model.key")
     p.add_argument("--force", action="store_true", help="overwrite existing keys")
+    p.add_argument("--only", choices=("signing", "model"),
+                   help="only the signing key pair (rotating it) or only a model key (one more site)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keygen)
 

@@ -50,6 +50,27 @@ def test_keygen_writes_private_files_0600_and_refuses_overwrite(tmp_path: Path, 
     assert (out / "signing.key").read_bytes() == before
 
 
+def test_keygen_only_signing_or_only_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rotating the signing key keeps the sites' model keys; a new site's model key keeps the signing key."""
+    out = tmp_path / "keys"
+    assert main(["bundle", "keygen", "--out", str(out)]) == 0
+    model, signing = (out / "model.key").read_bytes(), (out / "signing.key").read_bytes()
+    capsys.readouterr()
+    assert main(["bundle", "keygen", "--out", str(out), "--only", "signing"]) != 0  # still refuses to overwrite
+    assert "signing.key, signing.pub" in capsys.readouterr().err
+    rotated = tmp_path / "keys-2027"
+    assert main(["bundle", "keygen", "--out", str(rotated), "--only", "signing", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in rotated.iterdir()) == ["signing.key", "signing.pub"] and "model_key" not in info
+    assert info["fingerprint"].startswith("SHA256:")
+    site = tmp_path / "site-2"
+    assert main(["bundle", "keygen", "--out", str(site), "--only", "model"]) == 0
+    printed = capsys.readouterr().out
+    assert "model key" in printed and "signing key" not in printed
+    assert [p.name for p in site.iterdir()] == ["model.key"] and stat.S_IMODE((site / "model.key").stat().st_mode) == 0o600
+    assert (site / "model.key").read_bytes() != model and (out / "signing.key").read_bytes() == signing
+
+
 def test_build_with_missing_spec_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["bundle", "build", str(tmp_path / "nope.toml"), "--signing-key", "x", "--model-key", "y", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
