@@ -24,16 +24,7 @@ from appliance.errors import KeyMaterialError, SignatureError, StateError, TierE
 from appliance.paths import Layout
 from appliance.state import highest_sequence, load_state, time_floor
 from installer.manifest import Manifest, Model
-from installer.release import (
-    RELEASE_JSON,
-    Release,
-    build_venv,
-    check_engine_loads,
-    current_or_none,
-    fsync_tree,
-    read_release,
-    release_id,
-)
+from installer.release import RELEASE_JSON, Release, build_venv, current_or_none, fsync_tree, read_release, release_id
 from installer.runner import Runner
 from installer.steps import Emit, Skip, Step, run_steps
 from installer.target import Target
@@ -271,12 +262,9 @@ def step_stage(ctx: Context, progress: Callable[[str, float | None], None]) -> s
     t.remove_tree(partial)
     t.mkdir(partial, 0o755)
     t.symlink(partial.name, final)
-    progress("building the venv from the bundle's wheelhouse (pip --no-index)", None)
+    progress("building the venv from the bundle's wheelhouse (pip --no-index), then loading its engine", None)
     assert ctx.opts.bundle is not None and ctx.manifest is not None
-    extras = build_venv(ctx.runner, ctx.opts.bundle, ctx.manifest, final / "venv", ctx.opts.python)
-    if "server" in extras:  # a release without the server (a test bundle's bare wheelhouse) loads no engine
-        progress(f"loading the {ctx.release_info['backend']} engine in the new venv", None)
-        check_engine_loads(ctx.runner, final / "venv", ctx.release_info["backend"])
+    extras = build_venv(ctx.runner, ctx.opts.bundle, ctx.manifest, final / "venv", ctx.opts.python, backend=ctx.release_info["backend"])
     info = dict(ctx.release_info, extras=extras, installed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     t.write(partial / RELEASE_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode(), 0o644)
     t.call(f"fsync {partial}", fsync_tree, partial)

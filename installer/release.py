@@ -134,8 +134,10 @@ def own_wheel(bundle: Path, manifest: Manifest) -> Path:
     return bundle / own[0]
 
 
-def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, python: str | None = None) -> list[str]:
-    """A venv with the appliance and the extras the wheelhouse carries, from the stick only (no index).
+def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, python: str | None = None,
+               backend: str | None = None) -> list[str]:
+    """A venv with the appliance and the extras the wheelhouse carries, from the stick only (no index);
+    with the server among them, it must load `backend`'s engine (check_engine_loads).
 
     When this interpreter has pip, it installs into a venv made without one (`pip --python`): a
     release is never changed after staging, and it saves seconds. An installed release has no pip
@@ -151,6 +153,8 @@ def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, pyt
     else:
         runner.run([python or sys.executable, "-m", "venv", "--clear", str(venv)], timeout=300)
         runner.run([str(venv / "bin/python"), "-m", "pip", *args], timeout=1800)
+    if backend and "server" in extras:  # a release without the server (a test bundle's bare wheelhouse) loads no engine
+        check_engine_loads(runner, venv, backend)
     return extras
 
 
