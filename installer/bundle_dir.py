@@ -110,6 +110,20 @@ def verify_file(bundle: Path, entry: FileEntry, progress: Progress | None = None
         raise BundleError(f"{entry.path} does not match its SHA-256 in the manifest: the file was altered or damaged.")
 
 
+def copy_verified(bundle: Path, entry: FileEntry, dest: Path) -> None:
+    """Copy one listed file off the bundle, hashing exactly the bytes copied; `dest` appears only if they match."""
+    h = hashlib.sha256()
+    with _open(Path(bundle) / entry.path) as src, atomic_file(dest) as out:
+
+        def sink(view: memoryview) -> None:
+            h.update(view)
+            out.write(view)
+
+        _stream(src, entry, sink, None)
+        if h.hexdigest() != entry.sha256:
+            raise BundleError(f"{entry.path} does not match its SHA-256 in the manifest: the file was altered or damaged.")
+
+
 def verify_bundle(
     bundle: Path, trusted: list[Ed25519PublicKey], policy: Policy,
     progress: Progress | None = None, skip: set[str] | None = None,

@@ -251,6 +251,7 @@ def step_confirm(ctx: Context, progress: Callable[[str, float | None], None]) ->
 
 def step_stage(ctx: Context, progress: Callable[[str, float | None], None]) -> str:
     """Build the venv in `<id>.partial`, reached through a link named `<id>` so scripts get their final path."""
+    from installer.release import stage_wheelhouse
     layout, t = ctx.layout, ctx.target
     final = layout.releases / ctx.release_id
     if read_release(final) is not None:
@@ -262,9 +263,13 @@ def step_stage(ctx: Context, progress: Callable[[str, float | None], None]) -> s
     t.remove_tree(partial)
     t.mkdir(partial, 0o755)
     t.symlink(partial.name, final)
-    progress("building the venv from the bundle's wheelhouse (pip --no-index), then loading its engine", None)
     assert ctx.opts.bundle is not None and ctx.manifest is not None
-    extras = build_venv(ctx.runner, ctx.opts.bundle, ctx.manifest, final / "venv", ctx.opts.python, backend=ctx.release_info["backend"])
+    stage = partial / "wheelhouse"
+    progress("copying the wheelhouse off the bundle (each wheel hashed again), building the venv from it, loading its engine", None)
+    staged = t.call(f"copy the wheelhouse into {stage}", stage_wheelhouse, ctx.opts.bundle, ctx.manifest, stage)
+    extras = build_venv(ctx.runner, staged or ctx.opts.bundle, ctx.manifest, final / "venv", ctx.opts.python,
+                        backend=ctx.release_info["backend"])
+    t.remove_tree(stage)
     info = dict(ctx.release_info, extras=extras, installed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     t.write(partial / RELEASE_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode(), 0o644)
     t.call(f"fsync {partial}", fsync_tree, partial)

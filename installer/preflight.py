@@ -18,8 +18,8 @@ DISK_MARGIN = 1.1  # room for the temp files of atomic writes and logs
 
 
 def venv_estimate(wheel_bytes: int) -> int:
-    """Bytes the venv will take once the wheelhouse is installed."""
-    return wheel_bytes * VENV_EXPANSION
+    """Bytes the venv will take once the wheelhouse is installed, plus the copy of the wheelhouse it is built from."""
+    return wheel_bytes * (VENV_EXPANSION + 1)
 
 
 def bundle_python(compatible: str) -> str | None:

@@ -24,6 +24,7 @@ from installer.runner import Runner
 
 RELEASE_JSON = "release.json"
 EXTRAS = ("server", "train", "console")
+WHEELS = "wheels/"  # the wheelhouse inside a bundle
 # What the server imports for each backend; the llama.cpp wheel links the system's libgomp.so.1.
 ENGINE_MODULES = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers", "peft")}
 
@@ -134,6 +135,18 @@ def own_wheel(bundle: Path, manifest: Manifest) -> Path:
     return bundle / own[0]
 
 
+def stage_wheelhouse(bundle: Path, manifest: Manifest, dest: Path) -> Path:
+    """Copy the manifest's wheels off the stick into `dest` (same relative paths), hashing what is
+    read: pip then reads only these copies, so a stick rewritten after verification cannot swap a
+    wheel in. Returns `dest`, usable as build_venv's `bundle`."""
+    from installer.bundle_dir import copy_verified
+
+    for entry in manifest.files:
+        if entry.path.startswith(WHEELS):
+            copy_verified(bundle, entry, dest / entry.path)
+    return dest
+
+
 def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, python: str | None = None,
                backend: str | None = None) -> list[str]:
     """A venv with the appliance and the extras the wheelhouse carries, from the stick only (no index);
@@ -146,7 +159,7 @@ def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, pyt
     wheel = own_wheel(bundle, manifest)
     extras = carried_extras(wheel, {_norm(e["name"]) for e in manifest.sbom})
     spec = f"appliance[{','.join(extras)}]" if extras else "appliance"
-    args = ["install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / "wheels"), "--no-cache-dir", spec]
+    args = ["install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / WHEELS), "--no-cache-dir", spec]
     if importlib.util.find_spec("pip") is not None:
         runner.run([python or sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], timeout=300)
         runner.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), *args], timeout=1800)

@@ -48,6 +48,7 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
     assert s["current"]["sequence"] == 1 and s["current"]["tier"] == "cpu" and len(s["releases"]) == 1
     model1 = s["model"]["path"]
     assert (root / model1.lstrip("/")).is_file()
+    assert not (Layout.at(root).releases / s["current"]["id"] / "wheelhouse").exists()  # the copy pip used is gone
     # `appliance` is on PATH: a link through `current` into the release's venv, which runs.
     link = Layout.at(root).command_link
     assert os.readlink(link) == str(Layout.at(root).command)
