@@ -6,8 +6,6 @@ Import the fixtures you use into a test module: `from tests.trainer_fixtures imp
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 
 from appliance.paths import Layout
-from appliance.trainer.base_model import DONE, content_hash, dequantize_gguf
+from appliance.trainer.base_model import DONE, content_hash
 from appliance.trainer.settings import TrainerSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,18 +49,12 @@ def gguf_sha(smollm2_gguf: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def trainer_base_dir(smollm2_gguf: Path, gguf_sha: str) -> Path:
-    """SmolLM2 as safetensors, dequantized by the trainer's own code once and kept in build/ across sessions."""
-    out = REPO / "build" / "test-models" / f"trainer-smollm2-{gguf_sha[:16]}"
-    if not (out / DONE).is_file():
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        dequantize_gguf(smollm2_gguf, tmp)
-        (tmp / DONE).write_text("test\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    return out
+def trainer_base_dir(smollm2_safetensors: Path) -> Path:
+    """The engine tests' SmolLM2 safetensors (dequantized by the trainer's own code), marked complete the
+    way the trainer marks its base cache: one conversion per test session, not two."""
+    if not (smollm2_safetensors / DONE).is_file():
+        (smollm2_safetensors / DONE).write_text("test\n")
+    return smollm2_safetensors
 
 
 @dataclass
