@@ -32,8 +32,15 @@ demo: setup
 demo-stop:
 	$(BIN)/appliance demo --stop
 
+# Every benchmark, each against its baseline in the same run (figures go to bench/RESULTS.md by hand).
 bench: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python bench/decrypt_throughput.py
+	$(BIN)/python bench/decode_threads.py
+	$(BIN)/python bench/serve_throughput.py
+	$(BIN)/python bench/serve_throughput.py --engine transformers
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/console_startup.py
 
 lint: setup
 	$(BIN)/ruff check appliance installer tests bench

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -194,8 +195,17 @@ def main() -> int:
 
     if args.engine == "transformers":
         model = args.model or REPO / "build/test-models/smollm2-135m-safetensors"
+        if args.model is None and not (model / "config.json").is_file():
+            # the tests' cache: SmolLM2's GGUF dequantized once by the trainer's own code
+            from appliance.trainer.base_model import dequantize_gguf
+
+            print(f"converting the GGUF to safetensors once, into {model}", flush=True)
+            tmp = model.with_name(model.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            dequantize_gguf(smollm2_gguf(), tmp)
+            tmp.rename(model)
         if not (model / "config.json").is_file():
-            sys.exit(f"{model} is not a safetensors model directory; run the transformers engine tests once to make it, or pass --model")
+            sys.exit(f"{model} is not a safetensors model directory; pass --model DIR")
         root, key = our_root(tmp / "root", model.resolve(), "transformers", args.threads, args.context, 8)
         one, eight = run_ours(root, key, runs, args.max_tokens, tmp, "(c) ours, transformers")
         print(header)
