@@ -6,11 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests: the same examples every run (a red CI run can be rerun and read), and no per-example
+# deadline (these machines are shared; a slow example is not a failure).
+settings.register_profile("appliance", derandomize=True, deadline=None)
+settings.load_profile("appliance")
 
 
 @pytest.fixture(scope="session")
