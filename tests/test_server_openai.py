@@ -112,6 +112,25 @@ def test_overload_gives_429_with_retry_after(url, gguf_root, llama_engine):
     assert all(done.wait(60) and events[-1].reason == "cancelled" for _, done, events in held)
 
 
+def test_a_whole_answer_relays_only_its_first_text_and_its_end(url, gguf_root, monkeypatch):
+    """Non-streaming requests do not wake the event loop per token; streaming ones get every piece."""
+    from appliance.engines.base import Delta, Finished
+    from appliance.server import serving
+
+    relayed: list = []
+    real_put = serving._Relay.put
+    monkeypatch.setattr(serving._Relay, "put", lambda self, q, ev: (relayed.append(ev), real_put(self, q, ev))[1])
+    headers = {"Authorization": f"Bearer {gguf_root.user_key}"}
+    body = {"messages": [{"role": "user", "content": "Write about rivers."}], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120).json()
+    assert whole["usage"]["completion_tokens"] == 20 and whole["choices"][0]["message"]["content"]
+    assert [type(ev) for ev in relayed] == [Delta, Finished]
+    relayed.clear()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=120) as r:
+        text = "".join(r.iter_text())
+    assert text.endswith("data: [DONE]\n\n") and sum(isinstance(ev, Delta) for ev in relayed) > 2
+
+
 def _wait_for(cond, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
