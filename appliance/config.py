@@ -85,6 +85,11 @@ def _build(cls: type, section: str, raw: Any) -> Any:
         raise ConfigError(f"[{section}] is missing {', '.join(missing)}.") from None
 
 
+def model_config(raw: dict[str, Any]) -> ModelConfig:
+    """A [model] section given as values (the installer's tier settings), validated like the file."""
+    return _build(ModelConfig, "model", raw)  # type: ignore[no-any-return]
+
+
 def parse_config(text: str, source: Path | None = None) -> Config:
     try:
         raw = tomllib.loads(text)

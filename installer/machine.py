@@ -61,6 +61,7 @@ class Cpu:
     model: str
     physical_cores: int
     logical_cores: int
+    isa: str | None = None  # "x86-64-v4, AVX-512, no AMX" (appliance.cpu); absent from older machine files
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class Machine:
             gpus.append(entry)
         out: dict[str, Any] = {
             "gpus": gpus, "driver_version": self.driver_version, "cuda_driver_version": self.cuda_driver_version,
-            "cpu": {"model": self.cpu.model, "physical_cores": self.cpu.physical_cores, "logical_cores": self.cpu.logical_cores},
+            "cpu": {"model": self.cpu.model, "physical_cores": self.cpu.physical_cores, "logical_cores": self.cpu.logical_cores,
+                    **({"isa": self.cpu.isa} if self.cpu.isa else {})},
             "ram_mib": self.ram_mib, "disk_free_mib": self.disk_free_mib,
         }
         if self.python_version is not None:
@@ -136,7 +138,8 @@ class Machine:
             gpus=tuple(gpus),
             driver_version=r.version(data, "driver_version", "top level"),
             cuda_driver_version=r.version(data, "cuda_driver_version", "top level"),
-            cpu=Cpu(r.get(cpu, "model", str, "cpu"), r.count(cpu, "physical_cores", "cpu"), r.count(cpu, "logical_cores", "cpu")),
+            cpu=Cpu(r.get(cpu, "model", str, "cpu"), r.count(cpu, "physical_cores", "cpu"), r.count(cpu, "logical_cores", "cpu"),
+                    r.get(cpu, "isa", str, "cpu", default=None)),
             ram_mib=r.count(data, "ram_mib", "top level"),
             disk_free_mib=r.count(data, "disk_free_mib", "top level"),
             python_version=r.version(data, "python_version", "top level"),

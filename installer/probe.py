@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from appliance.cpu import this_cpu
+
 from installer.machine import MIB, Cpu, Gpu, Machine, MigDevice
 
 
@@ -133,14 +135,10 @@ def probe_gpus(nvml: ModuleType | None = None) -> tuple[tuple[Gpu, ...], str | N
     return gpus, None if driver is None else _text(driver), cuda_text, notes
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+def _cpu(physical: int, logical: int) -> Cpu:
+    isa = this_cpu()
+    model = isa.model if isa.model != "unknown CPU" else (platform.processor() or platform.machine() or "unknown")
+    return Cpu(model, physical, logical, isa.features())
 
 
 def _existing(path: Path) -> Path:
@@ -158,7 +156,7 @@ def probe(root: Path = Path("/"), nvml: ModuleType | None = None) -> Machine:
     physical = psutil.cpu_count(logical=False) or logical
     return Machine(
         gpus=gpus, driver_version=driver, cuda_driver_version=cuda,
-        cpu=Cpu(_cpu_model(), physical, logical),
+        cpu=_cpu(physical, logical),
         ram_mib=psutil.virtual_memory().total // MIB,
         disk_free_mib=psutil.disk_usage(str(_existing(root))).free // MIB,
         python_version=".".join(str(p) for p in sys.version_info[:3]),

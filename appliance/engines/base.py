@@ -318,8 +318,8 @@ class Engine:
             pass
 
 
-def warm_up(engine: Engine, timeout: float = 120.0) -> str:
-    """One short generation through the whole engine; raises EngineError when it fails."""
+def generate(engine: Engine, prompt: list[int], params: SamplingParams, timeout: float) -> Finished:
+    """One whole generation through the running engine; raises EngineError when it does not finish in time."""
     done = threading.Event()
     box: list[Finished] = []
 
@@ -328,10 +328,17 @@ def warm_up(engine: Engine, timeout: float = 120.0) -> str:
             box.append(ev)
             done.set()
 
-    t0 = time.monotonic()
-    engine.submit(engine.tokenize(engine.render_chat([{"role": "user", "content": "Hello"}])), SamplingParams(max_tokens=4, temperature=0), sink)
+    engine.submit(prompt, params, sink)
     if not done.wait(timeout):
-        raise EngineError(f"The warm-up generation did not finish within {timeout:.0f} s.")
-    if box[0].reason == "error":
-        raise EngineError(f"The warm-up generation failed: {box[0].error}.")
-    return f"{box[0].completion_tokens} tokens in {time.monotonic() - t0:.2f} s"
+        raise EngineError(f"The generation did not finish within {timeout:.0f} s.")
+    return box[0]
+
+
+def warm_up(engine: Engine, timeout: float = 120.0) -> str:
+    """One short generation through the whole engine; raises EngineError when it fails."""
+    t0 = time.monotonic()
+    done = generate(engine, engine.tokenize(engine.render_chat([{"role": "user", "content": "Hello"}])),
+                    SamplingParams(max_tokens=4, temperature=0), timeout)
+    if done.reason == "error":
+        raise EngineError(f"The warm-up generation failed: {done.error}.")
+    return f"{done.completion_tokens} tokens in {time.monotonic() - t0:.2f} s"

@@ -23,6 +23,9 @@ from appliance.errors import EngineError
 
 class LlamaCppBackend:
     def __init__(self, model_path: Path, *, context_length: int, max_batch: int, threads: int, gpu_layers: int = 0) -> None:
+        from appliance.engines import cpu_backend
+
+        self.cpu_variant = cpu_backend.load()  # before llama_backend_init, which would search elsewhere
         import llama_cpp as L
         from llama_cpp import _logger
 
