@@ -17,11 +17,13 @@ from appliance.errors import UsageError
 from installer import keywrap
 from installer.convert import CONVERT_DIR, model_sources
 from installer.keys import fingerprint, load_signing_key
+from installer.llama_wheel import sha256_file
 from installer.manifest import BOOTSTRAP, FORMAT_VERSION, MANIFEST, SIGNATURE, canonical_json, format_time
+from installer.sbom import cyclonedx
 from installer.spec import Spec
 from installer.stream import encrypt_stream
 from installer.trust import host_platform
-from installer.wheelhouse import build_wheelhouse, sbom
+from installer.wheelhouse import build_wheelhouse
 
 TRUST_FILE = "trust/vendor.pub"
 
@@ -52,14 +54,6 @@ class _HashingWriter:
         self.h.update(data)
         self.size += len(data)
         return data
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -133,7 +127,7 @@ def build_bundle(
         for p in sorted(work.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(work).as_posix()
-                digests[rel] = _sha256_file(p)
+                digests[rel] = sha256_file(p)
                 entries.append({"path": rel, "size": p.stat().st_size, "sha256": digests[rel]})
 
         issued = (now or datetime.now(timezone.utc)).replace(microsecond=0)
@@ -142,7 +136,7 @@ def build_bundle(
             "issued_at": format_time(issued), "expires_at": format_time(issued + timedelta(days=spec.valid_days)),
             "compatible": host_platform() if spec.compatible == "host" else spec.compatible,
             "key_wrap": kdf.to_json(), "files": entries, "models": models,
-            "tiers": list(spec.tiers), "sbom": sbom(digests),
+            "tiers": list(spec.tiers), "sbom": cyclonedx(work, digests),
         }
         raw = canonical_json(manifest)
         (work / MANIFEST).write_bytes(raw)

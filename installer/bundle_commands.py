@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from appliance.errors import BundleError
 from appliance.paths import Layout
 from appliance.state import highest_sequence, load_state, time_floor
 from installer.trust import Policy, host_platform
@@ -94,6 +95,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"signature": signature, "manifest": m.raw}))
         return 0
+    if getattr(args, "sbom", False):
+        doc = m.raw.get("sbom")
+        if not isinstance(doc, dict):
+            raise BundleError("This bundle's SBOM is a plain list of wheels made before CycloneDX; `--json` shows it.",
+                              "Ask the vendor for a bundle built by this release of the toolchain.")
+        print(json.dumps(doc, indent=2))
+        return 0
     print(f"bundle      {m.name} {m.version}  sequence {m.sequence}")
     print(f"signature   {signature}")
     print(f"issued      {m.raw['issued_at']}   expires {m.raw['expires_at']}")
@@ -140,4 +148,6 @@ def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentPa
         p.add_argument("--platform", help="platform to check against (default: this host)")
         p.add_argument("--any-platform", action="store_true", help="do not check the platform")
         p.add_argument("-v", "--verbose", action="store_true", help="list every file as it checks out")
+        if name == "inspect":
+            p.add_argument("--sbom", action="store_true", help="print the wheelhouse's SBOM (CycloneDX JSON) and nothing else")
         p.set_defaults(func=func)

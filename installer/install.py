@@ -1,4 +1,4 @@
-"""Install and upgrade, as named idempotent steps: verify → plan → preflight → confirm → stage → model → config.
+"""Install and upgrade, as named idempotent steps: verify → plan → preflight → confirm → stage → model → engine → config.
 
 The activation steps that follow (user and directories, units, enable, switch, start, ready, record)
 live in installer/activate.py; rollback reuses them. Every change to the target goes through
@@ -23,6 +23,7 @@ from appliance.atomic import PARTIAL_SUFFIX
 from appliance.errors import KeyMaterialError, SignatureError, StateError, TierError, UsageError
 from appliance.paths import Layout
 from appliance.state import highest_sequence, load_state, time_floor
+from installer.engine_check import step_engine
 from installer.manifest import Manifest, Model
 from installer.release import RELEASE_JSON, Release, build_venv, current_or_none, fsync_tree, read_release, release_id
 from installer.runner import Runner
@@ -369,6 +370,7 @@ INSTALL_STEPS = (
     Step("confirm", "ask before changing anything", step_confirm),
     Step("stage", "build the release venv from the bundle's wheelhouse", step_stage),
     Step("model", "decrypt the tier's model files", step_model),
+    Step("engine", "decode a test prompt with the new release's engine on this CPU", step_engine),
     Step("config", "write /etc/appliance/appliance.toml", step_config),
 )
 

@@ -76,7 +76,7 @@ def keep_variants(cmake: str) -> str:
     return _VARIANT_LINE.sub(lambda m: m[0] if m[1] in VARIANTS else "", cmake)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -91,7 +91,7 @@ def fetch_sdist(dest: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
                     "--no-binary", ":all:", "--require-hashes", "--no-cache-dir", "-d", str(dest), "-r", str(req)], check=True)
     sdist = dest / SDIST
-    if _sha256(sdist) != SDIST_SHA256:
+    if sha256_file(sdist) != SDIST_SHA256:
         raise BuildError(f"{sdist} does not match the pinned SHA-256; delete it and retry.")
     return sdist
 
@@ -103,7 +103,7 @@ def build(cache: Path, jobs: int | None = None) -> Path:
     if done.is_file():
         name, digest = _read_sums(done)
         wheel = out / name
-        if wheel.is_file() and _sha256(wheel) == digest:
+        if wheel.is_file() and sha256_file(wheel) == digest:
             return wheel
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llama-wheel-") as tmp:
@@ -133,7 +133,7 @@ def build(cache: Path, jobs: int | None = None) -> Path:
         shutil.copyfile(built[0], tmp_wheel)
         os.replace(tmp_wheel, wheel)
     tmp_sums = done.with_suffix(".partial")
-    tmp_sums.write_text(f"{_sha256(wheel)}  {wheel.name}\n")
+    tmp_sums.write_text(f"{sha256_file(wheel)}  {wheel.name}\n")
     os.replace(tmp_sums, done)
     return wheel
 

@@ -77,6 +77,24 @@ class Model:
     files: tuple[ModelFile, ...]
 
 
+def sbom_entries(doc: Any) -> tuple[dict[str, Any], ...]:
+    """The wheels the SBOM lists, as {name, version, tags, path, sha256}: from the CycloneDX document
+    (installer.sbom), or from the plain list that bundles made before it carry."""
+    if isinstance(doc, list):
+        return tuple(doc)
+    if not isinstance(doc, dict) or doc.get("bomFormat") != "CycloneDX" or not isinstance(doc.get("components", []), list):
+        raise BundleError("The manifest's sbom is neither a CycloneDX document nor a list of wheels.")
+    out = []
+    for c in doc.get("components", []):
+        props = {p.get("name"): p.get("value") for p in c.get("properties", []) if isinstance(p, dict)}
+        sha = [h.get("content") for h in c.get("hashes", []) if isinstance(h, dict) and h.get("alg") == "SHA-256"]
+        if not (isinstance(c.get("name"), str) and isinstance(props.get("appliance:path"), str) and sha):
+            raise BundleError(f"The manifest's SBOM component {c.get('name')!r} has no name, appliance:path or SHA-256.")
+        out.append({"name": c["name"], "version": c.get("version", ""), "tags": props.get("appliance:tags", ""),
+                    "path": props["appliance:path"], "sha256": sha[0]})
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Manifest:
     name: str
@@ -194,6 +212,6 @@ def parse_manifest(raw: bytes) -> Manifest:
         files=tuple(files),
         models=tuple(models),
         tiers=tuple(_get(data, "tiers", list, "top level")),
-        sbom=tuple(_get(data, "sbom", list, "top level")),
+        sbom=sbom_entries(data.get("sbom")),
         raw=data,
     )

@@ -16,7 +16,6 @@ from typing import Any
 import psutil
 
 from appliance.cpu import this_cpu
-
 from installer.machine import MIB, Cpu, Gpu, Machine, MigDevice
 
 

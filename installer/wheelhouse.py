@@ -1,19 +1,22 @@
-"""The bundle's wheelhouse: the appliance's own wheel and every dependency, pinned, plus its SBOM."""
+"""The bundle's wheelhouse: the appliance's own wheel and every dependency, as requirements/lock.txt
+pins them (each wheel checked against the lock's hashes), with llama-cpp-python as the project's
+portable build (installer.llama_wheel); the SBOM is installer.sbom's."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from appliance.errors import SpecError
+from installer import llama_wheel
+from installer.llama_wheel import sha256_file
+from installer.lockfile import BUILT_HERE, constraints, normalize
+from installer.lockfile import pins as pins_of
+from installer.sbom import WHEEL_NAME
 from installer.spec import Wheelhouse
-
-_WHEEL_NAME = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<tags>[^-]+-[^-]+-[^-]+)\.whl$")
 
 
 def _pip(*args: str) -> None:
@@ -24,10 +27,23 @@ def _pip(*args: str) -> None:
         raise SpecError(f"pip failed while building the wheelhouse: {' / '.join(tail)}", "Fix the environment that builds the bundle and retry.")
 
 
-def environment_pins() -> str:
-    """The versions installed where the bundle is built, so the wheelhouse is what was tested."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True, check=True)
-    return "".join(line + "\n" for line in proc.stdout.splitlines() if "==" in line and not line.startswith("appliance=="))
+def _check_locked(out: Path, lock: dict[str, tuple[str, frozenset[str]]], llama: Path) -> None:
+    """Every wheel pip fetched is the one the lock names, byte for byte; llama-cpp-python is the portable build."""
+    for wheel in sorted(out.glob("*.whl")):
+        m = WHEEL_NAME.match(wheel.name)
+        name = normalize(m["name"]) if m else wheel.name
+        if name == "appliance":
+            continue
+        if name == BUILT_HERE:
+            if sha256_file(wheel) != sha256_file(llama):
+                raise SpecError(f"The wheelhouse's {wheel.name} is not the portable build {llama}.",
+                                "Remove the wheel folder and build the bundle again.")
+            continue
+        version, hashes = lock.get(name, ("", frozenset()))
+        if not m or m["version"] != version or sha256_file(wheel) not in hashes:
+            raise SpecError(f"The wheelhouse's {wheel.name} is not what requirements/lock.txt pins"
+                            + (f" ({name}=={version})." if version else " (the lock has no such package)."),
+                            "Run `make lock` in the project (or pin the package in pyproject.toml) and build again.")
 
 
 # Never packed into the appliance's wheel: build trees, caches and local artifacts of the source tree.
@@ -47,19 +63,16 @@ def build_wheelhouse(wh: Wheelhouse, out: Path) -> None:
     if not own:
         raise SpecError("Building the appliance's own wheel produced no appliance-*.whl.")
     extras = f"[{','.join(wh.extras)}]" if wh.extras else ""
+    lock_file = wh.project / "requirements" / "lock.txt"
+    if not lock_file.is_file():
+        raise SpecError(f"The project {wh.project} has no requirements/lock.txt to resolve the wheelhouse from.",
+                        "Run `make lock` in the project.")
+    lock_text = lock_file.read_text()
+    llama = llama_wheel.build(llama_wheel.default_cache())
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as pins:
-        pins.write(environment_pins())
+        pins.write(constraints(lock_text))
         pins.flush()
-        _pip("wheel", "--quiet", "--wheel-dir", str(out), "--constraint", pins.name, f"{own[-1]}{extras}")
-
-
-def sbom(digests: dict[str, str], prefix: str = "wheels/") -> list[dict[str, Any]]:
-    """One entry per wheel in the bundle's file digests: name, version, platform tags, path, SHA-256."""
-    entries = []
-    for path in sorted(p for p in digests if p.startswith(prefix) and p.endswith(".whl")):
-        m = _WHEEL_NAME.match(path[len(prefix):])
-        if not m:
-            raise SpecError(f"{path} is not a valid wheel file name.")
-        entries.append({"name": m["name"].replace("_", "-").lower(), "version": m["version"], "tags": m["tags"],
-                        "path": path, "sha256": digests[path]})
-    return entries
+        # The lock's versions, and llama-cpp-python only as the portable wheel (never its sdist).
+        _pip("wheel", "--quiet", "--wheel-dir", str(out), "--constraint", pins.name, "--find-links", str(llama.parent),
+             "--only-binary", BUILT_HERE, f"{own[-1]}{extras}")
+    _check_locked(out, pins_of(lock_text), llama)

@@ -235,3 +235,20 @@ def test_inspect_shows_contents(slim: SlimBundle, capsys: pytest.CaptureFixture[
     assert main(["bundle", "inspect", str(slim.dir), "--trust", str(slim.pub)]) == 0
     out = capsys.readouterr().out
     assert "slim 1.0.0" in out and "verified, SHA256:" in out and "tiny  llama.cpp/gguf" in out
+
+
+def test_inspect_sbom_prints_a_cyclonedx_document_of_every_wheel(slim: SlimBundle, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+    import json
+
+    assert main(["bundle", "inspect", str(slim.dir), "--trust", str(slim.pub), "--sbom"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["bomFormat"] == "CycloneDX" and doc["specVersion"] == "1.6"
+    wheels = sorted(p.relative_to(slim.dir).as_posix() for p in (slim.dir / "wheels").glob("*.whl"))
+    assert wheels and sorted(c["bom-ref"] for c in doc["components"]) == wheels
+    for c in doc["components"]:
+        data = (slim.dir / c["bom-ref"]).read_bytes()
+        assert c["hashes"] == [{"alg": "SHA-256", "content": hashlib.sha256(data).hexdigest()}]
+        assert c["purl"].startswith(f"pkg:pypi/{c['name']}@{c['version']}")
+    appliance = next(c for c in doc["components"] if c["name"] == "appliance")
+    assert appliance["licenses"], "the licence the wheel's metadata declares"

@@ -86,3 +86,28 @@ def scores(lib: Path) -> dict[str, int]:
         so.ggml_backend_score.restype = ctypes.c_int
         out[name] = int(so.ggml_backend_score())
     return out
+
+
+def choose(lib: Path, python: str | None = None) -> tuple[str | None, dict[str, int]]:
+    """The variant ggml would load from `lib` on this CPU, and every score, asked of the libraries
+    themselves in a child process (a library that cannot load here must not take the caller down)."""
+    import json
+    import subprocess
+    import sys
+
+    if not variants(lib):
+        return None, {}
+    proc = subprocess.run([python or sys.executable, "-m", "appliance.engines.cpu_backend", str(lib)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise EngineError(f"Scoring llama.cpp's CPU variants in {lib} failed (exit code {proc.returncode}).")
+    got: dict[str, int] = json.loads(proc.stdout)
+    best = max(got, key=lambda k: got[k]) if got and max(got.values()) > 0 else None
+    return best, got
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(scores(Path(sys.argv[1]))))

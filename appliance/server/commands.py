@@ -25,12 +25,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log = logging.getLogger("appliance.server")
 
+    # A child decodes a real prompt first: an engine that dies by a signal on this CPU is reported
+    # in one sentence here, not by a crash at the first user's request.
+    from dataclasses import asdict
+
     import uvicorn
 
-    from appliance.engines import load_engine
+    from appliance.engines import load_engine, selftest
     from appliance.server import sd_notify
     from appliance.server.app import Settings, create_app
 
+    log.info("engine self-test: %s", selftest.run(sys.executable, layout.root, asdict(config.model)).summary())
     active = adapters.active_adapter(layout)
     log.info("loading %s (%s) from %s, adapter %s", config.model.id, config.model.backend,
              config.model.resolve_path(layout), active.id if active else "none")
