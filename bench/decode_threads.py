@@ -63,6 +63,9 @@ _loaded: list = []
 
 def _model():
     if not _loaded:
+        from appliance.engines import cpu_backend
+
+        cpu_backend.load()  # the portable wheel's best CPU variant, before llama_backend_init
         import llama_cpp as L
         from llama_cpp import _logger
 

@@ -64,6 +64,11 @@ def smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# llama-cpp-python's own server, after loading the portable wheel's best CPU variant (it never does itself).
+PEER_SERVER = ("import runpy, sys; from appliance.engines import cpu_backend; cpu_backend.load(); "
+               "sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', run_name='__main__')")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,6 +77,9 @@ def free_port() -> int:
 
 def raw_in_process(model: Path, threads: int, n: int, max_tokens: int, ctx: int) -> Row:
     """(a): the plain library, one request after another."""
+    from appliance.engines import cpu_backend
+
+    cpu_backend.load()  # the portable wheel's best CPU variant, as our engine loads it
     from llama_cpp import Llama
 
     llm = Llama(str(model), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -224,7 +232,7 @@ def main() -> int:
     if why is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(args.threads),
+        argv = [sys.executable, "-c", PEER_SERVER, "--model", str(model), "--n_threads", str(args.threads),
                 "--n_threads_batch", str(args.threads), "--n_ctx", str(args.context), "--host", "127.0.0.1", "--port", str(port)]
         try:
             with process(argv, url, tmp / "peer.log"):

@@ -46,6 +46,10 @@ CMAKE_ARGS = (
     "-DGGML_BACKEND_DIR:STRING=llama_cpp/lib", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 )
 
+# For bench/portable_vs_native.py only: llama-cpp-python's default build (-march=native), which runs
+# on the building CPU alone and never ships.
+NATIVE_CMAKE_ARGS = ("-DGGML_NATIVE=ON",)
+
 _VARIANT_LINE = re.compile(r"^\s*ggml_add_cpu_backend_variant\((\w+)[^)]*\)\s*$", re.M)
 _GGML_CMAKE = "vendor/llama.cpp/ggml/src/CMakeLists.txt"
 
@@ -54,9 +58,9 @@ class BuildError(RuntimeError):
     pass
 
 
-def build_key() -> str:
+def build_key(native: bool = False) -> str:
     """What the wheel depends on: the sdist, the flags, the variants and this recipe's version."""
-    text = "\n".join([SDIST_SHA256, *CMAKE_ARGS, *VARIANTS, "recipe 1"])
+    text = "\n".join([SDIST_SHA256, *(NATIVE_CMAKE_ARGS if native else (*CMAKE_ARGS, *VARIANTS)), "recipe 1"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -96,9 +100,9 @@ def fetch_sdist(dest: Path) -> Path:
     return sdist
 
 
-def build(cache: Path, jobs: int | None = None) -> Path:
-    """The portable wheel, built once per key; returns its path."""
-    out = cache / f"llama-cpp-python-{VERSION}-{build_key()}"
+def build(cache: Path, jobs: int | None = None, native: bool = False) -> Path:
+    """The portable wheel (or, for benchmarks, the native one), built once per key; returns its path."""
+    out = cache / f"llama-cpp-python-{VERSION}-{'native-' if native else ''}{build_key(native)}"
     done = out / "SHA256SUMS"
     if done.is_file():
         name, digest = _read_sums(done)
@@ -113,9 +117,10 @@ def build(cache: Path, jobs: int | None = None) -> Path:
             tf.extractall(work, filter="data")
         src = work / SDIST.removesuffix(".tar.gz")
         cmake = src / _GGML_CMAKE
-        cmake.write_text(keep_variants(cmake.read_text()))
+        if not native:
+            cmake.write_text(keep_variants(cmake.read_text()))
         env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}  # it turns ggml's SIMD off
-        env["CMAKE_ARGS"] = " ".join(CMAKE_ARGS)
+        env["CMAKE_ARGS"] = " ".join(NATIVE_CMAKE_ARGS if native else CMAKE_ARGS)
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs or os.cpu_count() or 2)
         wheels = work / "wheels"
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
@@ -124,7 +129,8 @@ def build(cache: Path, jobs: int | None = None) -> Path:
         if len(built) != 1:
             raise BuildError(f"the build left {len(built)} wheels in {wheels}, expected one.")
         try:
-            check_wheel(built[0])
+            if not native:
+                check_wheel(built[0])
         except BuildError:
             shutil.copyfile(built[0], out / f"rejected-{built[0].name}")  # kept for a look
             raise
@@ -159,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m installer.llama_wheel", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="where built wheels are kept (default: %(default)s)")
     ap.add_argument("--key", action="store_true", help="print the build key and exit")
+    ap.add_argument("--native", action="store_true", help="build the -march=native wheel instead (benchmarks only; never ships)")
     args = ap.parse_args(argv)
     if args.key:
-        print(build_key())
+        print(build_key(args.native))
         return 0
     try:
-        print(build(args.cache or default_cache()))
+        print(build(args.cache or default_cache(), native=args.native))
     except (BuildError, subprocess.CalledProcessError) as e:
         print(f"error: building the portable llama-cpp-python wheel failed: {e}", file=sys.stderr)
         return 1

@@ -31,6 +31,9 @@ def engines(demo_run: DemoRun, trainer_base_dir: Path):
 
 
 def _llama(gguf: Path, lora: Path | None, n_ctx: int = 512):
+    from appliance.engines import cpu_backend
+
+    cpu_backend.load()  # the portable wheel's CPU variants, before llama_cpp initialises its backends
     from llama_cpp import Llama
 
     kw = {"model_path": str(gguf), "n_ctx": n_ctx, "logits_all": True, "verbose": False, "n_threads": 1, "seed": 0}
