@@ -74,15 +74,16 @@ def _machine(layout: Layout) -> dict[str, Any]:
 
 
 def _plan(layout: Layout) -> dict[str, Any]:
+    from installer.manifest import MANIFEST, parse_manifest
     from installer.planner import plan
     from installer.probe import probe
-    from installer.tiers import parse_tiers
+    from installer.tiers import models_of, parse_tiers
 
-    manifest = layout.current / "manifest.json"
+    manifest = layout.current / MANIFEST
     if not manifest.is_file():
         return {"note": "no installed release with a manifest; nothing to plan"}
-    tiers = parse_tiers(json.loads(manifest.read_bytes())["tiers"])
-    return plan(probe(layout.root), tiers).to_json()
+    m = parse_manifest(manifest.read_bytes())
+    return plan(probe(layout.root), parse_tiers(m.tiers, models_of(m.models))).to_json()
 
 
 def _config(layout: Layout) -> dict[str, Any]:

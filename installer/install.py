@@ -24,7 +24,7 @@ from appliance.errors import KeyMaterialError, SignatureError, StateError, TierE
 from appliance.paths import Layout
 from appliance.state import highest_sequence, load_state, time_floor
 from installer.engine_check import step_engine
-from installer.manifest import Manifest, Model
+from installer.manifest import MANIFEST, Manifest, Model, canonical_json
 from installer.release import RELEASE_JSON, Release, build_venv, current_or_none, fsync_tree, read_release, release_id
 from installer.runner import Runner
 from installer.steps import Emit, Skip, Step, run_steps
@@ -273,6 +273,7 @@ def step_stage(ctx: Context, progress: Callable[[str, float | None], None]) -> s
     t.remove_tree(stage)
     info = dict(ctx.release_info, extras=extras, installed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     t.write(partial / RELEASE_JSON, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    t.write(partial / MANIFEST, canonical_json(ctx.manifest.raw), 0o644)  # the signed bytes: `hw`, support bundles
     t.call(f"fsync {partial}", fsync_tree, partial)
     t.remove_tree(final)
     t.rename(partial, final)

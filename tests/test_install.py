@@ -49,6 +49,14 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
     model1 = s["model"]["path"]
     assert (root / model1.lstrip("/")).is_file()
     assert not (Layout.at(root).releases / s["current"]["id"] / "wheelhouse").exists()  # the copy pip used is gone
+    # The release keeps its bundle's signed manifest: `hw` plans from the installed tier table.
+    assert (Layout.at(root).current / "manifest.json").read_bytes() == (b.b1 / "manifest.json").read_bytes()
+    code, out, err = cli(capsys, "hw", "--root", str(root), "--json")
+    assert json.loads(out)["source"].startswith(f"bundle {Layout.at(root).current / 'manifest.json'}"), out
+    from appliance.support_bundle import collect
+    from installer.runner import RecordingRunner
+
+    assert json.loads(collect(Layout.at(root), RecordingRunner())["plan.json"])["chosen"] == "cpu"
     # `appliance` is on PATH: a link through `current` into the release's venv, which runs.
     link = Layout.at(root).command_link
     assert os.readlink(link) == str(Layout.at(root).command)

@@ -144,3 +144,12 @@ def test_the_install_stops_before_the_switch_when_the_engine_dies_on_this_cpu(tm
     assert parse_cpuinfo(Path("/proc/cpuinfo").read_text()).level in msg, msg
     assert "portable llama.cpp runtime" in e.value.hint and "Nothing was switched" in e.value.hint
     assert not layout.current.exists()
+
+
+def test_an_engine_that_cannot_answer_stops_with_what_failed(tmp_path, model_settings):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)  # a damaged model: the engine loads no weights from it
+    with pytest.raises(EngineError) as e:
+        selftest.run(sys.executable, Path("/"), dict(model_settings, path=str(bad)))
+    assert "failed a test prompt on this CPU" in e.value.message and "could not load the model" in e.value.message
+    assert "Nothing was switched" in e.value.hint
