@@ -94,3 +94,14 @@ def test_serve_without_config_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-m", "appliance.cli", "serve", "--root", str(tmp_path)], capture_output=True, text=True,
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert r.returncode == 17 and "appliance.toml does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_decodes_a_test_prompt_in_a_child_before_it_loads_the_model(tmp_path, smollm2_gguf):
+    root = make_root(tmp_path / "root", smollm2_gguf)
+    model = next(p for p in root.layout.models.rglob("*.gguf"))
+    model.unlink()
+    model.write_bytes(b"GGUF" + b"\0" * 64)  # damaged: the child's decode fails, and says so before the server loads it
+    r = subprocess.run([sys.executable, "-m", "appliance.cli", "serve", "--root", str(root.layout.root), "--port", str(free_port())],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "The llama.cpp engine failed a test prompt on this CPU" in r.stderr and "loading " not in r.stderr, r.stderr[-1500:]

@@ -25,8 +25,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log = logging.getLogger("appliance.server")
 
-    # A child decodes a real prompt first: an engine that dies by a signal on this CPU is reported
-    # in one sentence here, not by a crash at the first user's request.
     from dataclasses import asdict
 
     import uvicorn
@@ -35,7 +33,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.server import sd_notify
     from appliance.server.app import Settings, create_app
 
-    log.info("engine self-test: %s", selftest.run(sys.executable, layout.root, asdict(config.model)).summary())
+    if config.model.backend == "llama.cpp":
+        # A child decodes a real prompt first: a llama.cpp build that dies by a signal on this CPU is
+        # reported in one sentence here, not by a crash at the first user's request. (torch picks its
+        # CPU kernels at run time; the in-process warm-up covers the transformers backend.)
+        log.info("engine self-test: %s", selftest.run(sys.executable, layout.root, asdict(config.model)).summary())
     active = adapters.active_adapter(layout)
     log.info("loading %s (%s) from %s, adapter %s", config.model.id, config.model.backend,
              config.model.resolve_path(layout), active.id if active else "none")
