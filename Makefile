@@ -56,6 +56,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check appliance installer tests bench
+	$(BIN)/mypy appliance installer
 
 clean:
 	rm -rf build demo .pytest_cache
