@@ -24,7 +24,7 @@ HISTORY = "history.json"
 
 
 class AdapterError(ApplianceError):
-    exit_code = 40
+    """An adapter that cannot be found, read, promoted or rolled back as asked."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ PREFIX = "apl"
 
 
 class ApiKeyError(ApplianceError):
-    exit_code = 18
+    """An API key that cannot be created, found or revoked as asked."""
 
 
 @dataclass(frozen=True)

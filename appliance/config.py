@@ -19,7 +19,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ApplianceError):
-    exit_code = 17
     default_hint = "Fix /etc/appliance/appliance.toml (the installer wrote the original) and start again."
 
 

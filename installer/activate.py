@@ -29,7 +29,6 @@ STATE_DIRS = (("var", 0o750), ("models", 0o700), ("adapters", 0o750), ("data", 0
 
 
 class NotReadyError(ApplianceError):
-    exit_code = 41
     default_hint = "See `journalctl -u appliance-server` for why the server did not start."
 
 

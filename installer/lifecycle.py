@@ -22,7 +22,6 @@ LOCK_PATH = "run/lock/appliance-install.lock"
 
 
 class LockedError(ApplianceError):
-    exit_code = 42
     default_hint = "Wait for it to finish (see its terminal), then run the command again."
 
 

@@ -16,7 +16,6 @@ from appliance.errors import ApplianceError
 
 
 class CommandError(ApplianceError):
-    exit_code = 40
     default_hint = "The command's own message is above; fix the cause and run the same command again."
 
 

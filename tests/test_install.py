@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cli import main
+from appliance.errors import EXIT_CODES
 from appliance.paths import Layout
 from appliance.state import load_state
 from installer.lifecycle import install_lock
@@ -173,7 +174,7 @@ def test_a_second_install_is_refused_while_one_runs(install_bundles: InstallBund
     with install_lock(Layout.at(root)):
         proc = subprocess.run([sys.executable, "-m", "appliance.cli", *install_args(b, root, None, "--no-systemd")],
                               capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 42 and f"pid {os.getpid()}" in proc.stderr, proc.stderr
+    assert proc.returncode == EXIT_CODES["LockedError"] and f"pid {os.getpid()}" in proc.stderr, proc.stderr
     assert not (root / "opt").exists()
 
 

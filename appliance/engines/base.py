@@ -22,6 +22,9 @@ from appliance.errors import EngineError
 class QueueFull(EngineError):
     """More requests are waiting than the queue holds."""
 
+    http_status = 429
+    openai_type = "rate_limit_error"
+
 
 @dataclass(frozen=True)
 class SamplingParams:

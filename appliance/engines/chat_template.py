@@ -20,6 +20,8 @@ CHATML = (
 
 
 class ChatTemplateError(EngineError):
+    http_status = 400  # the messages cannot be rendered: the request's fault
+    openai_type = "invalid_request_error"
     default_hint = "The model's chat template could not render these messages; check the roles and contents."
 
 

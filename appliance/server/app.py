@@ -20,6 +20,7 @@ from appliance import adapters
 from appliance.apikeys import KeyCache
 from appliance.config import ServerConfig
 from appliance.engines.base import Engine, warm_up
+from appliance.errors import ApplianceError
 from appliance.paths import Layout
 from appliance.server import routes, sd_notify
 from appliance.server.gate import Gate
@@ -98,6 +99,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None,
                       headers=dict(e.headers) if e.headers else None)
+
+    @app.exception_handler(ApplianceError)
+    async def domain_error(request: Request, e: ApplianceError) -> JSONResponse:
+        # A domain error that escaped a route: its own status and type, its sentence and hint.
+        if e.http_status >= 500:
+            log.error("%s on %s: %s", type(e).__name__, request.url.path, e.message)
+        return _error(e.http_status, f"{e.message} {e.hint}".strip() if e.hint else e.message, e.openai_type)
 
     @app.exception_handler(Exception)
     async def crash(request: Request, e: Exception) -> JSONResponse:

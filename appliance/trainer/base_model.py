@@ -19,7 +19,6 @@ DONE = ".complete"
 
 
 class BaseModelError(ApplianceError):
-    exit_code = 42
     default_hint = "Check [model].path in appliance.toml; reinstall the bundle if the model files are damaged."
 
 

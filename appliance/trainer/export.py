@@ -20,7 +20,7 @@ from appliance.errors import ApplianceError
 
 
 class ExportError(ApplianceError):
-    exit_code = 44
+    """An adapter that cannot be turned into a GGUF LoRA for llama.cpp."""
 
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")

@@ -12,7 +12,7 @@ from appliance.paths import Layout
 
 
 class TrainerConfigError(ApplianceError):
-    exit_code = 41
+    """A [trainer] setting in appliance.toml that is wrong."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

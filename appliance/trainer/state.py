@@ -24,7 +24,6 @@ ANCHOR_MAX = 200  # earlier validation examples kept for the anti-forgetting che
 
 
 class TrainerBusy(ApplianceError):
-    exit_code = 45
     default_hint = "Another `appliance train` is running; wait for it to finish (see `systemctl status appliance-trainer`)."
 
 

@@ -23,7 +23,7 @@ IGNORE = -100
 
 
 class TrainingError(ApplianceError):
-    exit_code = 43
+    """A training run that cannot start or did not finish."""
 
 
 @dataclass(frozen=True)
