@@ -1,7 +1,9 @@
 """The [server] and [model] sections of /etc/appliance/appliance.toml as typed, validated values.
 
-Unknown keys and sections are ignored (the trainer reads [trainer] from the same file); a wrong
-type or an out-of-range value is one ConfigError that names the key and says what would be valid.
+The dataclasses below are the one definition of each key and its default: the installer writes
+from them (installer/config_file.py) and the server reads with them. A key no section knows (a
+typo) and a section the appliance does not read are errors that name them; so is a wrong type or
+an out-of-range value. The trainer validates [trainer] (appliance/trainer/settings.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class ModelConfig:
     gpu_layers: int = field(default=0, metadata={"help": "layers llama.cpp offloads to the GPU (-1: all)", "min": -1})
     dtype: str = field(default="float32", metadata={"help": "transformers weights dtype", "choices": DTYPES})
     replicas: int = field(default=1, metadata={"help": "model replicas (one per GPU on multi-gpu)", "min": 1})
+    tensor_parallel: int = field(default=1, metadata={"help": "GPUs one replica spans (this server runs 1)", "min": 1, "max": 1})
+    quantization: str = field(default="", metadata={"help": "the GGUF's quantization, as the tier names it (informative)"})
+    gpus: tuple[int, ...] = field(default=(), metadata={"help": "NVML indices of the GPUs the installer planned for"})
+    cuda_visible_devices: str | None = field(default=None, metadata={
+        "help": "CUDA_VISIBLE_DEVICES for the server and trainer (GPU or MIG UUIDs; empty: no GPU); absent: left as it is"})
 
     def resolve_path(self, layout: Layout) -> Path:
         """The model path under the root the process was started with."""
@@ -56,24 +63,37 @@ class Config:
     source: Path | None = None
 
 
+SECTIONS = ("server", "model", "trainer")
+_TYPES: dict[str, type] = {"str": str, "str | None": str, "int": int, "bool": bool, "tuple[int, ...]": list}
+
+
 def _build(cls: type, section: str, raw: Any) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"[{section}] in the config is not a table.")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"[{section}] has no setting {unknown[0]!r}; the settings of [{section}] are {', '.join(known)}.",
+                          "Correct or remove it (a misspelt key would otherwise be ignored) and start again.")
     values: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in raw:
             continue
-        v = raw[f.name]
-        want = {"str": str, "int": int, "bool": bool}[f.type] if isinstance(f.type, str) else f.type
+        v: Any = raw[f.name]
+        want = _TYPES[f.type] if isinstance(f.type, str) else f.type
         # bool is an int in Python; a port of `true` is still a mistake.
         if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise ConfigError(f"[{section}] {f.name} must be a {want.__name__} ({f.metadata['help']}), not {v!r}.")
+            raise ConfigError(f"[{section}] {f.name} must be a {'list' if want is list else want.__name__} ({f.metadata['help']}), not {v!r}.")
+        if want is list and isinstance(v, list):
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+                raise ConfigError(f"[{section}] {f.name} must be a list of GPU indices (whole numbers), not {v!r}.")
+            v = tuple(v)
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-            raise ConfigError(f"[{section}] {f.name} must be {bounds}, not {v}.")
+            bounds = f"at least {lo}" if hi is None else (str(lo) if lo == hi else f"between {lo} and {hi}")
+            raise ConfigError(f"[{section}] {f.name} must be {bounds} ({f.metadata['help']}), not {v}.")
         if "choices" in f.metadata and v not in f.metadata["choices"]:
             raise ConfigError(f"[{section}] {f.name} must be one of {', '.join(f.metadata['choices'])}, not {v!r}.")
         values[f.name] = v
@@ -82,6 +102,15 @@ def _build(cls: type, section: str, raw: Any) -> Any:
     except TypeError:
         missing = [f.name for f in fields(cls) if f.name not in values]
         raise ConfigError(f"[{section}] is missing {', '.join(missing)}.") from None
+
+
+def use_devices(model: ModelConfig) -> None:
+    """Make CUDA see exactly the GPUs the installer planned for (none for a CPU tier); before anything
+    initialises CUDA."""
+    import os
+
+    if model.cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = model.cuda_visible_devices
 
 
 def model_config(raw: dict[str, Any]) -> ModelConfig:
@@ -97,6 +126,11 @@ def parse_config(text: str, source: Path | None = None) -> Config:
     if "model" not in raw:
         raise ConfigError(f"The config {source or ''} has no [model] section.".replace("  ", " "),
                           "Install a bundle first; the installer writes [model].")
+    stray = sorted(set(raw) - set(SECTIONS))
+    if stray:
+        raise ConfigError(f"The config {source or ''} has a section [{stray[0]}] the appliance does not read; "
+                          f"its sections are {', '.join(f'[{s}]' for s in SECTIONS)}.".replace("  ", " "),
+                          "Correct or remove it and start again.")
     return Config(_build(ServerConfig, "server", raw.get("server")), _build(ModelConfig, "model", raw["model"]), source)
 
 

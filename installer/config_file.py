@@ -10,24 +10,22 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from appliance.config import ServerConfig
 from appliance.errors import StateError
 from appliance.paths import Layout
+from appliance.trainer.settings import TrainerSettings
 
 Values = dict[str, dict[str, Any]]
 BASE_NAME = ".appliance.toml.installed.json"
 
-SERVER_DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1", "port": 8088, "max_queue": 64, "max_batch": 8,
-    "request_body_limit": 1048576, "audit_prompts": False,
-}
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "schedule": "*-*-* 03:00:00", "min_new_examples": 50, "learning_rate": 2e-4, "epochs": 3, "patience": 3,
-    "gate_margin": 0.02, "keep_adapters": 5, "lora_rank": 8, "lora_alpha": 16,
-    "lora_targets": ["q_proj", "v_proj"], "batch_size": 8,
-}
+# What the installer writes, with the defaults the readers declare (appliance.config, appliance.trainer.settings).
+SERVER_DEFAULTS: dict[str, Any] = asdict(ServerConfig())
+TRAINER_DEFAULTS: dict[str, Any] = {k: v for k, v in asdict(TrainerSettings()).items() if k in (
+    "schedule", "min_new_examples", "learning_rate", "epochs", "patience", "gate_margin", "keep_adapters",
+    "lora_rank", "lora_alpha", "lora_targets", "batch_size")}
 HEADER = """# The appliance's configuration, written by `appliance install`.
 # Edit freely: on upgrade the installer changes only the values it wrote itself and you left alone.
 # Restart the server after an edit: systemctl restart appliance-server.

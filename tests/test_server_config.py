@@ -10,10 +10,57 @@ from appliance.paths import Layout
 BASE = '[model]\npath = "/var/lib/appliance/models/x/model.gguf"\n'
 
 
-def test_defaults_and_unknown_keys_ignored():
-    cfg = parse_config(BASE + "extra = 1\n[trainer]\nepochs = 3\n[server]\nport = 9000\nnew_thing = true\n")
+def test_defaults():
+    cfg = parse_config(BASE + "[trainer]\nepochs = 3\n[server]\nport = 9000\n")
     assert cfg.server.port == 9000 and cfg.server.host == "127.0.0.1" and cfg.server.max_batch == 8
-    assert cfg.model.backend == "llama.cpp" and cfg.model.context_length == 2048
+    assert cfg.model.backend == "llama.cpp" and cfg.model.context_length == 2048 and cfg.model.gpus == ()
+    assert cfg.model.cuda_visible_devices is None  # absent: the server leaves CUDA_VISIBLE_DEVICES as it is
+
+
+@pytest.mark.parametrize("text, needle", [
+    (BASE + "contxt_length = 4096\n", "\\[model\\] has no setting 'contxt_length'; the settings of \\[model\\] are path, id"),
+    (BASE + "[server]\nprot = 9000\n", "\\[server\\] has no setting 'prot'"),
+    (BASE + "[sever]\nport = 9000\n", "a section \\[sever\\] the appliance does not read"),
+])
+def test_an_unknown_key_or_section_is_an_error_that_names_it(text, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        parse_config(text)
+    assert "misspelt" in e.value.hint or "remove it" in e.value.hint
+
+
+def test_the_trainer_refuses_an_unknown_key_too():
+    from appliance.trainer.settings import TrainerConfigError, parse_trainer_settings
+
+    with pytest.raises(TrainerConfigError, match="has no setting 'epoch'"):
+        parse_trainer_settings({"epoch": 3})
+
+
+@pytest.mark.parametrize("machine", ["8x-h100-80g", "a100-40g-mig", "2x-rtx3090-24g", "cpu-8c-16g"])
+def test_the_planned_gpus_reach_the_server(machine, monkeypatch):
+    """What the planner chose is in the server's config and in CUDA_VISIBLE_DEVICES of its process
+    (the keys were once dropped on the way)."""
+    from pathlib import Path
+
+    from appliance.config import use_devices
+    from installer.config_file import desired_values, render
+    from installer.machine import load_machine
+    from installer.planner import plan
+    from installer.spec import load_spec
+    from installer.tiers import models_of, parse_tiers
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = load_spec(repo / "bundles" / "demo.toml")
+    p = plan(load_machine(repo / "tests" / "fixtures" / "machines" / f"{machine}.json"), parse_tiers(spec.tiers, models_of(spec.models)))
+    settings = dict(p.model_settings(), path="/var/lib/appliance/models/k/model")
+    cfg = parse_config(render(desired_values(settings, {}, {})))
+    assert cfg.model.gpus == tuple(settings["gpus"]) and cfg.model.cuda_visible_devices == settings["cuda_visible_devices"]
+    assert (cfg.model.replicas, cfg.model.tier, cfg.model.backend) == (settings["replicas"], settings["tier"], settings["backend"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "whatever was there")
+    use_devices(cfg.model)
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == settings["cuda_visible_devices"]  # a CPU tier: "", CUDA sees no GPU
+    assert settings["cuda_visible_devices"].startswith(("GPU-", "MIG-")) or machine == "cpu-8c-16g"
 
 
 def test_model_path_resolves_under_root(tmp_path):

@@ -49,7 +49,7 @@ def _emit(**fields: Any) -> None:
 
 
 def child(root: Path, model: dict[str, Any]) -> None:
-    from appliance.config import model_config
+    from appliance.config import model_config, use_devices
     from appliance.cpu import this_cpu
     from appliance.engines import load_engine
     from appliance.engines.base import SamplingParams, generate
@@ -57,6 +57,7 @@ def child(root: Path, model: dict[str, Any]) -> None:
 
     _emit(stage="cpu", cpu=this_cpu().describe())
     cfg = model_config(model)
+    use_devices(cfg)  # the GPUs the server will use, before CUDA starts
     if cfg.backend == "llama.cpp":
         from appliance.engines import cpu_backend
 
@@ -83,6 +84,7 @@ def _signal_name(rc: int) -> str:
 def run(python: str | Path, root: Path, model: dict[str, Any], timeout: float = 600) -> SelfTest:
     """Run the child with `python` (a release's venv, or this interpreter); an EngineError says what
     died, on which CPU, and what to do."""
+    model = {k: v for k, v in model.items() if v is not None}  # an absent setting keeps its default
     cmd = [str(python), "-m", "appliance.engines.selftest", "--root", str(root), "--model", json.dumps(model)]
     backend = model.get("backend", "llama.cpp")
     try:

@@ -16,10 +16,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from appliance import adapters
-    from appliance.config import load_config
+    from appliance.config import load_config, use_devices
 
     layout = Layout.at(args.root)
     config = load_config(layout, Path(args.config) if args.config else None)
+    use_devices(config.model)  # before the self-test and the engine touch CUDA
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -48,7 +48,12 @@ class TrainerSettings:
 
 
 def parse_trainer_settings(table: dict[str, Any], source: str = "[trainer]") -> TrainerSettings:
-    """Validate a [trainer] table; unknown keys are ignored (other readers may use them)."""
+    """Validate a [trainer] table; a key it does not know (a typo) is an error that names it."""
+    known = [f.name for f in fields(TrainerSettings)]
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise TrainerConfigError(f"{source} has no setting {unknown[0]!r}; the settings of [trainer] are {', '.join(known)}.",
+                                 "Correct or remove it (a misspelt key would otherwise be ignored) and run again.")
     values: dict[str, Any] = {}
     for f in fields(TrainerSettings):
         if f.name not in table:
@@ -108,7 +113,8 @@ class BaseModelRef:
 
 
 def load_base_model_ref(layout: Layout, path: Path | None = None) -> BaseModelRef:
-    """[model] path/backend/id, with the path resolved under --root.
+    """[model] path/backend/id, with the path resolved under --root; CUDA is pointed at the GPUs the
+    installer planned ([model] cuda_visible_devices), as the server is.
 
     The server's appliance.config reads [model] in full; the trainer needs three keys and must not
     depend on the server's import graph, so it reads only those.
@@ -118,6 +124,10 @@ def load_base_model_ref(layout: Layout, path: Path | None = None) -> BaseModelRe
     if not isinstance(table, dict) or not isinstance(table.get("path"), str):
         raise TrainerConfigError(f"{path} has no [model] path, so there is no base model to train.",
                                  "Install a bundle first; the installer writes [model].")
+    if isinstance(table.get("cuda_visible_devices"), str):
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = table["cuda_visible_devices"]  # the planned GPUs, before CUDA starts
     backend = str(table.get("backend", "llama.cpp"))
     if backend not in ("llama.cpp", "transformers"):
         raise TrainerConfigError(f"[model] backend in {path} is {backend!r}; it must be llama.cpp or transformers.")
