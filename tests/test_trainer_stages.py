@@ -20,7 +20,7 @@ def test_settings_from_toml_and_errors(tmp_path):
     layout = Layout.at(tmp_path)
     layout.etc.mkdir(parents=True)
     layout.config_file.write_text('[model]\npath = "/m/model.gguf"\nbackend = "llama.cpp"\nid = "x"\n'
-                                  '[trainer]\nlearning_rate = 1e-3\nlora_targets = ["q_proj"]\nunknown_key = 1\n')
+                                  '[trainer]\nlearning_rate = 1e-3\nlora_targets = ["q_proj"]\n')
     s = load_trainer_settings(layout)
     assert s.learning_rate == 1e-3 and s.lora_targets == ["q_proj"] and s.patience == 3 and s.gate_margin == 0.02
     ref = load_base_model_ref(layout)
