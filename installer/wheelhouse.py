@@ -68,7 +68,11 @@ def build_wheelhouse(wh: Wheelhouse, out: Path) -> None:
         raise SpecError(f"The project {wh.project} has no requirements/lock.txt to resolve the wheelhouse from.",
                         "Run `make lock` in the project.")
     lock_text = lock_file.read_text()
-    llama = llama_wheel.build(llama_wheel.default_cache())
+    try:
+        llama = llama_wheel.build(llama_wheel.default_cache())
+    except (llama_wheel.BuildError, subprocess.CalledProcessError) as e:
+        raise SpecError(f"Building the portable llama-cpp-python wheel failed: {e}",
+                        "Run `python -m installer.llama_wheel` in the project to see the whole build log.") from None
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as pins:
         pins.write(constraints(lock_text))
         pins.flush()

@@ -42,7 +42,7 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
     b, root = install_bundles, tmp_path / "root"
     code, out, err = cli(capsys, *install_args(b, root, None, "--no-systemd", "--trust", str(b.pub)))
     assert code == 0, err
-    for step in ("verify", "plan", "preflight", "stage", "model", "config", "switch", "record"):
+    for step in ("verify", "plan", "preflight", "stage", "model", "engine", "config", "switch", "record"):
         assert f"==> {step}:" in err
     assert "appliance --root" in err and "serve" in err  # --no-systemd says how to run the server
     s = status_json(capsys, root)
