@@ -63,12 +63,12 @@ def _bundle(spec: Path, keys: Path, bundle: Path) -> None:
 
 
 def _install(bundle: Path, keys: Path, root: Path, port: int) -> None:
-    from appliance.state import load_state
+    from appliance.state import load_install_state
     from installer.bundle_dir import read_signed
     from installer.manifest import parse_manifest
 
     sequence = parse_manifest(read_signed(bundle)[0]).sequence
-    state = load_state(Layout.at(root))
+    state = load_install_state(Layout.at(root))
     if state.get("current") and state.get("highest_sequence") == sequence:
         _say(f"reusing the install under {root} (sequence {sequence})")
         return

@@ -10,7 +10,7 @@ from appliance.errors import StateError
 from appliance.paths import Layout
 
 
-def load_state(layout: Layout) -> dict[str, Any]:
+def load_install_state(layout: Layout) -> dict[str, Any]:
     """The recorded state, or an empty one on a host where nothing was installed yet."""
     try:
         data = json.loads(layout.state_file.read_text())
@@ -43,7 +43,7 @@ def time_floor(state: dict[str, Any]) -> datetime | None:
         raise StateError("The state file's time_floor is not a timestamp.") from None
 
 
-def save_state(layout: Layout, state: dict[str, Any]) -> None:
+def save_install_state(layout: Layout, state: dict[str, Any]) -> None:
     """Replace state.json atomically (the caller holds the install lock)."""
     from appliance.atomic import atomic_write_json
 

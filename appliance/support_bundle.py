@@ -62,9 +62,9 @@ def _versions(_layout: Layout) -> dict[str, Any]:
 
 
 def _state(layout: Layout) -> dict[str, Any]:
-    from appliance.state import load_state
+    from appliance.state import load_install_state
 
-    return load_state(layout)
+    return load_install_state(layout)
 
 
 def _machine(layout: Layout) -> dict[str, Any]:

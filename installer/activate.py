@@ -19,7 +19,7 @@ from typing import Any
 
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
-from appliance.state import load_state, save_state, with_release
+from appliance.state import load_install_state, save_install_state, with_release
 from installer.release import RELEASE_JSON, Release, current_or_none, link_target, read_release
 from installer.steps import Skip, Step
 from installer.units import ENABLE, SERVER, SERVICE_USER, TIMER, UNITS, UnitSettings, load_templates, render_units
@@ -241,12 +241,12 @@ def record(ctx: Any, action: str) -> None:
     now = datetime.now(timezone.utc)
     audit(ctx.layout, {"event": action, "release": ctx.release_id, "version": info["version"],
                        "sequence": info["sequence"], "tier": info["tier"], "model": info["model"]["id"]}, ctx)
-    state = with_release(load_state(ctx.layout), release=ctx.release_id, sequence=int(info["sequence"]), issued_at=issued,
+    state = with_release(load_install_state(ctx.layout), release=ctx.release_id, sequence=int(info["sequence"]), issued_at=issued,
                          action=action, at=now, info={"version": info["version"], "tier": info["tier"]})
     if ctx.target.dry_run:
         ctx.target.actions.append(f"write {ctx.layout.state_file} (highest_sequence {state['highest_sequence']})")
         return
-    save_state(ctx.layout, state)
+    save_install_state(ctx.layout, state)
     rel = read_release(ctx.layout.releases / ctx.release_id)
     if rel is not None and (rel.info.get("tier") != info["tier"] or rel.info.get("config") != info.get("config")):
         # the same release re-installed with another tier: keep release.json telling the truth for rollback

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from appliance.atomic import PARTIAL_SUFFIX
 from appliance.errors import KeyMaterialError, SignatureError, StateError, TierError, UsageError
 from appliance.paths import Layout
-from appliance.state import highest_sequence, load_state, time_floor
+from appliance.state import highest_sequence, load_install_state, time_floor
 from installer.engine_check import step_engine
 from installer.manifest import MANIFEST, Manifest, Model, canonical_json
 from installer.release import RELEASE_JSON, Release, build_venv, current_or_none, fsync_tree, read_release, release_id
@@ -150,7 +150,7 @@ def step_verify(ctx: Context, progress: Callable[[str, float | None], None]) -> 
 
     assert ctx.opts.bundle is not None
     keys, how = trusted_keys(ctx)
-    ctx.state = load_state(ctx.layout)
+    ctx.state = load_install_state(ctx.layout)
     policy = Policy(now=datetime.now(timezone.utc), platform=host_platform(),
                     highest_sequence=highest_sequence(ctx.state), time_floor=time_floor(ctx.state))
     def on_file(path: str, done: int, size: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from appliance.errors import ApplianceError, StateError, UsageError
 from appliance.paths import Layout
-from appliance.state import highest_sequence, load_state
+from appliance.state import highest_sequence, load_install_state
 from installer.activate import audit, record, service_ids, step_enable, step_ready, step_start, step_switch, step_units
 from installer.install import Context, apply_config, clean_partials
 from installer.release import Release, current_release, list_releases, previous_release
@@ -150,7 +150,7 @@ def status(layout: Layout, runner: Any, running: bool) -> dict[str, Any]:
     """What is installed: current release, all releases, tier, model, units, last install. Reads only."""
     from installer.config_file import read_config
 
-    state = load_state(layout)
+    state = load_install_state(layout)
     problem = None
     try:
         cur: Release | None = current_release(layout)

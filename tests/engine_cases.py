@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from appliance.engines.base import Delta, QueueFull, SamplingParams
+from appliance.engines.scheduler import Delta, QueueFull, SamplingParams
 from tests.server_fixtures import generate, generate_together, install_adapter, submit
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Count from one to five.", "What is 2 + 2?"]

@@ -180,7 +180,7 @@ def install_adapter(layout: Layout, adapter_id: str, source: Path, *, activate: 
 
 def submit(engine, question: str, max_tokens: int = 24, **params) -> tuple[object, threading.Event, list]:
     """Submit a one-message chat; returns (sequence, done event, events list)."""
-    from appliance.engines.base import Finished, SamplingParams
+    from appliance.engines.scheduler import Finished, SamplingParams
 
     events: list = []
     done = threading.Event()

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from appliance.engines import load_engine
-from appliance.engines.base import QueueFull
 from appliance.engines.replicas import ReplicaSet
+from appliance.engines.scheduler import QueueFull
 from appliance.errors import EngineError
 from tests.server_fixtures import generate, make_root, submit
 

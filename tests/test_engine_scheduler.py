@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.engines.base import _stop_cut
+from appliance.engines.scheduler import _stop_cut
 
 
 @pytest.mark.parametrize("text, stops, expected", [

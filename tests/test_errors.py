@@ -46,7 +46,7 @@ def test_a_new_error_without_a_code_fails_at_once():
 
 def test_a_domain_error_escaping_a_route_gets_its_status_in_the_openai_shape():
     from appliance.adapters import AdapterError
-    from appliance.engines.base import QueueFull
+    from appliance.engines.scheduler import QueueFull
     from appliance.server.app import _install_error_handlers
 
     app = FastAPI()

@@ -14,7 +14,7 @@ import pytest
 from appliance.cli import main
 from appliance.errors import EXIT_CODES
 from appliance.paths import Layout
-from appliance.state import load_state
+from appliance.state import load_install_state
 from installer.lifecycle import install_lock
 from tests.bundle_fixtures import SlimBundle, slim_master  # noqa: F401
 from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
@@ -199,4 +199,4 @@ def test_not_ready_switches_back_to_the_previous_release(install_bundles: Instal
         step_ready(ctx, lambda m, f: None)
     assert current_release(layout).id == old.id
     assert ["systemctl", "restart", "appliance-server.service"] in runner.commands
-    assert load_state(layout)["current"] == new.id  # state is only rewritten by a completed run
+    assert load_install_state(layout)["current"] == new.id  # state is only rewritten by a completed run

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from appliance.paths import Layout
-from appliance.state import load_state
+from appliance.state import load_install_state
 from installer.config_file import read_config
 from installer.lifecycle import status
 from installer.release import read_release
@@ -70,7 +70,7 @@ def check_consistent(root: Path, allowed: set[str | None], why: str) -> str | No
     cur = s["current"]["id"] if s["current"] else None
     assert cur in allowed, f"{why}: current is {cur}, expected one of {allowed}"
     assert sum(r["current"] for r in s["releases"]) == (cur is not None), why
-    load_state(layout)  # state.json always parses
+    load_install_state(layout)  # state.json always parses
     if cur is None:
         return None
     rel = read_release(layout.releases / cur)
@@ -149,4 +149,4 @@ def test_sigkill_during_install_and_upgrade(install_bundles: InstallBundles, tmp
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
     assert s["current"]["sequence"] == 2 and [r["sequence"] for r in s["releases"]] == [1, 2]
-    assert load_state(Layout.at(root))["highest_sequence"] == 2
+    assert load_install_state(Layout.at(root))["highest_sequence"] == 2

@@ -114,7 +114,7 @@ def test_overload_gives_429_with_retry_after(url, gguf_root, llama_engine):
 
 def test_a_whole_answer_relays_only_its_first_text_and_its_end(url, gguf_root, monkeypatch):
     """Non-streaming requests do not wake the event loop per token; streaming ones get every piece."""
-    from appliance.engines.base import Delta, Finished
+    from appliance.engines.scheduler import Delta, Finished
     from appliance.server import serving
 
     relayed: list = []

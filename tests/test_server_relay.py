@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from appliance.engines.base import Delta, Finished
+from appliance.engines.scheduler import Delta, Finished
 from appliance.server.serving import _Relay
 
 

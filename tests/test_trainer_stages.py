@@ -10,7 +10,7 @@ import pytest
 from appliance.feedback_store import FeedbackStore
 from appliance.paths import Layout
 from appliance.trainer.data import Example, collect, mask_examples, validate
-from appliance.trainer.gate import Losses, decide
+from appliance.trainer.promotion import Losses, decide
 from appliance.trainer.settings import TrainerConfigError, load_base_model_ref, load_trainer_settings
 from appliance.trainer.split import split
 from appliance.trainer.train import length_grouped

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.config import ModelConfig
-from appliance.engines.base import Engine, Finished, QueueFull, SamplingParams
+from appliance.engines.scheduler import Engine, Finished, QueueFull, SamplingParams
 from appliance.errors import EngineError
 from appliance.paths import Layout
 

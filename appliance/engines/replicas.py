@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.engines.base import Engine, QueueFull, SamplingParams, Sequence, Sink
+from appliance.engines.scheduler import Engine, QueueFull, SamplingParams, Sequence, Sink
 
 
 class ReplicaSet:

@@ -52,7 +52,7 @@ def child(root: Path, model: dict[str, Any]) -> None:
     from appliance.config import model_config, use_devices
     from appliance.cpu import this_cpu
     from appliance.engines import load_engine
-    from appliance.engines.base import SamplingParams, generate
+    from appliance.engines.scheduler import SamplingParams, generate
     from appliance.paths import Layout
 
     _emit(stage="cpu", cpu=this_cpu().describe())

@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from appliance.engines.base import Sequence
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
+from appliance.engines.scheduler import Sequence
 from appliance.errors import EngineError
 
 

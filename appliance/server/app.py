@@ -19,12 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from appliance import adapters
 from appliance.apikeys import KeyCache
 from appliance.config import ServerConfig
-from appliance.engines.base import Engine, warm_up
+from appliance.engines.scheduler import Engine, warm_up
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
 from appliance.server import routes, sd_notify
-from appliance.server.gate import Gate
 from appliance.server.metrics import Metrics
+from appliance.server.middleware import Gate
 from appliance.server.serving import ApiError, Serving
 
 log = logging.getLogger("appliance.server")

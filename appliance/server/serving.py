@@ -16,8 +16,8 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from appliance.engines.base import Delta, Engine, Finished, QueueFull, SamplingParams, Sequence
 from appliance.engines.chat_template import ChatTemplateError
+from appliance.engines.scheduler import Delta, Engine, Finished, QueueFull, SamplingParams, Sequence
 from appliance.errors import EngineError
 from appliance.server import protocol as P
 from appliance.server.metrics import Metrics

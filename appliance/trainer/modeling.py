@@ -10,7 +10,7 @@ from typing import Any
 
 from appliance.adapters import Adapter
 from appliance.trainer.base_model import materialize
-from appliance.trainer.gate import Losses
+from appliance.trainer.promotion import Losses
 from appliance.trainer.settings import BaseModelRef, TrainerSettings
 from appliance.trainer.train import Encoded, evaluate_loss
 

@@ -25,7 +25,7 @@ from appliance.paths import Layout
 from appliance.trainer import state as st
 from appliance.trainer.data import Example, collect, mask_examples, validate
 from appliance.trainer.dedupe import dedupe
-from appliance.trainer.gate import decide
+from appliance.trainer.promotion import decide
 from appliance.trainer.report import write_report
 from appliance.trainer.settings import TrainerSettings, load_base_model_ref, load_trainer_settings
 from appliance.trainer.split import split
@@ -82,7 +82,7 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     log, stages = opts.log, report["stages"]
     settings = opts.settings or load_trainer_settings(layout)
     model_ref = load_base_model_ref(layout)
-    prior = st.load_state(paths)
+    prior = st.load_trainer_state(paths)
     last_row = int(prior.get("last_feedback_row", 0))
 
     store = FeedbackStore(paths.feedback_db) if paths.feedback_db.exists() else None

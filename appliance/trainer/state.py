@@ -94,7 +94,7 @@ def clean_leftovers(paths: TrainerPaths) -> None:
         remove_partials(d)
 
 
-def load_state(paths: TrainerPaths) -> dict:
+def load_trainer_state(paths: TrainerPaths) -> dict:
     try:
         value = json.loads(paths.state.read_text())
         return value if isinstance(value, dict) else {}

@@ -82,7 +82,7 @@ def _context(layout: Layout, runner: Any, opts: Any, emit: Callable[[Any], None]
 def check_bundle(layout: Layout, bundle: Path, machine: Path | None, confirm: Callable[[str], bool],
                  on_file: Callable[[str, int, int], None]) -> Checked:
     """Signature, policy and every file (reporting progress), then every tier judged on this machine."""
-    from appliance.state import highest_sequence, load_state, time_floor
+    from appliance.state import highest_sequence, load_install_state, time_floor
     from installer.bundle_dir import verify_bundle
     from installer.install import Options, trusted_keys
     from installer.keys import fingerprint
@@ -93,7 +93,7 @@ def check_bundle(layout: Layout, bundle: Path, machine: Path | None, confirm: Ca
 
     ctx = _context(layout, None, Options(bundle=bundle), lambda e: None, confirm, False)
     keys, how = trusted_keys(ctx)  # first install: asks, through `confirm`, whether the fingerprint is the vendor's
-    state = load_state(layout)
+    state = load_install_state(layout)
     policy = Policy(now=datetime.now(timezone.utc), platform=host_platform(),
                     highest_sequence=highest_sequence(state), time_floor=time_floor(state))
     manifest, signer = verify_bundle(bundle, keys, policy, on_file)
