@@ -398,6 +398,3 @@ def install(ctx: Context) -> None:
         run_steps(REFRESH_STEPS, ctx, ctx.emit)
         return
     run_steps(INSTALL_STEPS + ACTIVATE_STEPS, ctx, ctx.emit)
-
-
-__all__ = ["Context", "Options", "install", "apply_config", "clean_partials", "model_key", "trusted_keys"]
