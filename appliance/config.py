@@ -1,7 +1,7 @@
 """The [server] and [model] sections of /etc/appliance/appliance.toml as typed, validated values.
 
 The dataclasses below are the one definition of each key and its default: the installer writes
-from them (installer/config_file.py) and the server reads with them. A key no section knows (a
+from them (installer/system/config_file.py) and the server reads with them. A key no section knows (a
 typo) and a section the appliance does not read are errors that name them; so is a wrong type or
 an out-of-range value. The trainer validates [trainer] (appliance/trainer/settings.py).
 """

@@ -1,7 +1,7 @@
 """The feedback store: every chat exchange the server answers, and the ratings users give them.
 
 SQLite in WAL mode, so the server writes while the trainer reads. Text is masked for personal data
-(appliance.trainer.pii) before it is written: the store exists to feed the trainer, and nothing
+(appliance.pii) before it is written: the store exists to feed the trainer, and nothing
 personal should reach disk in the first place.
 """
 
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.trainer.pii import mask_messages, mask_text
+from appliance.pii import mask_messages, mask_text
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (

@@ -41,10 +41,10 @@ DECRYPT = """
 import sys, time
 from datetime import datetime, timezone
 from pathlib import Path
-from installer import keywrap
-from installer.bundle_dir import decrypt_model_file, load_manifest
-from installer.keys import load_trusted_keys
-from installer.trust import Policy, host_platform
+from installer.bundle import keywrap
+from installer.bundle.reader import decrypt_model_file, load_manifest
+from installer.bundle.keys import load_trusted_keys
+from installer.bundle.trust import Policy, host_platform
 bundle, keys, dest = map(Path, sys.argv[1:4])
 t = time.perf_counter()
 m, _ = load_manifest(bundle, load_trusted_keys([keys / "signing.pub"]), Policy(datetime.now(timezone.utc), host_platform()))
@@ -84,9 +84,9 @@ def main() -> None:
     args = ap.parse_args()
     size = parse_size(args.size)
 
-    from installer.bundle_build import build_bundle
-    from installer.keys import keygen
-    from installer.spec import load_spec
+    from installer.vendor.build import build_bundle
+    from installer.vendor.keygen import keygen
+    from installer.vendor.spec import load_spec
 
     base = Path(args.workdir) if args.workdir else REPO / "build"
     base.mkdir(parents=True, exist_ok=True)

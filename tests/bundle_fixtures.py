@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from installer.keys import keygen, load_signing_key
-from installer.manifest import MANIFEST, SIGNATURE, canonical_json
+from installer.bundle.manifest import MANIFEST, SIGNATURE, canonical_json
+from installer.vendor.keygen import keygen, load_signing_key
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 4096
@@ -82,8 +82,8 @@ class SlimBundle:
 
 
 def build_slim(where: Path, passphrase: bytes | None = None, kdf: str = "argon2id", sequence: int = 1) -> SlimBundle:
-    from installer.bundle_build import build_bundle
-    from installer.spec import load_spec
+    from installer.vendor.build import build_bundle
+    from installer.vendor.spec import load_spec
 
     where.mkdir(parents=True, exist_ok=True)
     keys = where / "keys"

@@ -18,9 +18,9 @@ class DemoBundle:
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> DemoBundle:
-    from installer.bundle_build import build_bundle
-    from installer.keys import keygen
-    from installer.spec import load_spec
+    from installer.vendor.build import build_bundle
+    from installer.vendor.keygen import keygen
+    from installer.vendor.spec import load_spec
 
     where = tmp_path_factory.mktemp("demo-bundle")
     keygen(where / "keys")

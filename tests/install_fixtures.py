@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from installer.keys import fingerprint, keygen, load_public_key
+from installer.bundle.keys import fingerprint, load_public_key
+from installer.vendor.keygen import keygen
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_BYTES = 300_000
@@ -68,8 +69,8 @@ class InstallBundles:
 
 
 def build(where: Path, sequence: int, keys: Path) -> Path:
-    from installer.bundle_build import build_bundle
-    from installer.spec import load_spec
+    from installer.vendor.build import build_bundle
+    from installer.vendor.spec import load_spec
 
     model = where / f"model-{sequence}.bin"
     model.write_bytes(os.urandom(MODEL_BYTES))

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import BundleError, DecryptError, KeyMaterialError, PolicyError
-from installer import keywrap
-from installer.bundle_dir import decrypt_model_file, load_manifest
-from installer.keys import load_trusted_keys
-from installer.stream import HEADER_SIZE, TAG_SIZE, ciphertext_size, decrypt_stream, encrypt_stream
-from installer.trust import Policy, host_platform
+from installer.bundle import keywrap
+from installer.bundle.keys import load_trusted_keys
+from installer.bundle.reader import decrypt_model_file, load_manifest
+from installer.bundle.stream import HEADER_SIZE, TAG_SIZE, ciphertext_size, decrypt_stream, encrypt_stream
+from installer.bundle.trust import Policy, host_platform
 from tests.bundle_fixtures import CHUNK, SlimBundle, build_slim
 
 KEY = bytes(range(32))

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.cli import main
-from installer.manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE
+from installer.bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE
 from tests.bundle_fixtures import SlimBundle
 
 

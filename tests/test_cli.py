@@ -28,7 +28,7 @@ def test_help_imports_nothing_heavy() -> None:
 
 def test_installer_bundle_code_imports_no_ml_stack() -> None:
     code = (
-        "import sys\nimport installer.bundle_dir, installer.bundle_build, installer.trust\n"
+        "import sys\nimport installer.bundle.reader, installer.vendor.build, installer.bundle.trust\n"
         "print([m for m in ('torch', 'transformers', 'peft', 'textual') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout

@@ -34,7 +34,7 @@ def dialog(app: ConsoleApp) -> str | None:
 
 @pytest.mark.slow
 async def test_install_screen_installs_the_demo_bundle(demo_bundle: DemoBundle, tmp_path: Path) -> None:  # noqa: F811
-    from installer.release import current_release
+    from installer.system.release import current_release
 
     sources = Sources.real(tmp_path / "root")
     assert not sources.systemd  # a temporary root: no units are started
@@ -84,9 +84,9 @@ async def test_a_bad_bundle_is_an_error_sentence_not_a_crash(tmp_path: Path) -> 
 
 
 async def test_install_screen_plans_on_a_recorded_machine_and_every_no_changes_nothing(slim, tmp_path: Path) -> None:
-    from installer.machine import load_machine
-    from installer.planner import plan
-    from installer.tiers import models_of, parse_tiers
+    from installer.hardware.machine import load_machine
+    from installer.planning.planner import plan
+    from installer.planning.tiers import models_of, parse_tiers
 
     machine = Path(__file__).parent / "fixtures" / "machines" / "4x-a100-80g.json"
     sources = Sources.real(tmp_path / "fresh", machine=machine)

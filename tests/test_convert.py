@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import SpecError
-from installer import keywrap
-from installer.convert import convert_gguf
+from installer.bundle import keywrap
+from installer.vendor.convert import convert_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,11 +52,12 @@ model = "q4"
 
 @pytest.mark.slow
 def test_build_converts_encrypts_and_the_site_can_load_it(smollm2_gguf: Path, tmp_path: Path) -> None:
-    from installer.bundle_build import build_bundle
-    from installer.bundle_dir import decrypt_model_file, verify_bundle
-    from installer.keys import keygen, load_trusted_keys
-    from installer.spec import load_spec
-    from installer.trust import Policy
+    from installer.bundle.keys import load_trusted_keys
+    from installer.bundle.reader import decrypt_model_file, verify_bundle
+    from installer.bundle.trust import Policy
+    from installer.vendor.build import build_bundle
+    from installer.vendor.keygen import keygen
+    from installer.vendor.spec import load_spec
 
     keygen(tmp_path / "keys")
     spec = tmp_path / "conv.toml"
@@ -107,7 +108,7 @@ def test_conversion_errors_are_spec_errors(tmp_path: Path, smollm2_gguf: Path) -
 
 
 def test_spec_refuses_a_bad_conversion_entry(tmp_path: Path, smollm2_gguf: Path) -> None:
-    from installer.spec import load_spec
+    from installer.vendor.spec import load_spec
 
     spec = tmp_path / "s.toml"
     bad = SPEC.format(repo=REPO, gguf=smollm2_gguf).replace('convert_from = "', 'convert_dtype = "int8"\nconvert_from = "')

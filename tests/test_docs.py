@@ -120,10 +120,10 @@ def test_every_documented_command_parses() -> None:
 
 
 def test_the_7b_spec_is_a_valid_tier_table() -> None:
-    from installer.machine import load_machine
-    from installer.manifest import BACKENDS
-    from installer.planner import plan
-    from installer.tiers import parse_tiers
+    from installer.bundle.manifest import BACKENDS
+    from installer.hardware.machine import load_machine
+    from installer.planning.planner import plan
+    from installer.planning.tiers import parse_tiers
 
     toml = [b for b in blocks() if b.lang == "toml"]
     assert len(toml) == 1
@@ -199,7 +199,7 @@ def script(bs: list[Block], port: int) -> str:
         parts.append(f"echo '{MARK} {n} (docs/operations.md:{b.line})'; echo '{MARK} {n}' >&2")
         parts.append(text)
         if "bundle keygen --out keys/" in text:  # the delivery letter arrives
-            parts.append("VENDOR_FPR=$(python -c 'import sys; from installer.keys import fingerprint, load_public_key; "
+            parts.append("VENDOR_FPR=$(python -c 'import sys; from installer.bundle.keys import fingerprint, load_public_key; "
                          "print(fingerprint(load_public_key(sys.argv[1])))' keys/signing.pub)")
     parts.append(f"echo '{MARK} end'")
     return "\n".join(parts) + "\n"

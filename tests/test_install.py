@@ -15,7 +15,7 @@ from appliance.cli import main
 from appliance.errors import EXIT_CODES
 from appliance.paths import Layout
 from appliance.state import load_install_state
-from installer.lifecycle import install_lock
+from installer.steps.lifecycle import install_lock
 from tests.bundle_fixtures import SlimBundle, slim_master  # noqa: F401
 from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
 
@@ -54,8 +54,8 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
     assert (Layout.at(root).current / "manifest.json").read_bytes() == (b.b1 / "manifest.json").read_bytes()
     code, out, err = cli(capsys, "hw", "--root", str(root), "--json")
     assert json.loads(out)["source"].startswith(f"bundle {Layout.at(root).current / 'manifest.json'}"), out
-    from appliance.support_bundle import collect
-    from installer.runner import RecordingRunner
+    from appliance.cli.support import collect
+    from installer.system.runner import RecordingRunner
 
     assert json.loads(collect(Layout.at(root), RecordingRunner())["plan.json"])["chosen"] == "cpu"
     # `appliance` is on PATH: a link through `current` into the release's venv, which runs.
@@ -180,11 +180,11 @@ def test_a_second_install_is_refused_while_one_runs(install_bundles: InstallBund
 
 def test_not_ready_switches_back_to_the_previous_release(install_bundles: InstallBundles, tmp_path: Path,  # noqa: F811
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from installer.activate import NotReadyError, step_ready
-    from installer.install import Context, Options
-    from installer.release import current_release, list_releases
-    from installer.runner import RecordingRunner
-    from installer.target import Target
+    from installer.steps.activate import NotReadyError, step_ready
+    from installer.steps.context import Context, Options
+    from installer.system.release import current_release, list_releases
+    from installer.system.runner import RecordingRunner
+    from installer.system.target import Target
 
     b, root = install_bundles, tmp_path / "root"
     assert cli(capsys, *install_args(b, root, None, "--no-systemd", "--trust", str(b.pub)))[0] == 0
@@ -194,7 +194,7 @@ def test_not_ready_switches_back_to_the_previous_release(install_bundles: Instal
     runner = RecordingRunner(replies={("systemctl", "show"): (0, "activating\n")})
     ctx = Context(layout=layout, opts=Options(ready_timeout=1.5), runner=runner, target=Target(), emit=lambda e: None,
                   confirm=lambda q: False, systemd_running=True, started=True, previous=old, release_id=new.id,
-                  release_info=dict(new.info), config={"server": {"host": "127.0.0.1", "port": 9}})
+                  plan=new.plan, config={"server": {"host": "127.0.0.1", "port": 9}})
     with pytest.raises(NotReadyError, match="Switched back to release 1.0.0\\+1"):
         step_ready(ctx, lambda m, f: None)
     assert current_release(layout).id == old.id

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from appliance.cli.lifecycle import _answers, _bind
 from appliance.errors import StateError, UsageError
-from installer.config_file import desired_values, merge, render
-from installer.lifecycle_commands import _answers, _bind
-from installer.steps import Skip, Step, StepEvent, run_steps
+from installer.steps.framework import Skip, Step, StepEvent, run_steps
+from installer.system.config_file import desired_values, merge, render
 
 
 def _values(path: str = "/m/a/model.gguf", port_default: bool = True) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import HardwareError
-from installer.machine import Machine, gib, load_machine, save_machine, version_tuple
+from installer.hardware.machine import Machine, gib, load_machine, save_machine, version_tuple
 
 MACHINES = Path(__file__).parent / "fixtures" / "machines"
 FILES = sorted(MACHINES.glob("*.json"))

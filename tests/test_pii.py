@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.trainer.pii import cn_id_valid, luhn_valid, mask, mask_messages
+from appliance.pii import cn_id_valid, luhn_valid, mask, mask_messages
 
 
 def test_cn_id_checksum():

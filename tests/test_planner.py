@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import SpecError, TierError
-from installer.machine import Cpu, Gpu, Machine, load_machine, version_tuple
-from installer.planner import INCOMPATIBLE, LOW_MEMORY, RUNNABLE, plan
-from installer.preflight import bundle_python, preflight, venv_estimate
-from installer.spec import load_spec
-from installer.tiers import ALL_LAYERS, Tier, parse_tier, parse_tiers
+from installer.hardware.machine import Cpu, Gpu, Machine, load_machine, version_tuple
+from installer.planning.planner import INCOMPATIBLE, LOW_MEMORY, RUNNABLE, plan
+from installer.planning.preflight import bundle_python, preflight, venv_estimate
+from installer.planning.tiers import ALL_LAYERS, Tier, parse_tier, parse_tiers
+from installer.vendor.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 MACHINES = Path(__file__).parent / "fixtures" / "machines"

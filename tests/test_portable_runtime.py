@@ -10,15 +10,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from appliance.cpu import parse_cpuinfo
 from appliance.engines import cpu_backend, selftest
 from appliance.errors import EngineError
-from installer import llama_wheel
-from installer.engine_check import step_engine
-from installer.install import INSTALL_STEPS
+from installer.steps.engine import step_engine
+from installer.steps.install import INSTALL_STEPS
+from installer.vendor import llama_wheel
 from tests.demo_fixtures import DemoBundle, demo_bundle  # noqa: F401
 
 _HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
@@ -74,7 +75,7 @@ def test_natively_the_best_variant_this_cpu_can_run_answers(model_settings):
 @pytest.mark.parametrize(("cpu", "variant"), EMULATED, ids=[c for c, _ in EMULATED])
 def test_an_older_cpu_loads_the_variant_it_can_run_and_answers(cpu, variant, model_settings):
     qemu = _qemu()
-    proc = subprocess.run([qemu, "-cpu", cpu, sys.executable, "-m", "appliance.engines.selftest", "--root", "/",
+    proc = subprocess.run([qemu, "-cpu", cpu, sys.executable, "-m", "appliance.engines.selftest_decode", "--root", "/",
                            "--model", json.dumps(model_settings)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     stages = _stages(proc.stdout)
@@ -134,7 +135,9 @@ def test_the_install_stops_before_the_switch_when_the_engine_dies_on_this_cpu(tm
     class Ctx:
         dry_run = False
         release_id = "r1"
-        release_info = {"config": {"model": settings}}
+
+        def planned(self):
+            return SimpleNamespace(model_settings=settings)
 
     Ctx.layout = layout
 

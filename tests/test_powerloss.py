@@ -24,10 +24,10 @@ import pytest
 
 from appliance.paths import Layout
 from appliance.state import load_install_state
-from installer.config_file import read_config
-from installer.lifecycle import status
-from installer.release import read_release
-from installer.runner import RecordingRunner
+from installer.steps.lifecycle import status
+from installer.system.config_file import read_config
+from installer.system.release import read_release
+from installer.system.runner import RecordingRunner
 from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
 
 KILLS_PER_PHASE = 16  # 32 kills in all

@@ -11,11 +11,11 @@ import pynvml
 import pytest
 
 from appliance.cli import main
-from installer.machine import Machine, load_machine
-from installer.planner import INCOMPATIBLE, RUNNABLE, plan
-from installer.probe import probe
-from installer.spec import load_spec
-from installer.tiers import models_of, parse_tiers
+from installer.hardware.machine import Machine, load_machine
+from installer.hardware.probe import probe
+from installer.planning.planner import INCOMPATIBLE, RUNNABLE, plan
+from installer.planning.tiers import models_of, parse_tiers
+from installer.vendor.spec import load_spec
 from tests.fake_pynvml import API, FakeNvml
 
 MACHINES = Path(__file__).parent / "fixtures" / "machines"
@@ -150,8 +150,8 @@ def test_hw_modules_import_no_ml_framework() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, appliance.cli, installer.hw_commands, installer.probe, installer.planner, installer.preflight, "
-            "installer.convert, installer.bundle_build; appliance.cli.build_parser(); "
+    code = ("import sys, appliance.cli, appliance.cli.hw, installer.hardware.probe, installer.planning.planner, installer.planning.preflight, "
+            "installer.vendor.convert, installer.vendor.build; appliance.cli.build_parser(); "
             "print([m for m in ('torch', 'transformers', 'peft', 'textual') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import HardwareError
-from installer.release import check_engine_loads
-from installer.runner import SubprocessRunner
+from installer.system.release import check_engine_loads
+from installer.system.runner import SubprocessRunner
 
 
 @pytest.fixture(scope="module")

@@ -42,11 +42,11 @@ def test_the_planned_gpus_reach_the_server(machine, monkeypatch):
     from pathlib import Path
 
     from appliance.config import use_devices
-    from installer.config_file import desired_values, render
-    from installer.machine import load_machine
-    from installer.planner import plan
-    from installer.spec import load_spec
-    from installer.tiers import models_of, parse_tiers
+    from installer.hardware.machine import load_machine
+    from installer.planning.planner import plan
+    from installer.planning.tiers import models_of, parse_tiers
+    from installer.system.config_file import desired_values, render
+    from installer.vendor.spec import load_spec
 
     repo = Path(__file__).resolve().parent.parent
     spec = load_spec(repo / "bundles" / "demo.toml")

@@ -9,9 +9,9 @@ import tarfile
 from pathlib import Path
 
 from appliance import apikeys, audit
+from appliance.cli.support import JOURNAL_LINES, collect, write_bundle
 from appliance.paths import Layout
-from appliance.support_bundle import JOURNAL_LINES, collect, write_bundle
-from installer.runner import RecordingRunner
+from installer.system.runner import RecordingRunner
 
 PASSPHRASE = "correct horse battery staple"
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from installer.keys import fingerprint, keygen, load_public_key, load_signing_key
-from installer.manifest import MANIFEST, SIGNATURE, canonical_json
+from installer.bundle.keys import fingerprint, load_public_key
+from installer.bundle.manifest import MANIFEST, SIGNATURE, canonical_json
+from installer.vendor.keygen import keygen, load_signing_key
 from tests.systemd_container import Container, ensure_base
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import StateError
-from installer.units import SERVER, TIMER, TRAINER, UNITS, UnitSettings, fill, load_templates, render_units
+from installer.system.units import SERVER, TIMER, TRAINER, UNITS, UnitSettings, fill, load_templates, render_units
 
 needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import BundleError
-from installer.manifest import MANIFEST, parse_manifest
-from installer.release import stage_wheelhouse
+from installer.bundle.manifest import MANIFEST, parse_manifest
+from installer.system.release import stage_wheelhouse
 from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
 
 

@@ -5,28 +5,22 @@ An engine built for another CPU loads and imports fine, then dies by SIGILL at t
 process it kills, so the check runs a child: the installer runs it with the new release's venv
 before anything is switched, and the server runs it before it loads the model itself. The child
 prints one JSON line per stage (`cpu`, `variant`, then the result), so a death is reported with
-the CPU and the llama.cpp variant it died on.
-
-    python -m appliance.engines.selftest --root R --model JSON   # the child
+the CPU and the llama.cpp variant it died on. The child is appliance/engines/selftest_decode.py;
+this side imports no engine, so the installer can run it without torch or llama.cpp.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import EngineError
 
-PROMPT = [{"role": "user", "content": "Name the capital of France in one word."}]
 MIN_PROMPT_TOKENS = 8  # a batch: the AMX crash needed one, a single token decodes fine
-ANSWER_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -44,36 +38,6 @@ class SelfTest:
                 f"in {self.seconds:.1f} s: {self.text.strip()[:40]!r}")
 
 
-def _emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-def child(root: Path, model: dict[str, Any]) -> None:
-    from appliance.config import model_config, use_devices
-    from appliance.cpu import this_cpu
-    from appliance.engines import load_engine
-    from appliance.engines.scheduler import SamplingParams, generate
-    from appliance.paths import Layout
-
-    _emit(stage="cpu", cpu=this_cpu().describe())
-    cfg = model_config(model)
-    use_devices(cfg)  # the GPUs the server will use, before CUDA starts
-    if cfg.backend == "llama.cpp":
-        from appliance.engines import cpu_backend
-
-        _emit(stage="variant", variant=cpu_backend.load())
-    t0 = time.monotonic()
-    engine = load_engine(cfg, Layout.at(root), max_batch=1, max_queue=1)
-    try:
-        engine.start()
-        prompt = engine.tokenize(engine.render_chat(PROMPT))
-        done = generate(engine, prompt, SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0), timeout=300)
-    finally:
-        engine.close()
-    _emit(stage="done", prompt_tokens=len(prompt), tokens=done.completion_tokens, text=done.text,
-          reason=done.reason, error=done.error, seconds=time.monotonic() - t0)
-
-
 def _signal_name(rc: int) -> str:
     try:
         return f"{signal.Signals(-rc).name} ({signal.strsignal(-rc) or 'signal'})"
@@ -85,7 +49,7 @@ def run(python: str | Path, root: Path, model: dict[str, Any], timeout: float = 
     """Run the child with `python` (a release's venv, or this interpreter); an EngineError says what
     died, on which CPU, and what to do."""
     model = {k: v for k, v in model.items() if v is not None}  # an absent setting keeps its default
-    cmd = [str(python), "-m", "appliance.engines.selftest", "--root", str(root), "--model", json.dumps(model)]
+    cmd = [str(python), "-m", "appliance.engines.selftest_decode", "--root", str(root), "--model", json.dumps(model)]
     backend = model.get("backend", "llama.cpp")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -123,20 +87,3 @@ def run(python: str | Path, root: Path, model: dict[str, Any], timeout: float = 
                           f"{result.tokens} tokens, {result.text!r}{', ' + str(done['error']) if done.get('error') else ''}.",
                           "The model file or the engine build is damaged; reinstall the bundle. Nothing was switched.")
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m appliance.engines.selftest")
-    ap.add_argument("--root", type=Path, default=Path("/"))
-    ap.add_argument("--model", required=True, help="the [model] settings as JSON")
-    args = ap.parse_args(argv)
-    try:
-        child(args.root, json.loads(args.model))
-    except EngineError as e:
-        print(f"{e.message} {e.hint or ''}".strip(), file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

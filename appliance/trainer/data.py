@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.feedback_store import FeedbackStore
-from appliance.trainer.pii import mask_messages
+from appliance.pii import mask_messages
 
 ROLES = ("system", "user", "assistant")
 MAX_CHARS = 32_000

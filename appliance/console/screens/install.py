@@ -47,7 +47,7 @@ class Checked(Message):
 
 @dataclass
 class Step(Message):
-    event: Any  # installer.steps.StepEvent
+    event: Any  # installer.steps.framework.StepEvent
 
 
 @dataclass
@@ -261,8 +261,8 @@ class InstallScreen(ConsoleScreen):
         except Exception as e:  # shown on the screen as the result, and as a notification
             self.post_message(Finished("", e))
             return
-        info = ctx.release_info
-        summary = (f"Installed {info['name']} {info['version']} (sequence {info['sequence']}), tier {info['tier']}, "
+        info = None if ctx.verified is None or ctx.verified.current else ctx.plan
+        summary = (f"Installed {info.name} {info.version} (sequence {info.sequence}), tier {info.tier}, "
                    f"under {s.layout.root}." if info else "Nothing to do: this bundle is already installed and current.")
         self.post_message(Finished("\n".join([summary, *ctx.notices]), None))
 

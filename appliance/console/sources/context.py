@@ -19,7 +19,7 @@ from appliance.paths import Layout
 @dataclass
 class Sources:
     layout: Layout
-    runner: Any  # installer.runner.Runner: systemctl and journalctl go through it
+    runner: Any  # installer.system.runner.Runner: systemctl and journalctl go through it
     systemd_flag: bool | None = None  # whether systemd manages this root; None: find out on first use
     sample_host: Callable[[], HostSample] = field(default_factory=lambda: HostSampler().sample)
     transport: Any = None  # an httpx transport; None means the network
@@ -35,15 +35,15 @@ class Sources:
 
     @classmethod
     def real(cls, root: str | Path, machine: Path | None = None) -> Sources:
-        from installer.runner import SubprocessRunner
+        from installer.system.runner import SubprocessRunner
 
         return cls(Layout.at(root), SubprocessRunner(), machine=machine)
 
     @property
     def systemd(self) -> bool:
-        """Only `/` on a host booted with systemd. Asked lazily: installer.activate is not needed for the first paint."""
+        """Only `/` on a host booted with systemd. Asked lazily: installer.steps.activate is not needed for the first paint."""
         if self.systemd_flag is None:
-            from installer.activate import systemd_running
+            from installer.steps.activate import systemd_running
 
             self.systemd_flag = systemd_running(self.layout.root)
         return self.systemd_flag

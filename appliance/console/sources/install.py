@@ -1,6 +1,6 @@
 """The install screen's work, on the installer's own code: find bundles (USB mounts first), verify
 one with per-file progress, plan its tiers on this machine (the planner `appliance hw` uses), and run
-installer.install.install() with the console's dialogs as its `confirm` and its events as progress.
+installer.steps.install.install() with the console's dialogs as its `confirm` and its events as progress.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +64,15 @@ def find_key_file(bundle: Path, mounts: tuple[Path, ...] = ()) -> Path | None:
 
 @dataclass(frozen=True)
 class Checked:
-    manifest: Any  # installer.manifest.Manifest
+    manifest: Any  # installer.bundle.manifest.Manifest
     fingerprint: str
     trust: str  # how the signing key was chosen
-    plan: Any  # installer.planner.Plan
+    plan: Any  # installer.planning.planner.Plan
 
 
 def _context(layout: Layout, runner: Any, opts: Any, emit: Callable[[Any], None], confirm: Callable[[str], bool], systemd: bool) -> Any:
-    from installer.install import Context
-    from installer.target import Target
+    from installer.steps.context import Context
+    from installer.system.target import Target
 
     return Context(layout=layout, opts=opts, runner=runner, target=Target(), emit=emit, confirm=confirm,
                    systemd_running=systemd and not opts.no_systemd)
@@ -81,37 +80,22 @@ def _context(layout: Layout, runner: Any, opts: Any, emit: Callable[[Any], None]
 
 def check_bundle(layout: Layout, bundle: Path, machine: Path | None, confirm: Callable[[str], bool],
                  on_file: Callable[[str, int, int], None]) -> Checked:
-    """Signature, policy and every file (reporting progress), then every tier judged on this machine."""
-    from appliance.state import highest_sequence, load_install_state, time_floor
-    from installer.bundle_dir import verify_bundle
-    from installer.install import Options, trusted_keys
-    from installer.keys import fingerprint
-    from installer.machine import load_machine
-    from installer.planner import plan
-    from installer.tiers import models_of, parse_tiers
-    from installer.trust import Policy, host_platform
+    """The install's own verify (asking through `confirm` on a first install whether the key is the
+    vendor's), then every tier judged on this machine: installer/steps/prepare.py, as `appliance install`."""
+    from installer.steps.context import Options
+    from installer.steps.prepare import judge, verify
 
-    ctx = _context(layout, None, Options(bundle=bundle), lambda e: None, confirm, False)
-    keys, how = trusted_keys(ctx)  # first install: asks, through `confirm`, whether the fingerprint is the vendor's
-    state = load_install_state(layout)
-    policy = Policy(now=datetime.now(timezone.utc), platform=host_platform(),
-                    highest_sequence=highest_sequence(state), time_floor=time_floor(state))
-    manifest, signer = verify_bundle(bundle, keys, policy, on_file)
-    if machine is not None:
-        m = load_machine(machine)
-    else:
-        from installer.probe import probe
-
-        m = probe(layout.root)
-    return Checked(manifest, fingerprint(signer), how, plan(m, parse_tiers(manifest.tiers, models_of(manifest.models))))
+    v = verify(_context(layout, None, Options(bundle=bundle), lambda e: None, confirm, False), on_file)
+    return Checked(v.manifest, v.signer, v.trust, judge(layout, v.manifest, machine)[1])
 
 
 def run_install(layout: Layout, runner: Any, systemd: bool, bundle: Path, *, tier: str | None, key_file: Path | None,
                 passphrase: str | None, fingerprint: str, machine: Path | None,
                 emit: Callable[[Any], None], confirm: Callable[[str], bool]) -> Any:
-    """installer.install.install() as `appliance install` runs it; returns the context (release_info, notices)."""
-    from installer.install import Options, install
-    from installer.lifecycle import install_lock
+    """installer.steps.install.install() as `appliance install` runs it; returns the context (its plan, notices)."""
+    from installer.steps.context import Options
+    from installer.steps.install import install
+    from installer.steps.lifecycle import install_lock
 
     with tempfile.TemporaryDirectory(prefix="appliance-console-") as tmp:
         pass_file = None

@@ -1,4 +1,4 @@
-"""What is installed and how its units are: `appliance status` (installer.lifecycle.status) plus the
+"""What is installed and how its units are: `appliance status` (installer.steps.lifecycle.status) plus the
 active adapter, and for a failed unit the reason systemd gives (e.g. start-limit-hit)."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _unit_row(runner: Any, name: str, u: dict[str, Any]) -> UnitRow:
 
 def overview(layout: Layout, runner: Any, systemd: bool) -> Overview:
     from appliance.adapters import active_id
-    from installer.lifecycle import status
+    from installer.steps.lifecycle import status
 
     s = status(layout, runner, systemd)
     cur = s.get("current")

@@ -37,7 +37,7 @@ def build_root(fixtures: Path, root: Path) -> Layout:
 def recorded_runner(fixtures: Path) -> Any:
     import shlex
 
-    from installer.runner import RecordingRunner
+    from installer.system.runner import RecordingRunner
 
     replies = {tuple(shlex.split(k)): (0, v + "\n") for k, v in json.loads((fixtures / "systemctl.json").read_text()).items()}
     journal = (fixtures / "journal.txt").read_bytes().decode()  # bytes: read_text() would turn \r into \n

@@ -1,0 +1,99 @@
+"""systemd units rendered from the templates in systemd/ (pure), plus where the templates live.
+
+Placeholders are `@NAME@`; rendering refuses to leave one unfilled. GPU tiers get the NVIDIA
+device nodes and lose MemoryDenyWriteExecute (CUDA maps executable memory); CPU tiers get
+PrivateDevices. A server bound to loopback may talk to loopback only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import StateError
+
+SERVER = "appliance-server.service"
+TRAINER = "appliance-trainer.service"
+TIMER = "appliance-trainer.timer"
+UNITS = (SERVER, TRAINER, TIMER)
+ENABLE = (SERVER, TIMER)  # the trainer service runs only from its timer
+SERVICE_USER = "appliance"
+PREFIX = "/opt/appliance"
+
+NVIDIA_DEVICES = """PrivateDevices=no
+DevicePolicy=closed
+# NVIDIA GPUs: /dev/nvidia[0-9]*, nvidiactl, nvidia-modeset (major 195), nvidia-uvm, MIG capabilities.
+DeviceAllow=char-nvidia-frontend rw
+DeviceAllow=char-nvidia-uvm rw
+DeviceAllow=char-nvidia-caps r"""
+CPU_DEVICES = "PrivateDevices=yes\nDevicePolicy=closed"
+_PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+_SCHEDULE = re.compile(r"^[A-Za-z0-9*:/,.~ -]{1,100}$")
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    backend: str = "llama.cpp"
+    uses_gpu: bool = False
+    host: str = "127.0.0.1"
+    schedule: str = "*-*-* 03:00:00"
+    user: str = SERVICE_USER
+    prefix: str = PREFIX
+
+
+def templates_dir() -> Path:
+    """systemd/ of a source checkout, or share/appliance/systemd of an installed wheel."""
+    for d in (Path(__file__).resolve().parents[2] / "systemd", Path(sys.prefix) / "share/appliance/systemd"):
+        if (d / SERVER).is_file():
+            return d
+    raise StateError("The systemd unit templates are missing from this installation of the appliance.",
+                     "Reinstall the appliance wheel; it carries them under share/appliance/systemd.")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m[1] not in values:
+            raise KeyError(f"template placeholder @{m[1]}@ has no value")
+        return values[m[1]]
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+def render_units(s: UnitSettings, templates: dict[str, str]) -> dict[str, str]:
+    """Unit name -> text. Pure: settings and template texts in, unit files out."""
+    if not _SCHEDULE.match(s.schedule) or "\n" in s.schedule:
+        raise StateError(f"The trainer schedule {s.schedule!r} in appliance.toml is not a systemd calendar expression.",
+                         "Use e.g. \"*-*-* 03:00:00\"; `systemd-analyze calendar` checks one.")
+    devices = NVIDIA_DEVICES if s.uses_gpu else CPU_DEVICES
+    # llama.cpp on CPU never needs writable+executable memory; CUDA and torch's JIT kernels do.
+    if not s.uses_gpu and s.backend == "llama.cpp":
+        devices += "\nMemoryDenyWriteExecute=yes"
+    if is_loopback(s.host):
+        network = "IPAddressDeny=any\nIPAddressAllow=localhost"
+    else:
+        network = f"# Listening on {s.host}: clients from the network may connect (see [server] host)."
+    values = {"PREFIX": s.prefix, "USER": s.user, "DEVICES": devices, "NETWORK": network, "SCHEDULE": s.schedule}
+    out = {}
+    for name in UNITS:
+        text = fill(templates[name], values)
+        if name == TRAINER:  # the trainer never keeps MemoryDenyWriteExecute: torch's CPU kernels are JIT-compiled
+            text = text.replace("\nMemoryDenyWriteExecute=yes", "")
+        out[name] = text
+    return out
+
+
+def load_templates(directory: Path | None = None) -> dict[str, str]:
+    d = directory or templates_dir()
+    return {name: (d / name).read_text() for name in UNITS}

@@ -1,0 +1,153 @@
+"""Vendor side: spec → wheelhouse + encrypted model files + signed manifest, built aside and renamed into place."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from appliance.atomic import fsync_dir
+from appliance.errors import UsageError
+from installer.bundle import keywrap
+from installer.bundle.keys import fingerprint
+from installer.bundle.manifest import BOOTSTRAP, FORMAT_VERSION, MANIFEST, SIGNATURE, canonical_json, format_time
+from installer.bundle.stream import encrypt_stream
+from installer.bundle.trust import host_platform
+from installer.vendor.convert import CONVERT_DIR, model_sources
+from installer.vendor.keygen import load_signing_key
+from installer.vendor.llama_wheel import sha256_file
+from installer.vendor.sbom import cyclonedx
+from installer.vendor.spec import Spec
+from installer.vendor.wheelhouse import build_wheelhouse
+
+TRUST_FILE = "trust/vendor.pub"
+
+BOOTSTRAP_SH = """#!/bin/sh
+# First-install entry for the appliance bundle {name} {version} (sequence {sequence}).
+# Before running it, compare `sha256sum bootstrap.sh` with the value your vendor gave you out of
+# band, and the vendor key fingerprint below with the one in the vendor's letter (SECURITY.md).
+#   vendor key: {fingerprint}
+# It makes a virtual environment from this stick's wheels only, then opens the console.
+set -eu
+BUNDLE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
+VENV=${{APPLIANCE_BOOTSTRAP_VENV:-/var/tmp/appliance-bootstrap}}
+"${{PYTHON:-python3}}" -m venv --clear "$VENV"
+"$VENV/bin/pip" install --quiet --no-index --find-links "$BUNDLE/wheels" "{requirement}"
+if [ "$#" -gt 0 ]; then exec "$VENV/bin/appliance" "$@"; fi
+exec "$VENV/bin/appliance" console
+"""
+
+
+class _HashingWriter:
+    """Counts and hashes what passes through, so each plaintext is read once."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self.src, self.h, self.size = src, hashlib.sha256(), 0
+
+    def read(self, n: int) -> bytes:
+        data = self.src.read(n)
+        self.h.update(data)
+        self.size += len(data)
+        return data
+
+
+def _fsync_tree(root: Path) -> None:
+    for d, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(d))
+
+
+def build_bundle(
+    spec: Spec, out: Path, signing_key_path: Path, sequence: int = 1,
+    model_key_path: Path | None = None, passphrase_path: Path | None = None,
+    now: datetime | None = None, log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Build the bundle into `out` (which must not exist yet); return the manifest as a dict."""
+    if (model_key_path is None) == (passphrase_path is None):
+        raise UsageError("Give exactly one of --model-key or --passphrase-file.")
+    if sequence < 1:
+        raise UsageError("--sequence must be 1 or more.")
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} already exists and is not empty.", "Choose a new --out directory.")
+    signing_key = load_signing_key(signing_key_path)
+    if model_key_path is not None:
+        kdf = keywrap.KdfParams("key-file")
+        kek = keywrap.read_key_file(model_key_path)
+    else:
+        assert passphrase_path is not None
+        overrides = {k: v for k, v in spec.passphrase_kdf.items() if k != "kind"}
+        kdf = keywrap.new_kdf(spec.passphrase_kdf["kind"], overrides)
+        kek = keywrap.derive_kek(kdf, keywrap.read_passphrase_file(passphrase_path))
+
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        log("building the wheelhouse")
+        build_wheelhouse(spec.wheelhouse, work / "wheels")
+
+        models = []
+        for m in spec.models:
+            files = []
+            for f in model_sources(m, work / CONVERT_DIR, log):
+                rel = f"models/{m.id}/{f.name}.enc"
+                log(f"encrypting {f.name} -> {rel}")
+                data_key = os.urandom(keywrap.KEY_SIZE)
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                with f.source.open("rb") as src, (work / rel).open("wb") as dst:
+                    reader = _HashingWriter(src)
+                    encrypt_stream(reader, dst, data_key, spec.chunk_size)  # type: ignore[arg-type]
+                files.append({"path": rel, "name": f.name, "plain_size": reader.size, "plain_sha256": reader.h.hexdigest(),
+                              "wrapped_key": keywrap.wrap_key(kek, data_key, f"{spec.name}:{rel}")})
+            models.append({"id": m.id, "backend": m.backend, "format": m.format,
+                           "context_length": m.context_length, "files": files})
+        shutil.rmtree(work / CONVERT_DIR, ignore_errors=True)  # plaintext conversions never reach the bundle
+
+        version = spec.version
+        public = signing_key.public_key()
+        extras = ",".join(spec.wheelhouse.extras)  # install what the wheelhouse holds, no more
+        requirement = f"appliance[{extras}]" if extras else "appliance"
+        (work / BOOTSTRAP).write_text(BOOTSTRAP_SH.format(name=spec.name, version=version, sequence=sequence,
+                                                          fingerprint=fingerprint(public), requirement=requirement))
+        (work / BOOTSTRAP).chmod(0o755)
+        (work / TRUST_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (work / TRUST_FILE).write_bytes(public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+
+        log("hashing every file")
+        digests: dict[str, str] = {}
+        entries = []
+        for p in sorted(work.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(work).as_posix()
+                digests[rel] = sha256_file(p)
+                entries.append({"path": rel, "size": p.stat().st_size, "sha256": digests[rel]})
+
+        issued = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+        manifest = {
+            "format": FORMAT_VERSION, "name": spec.name, "version": version, "sequence": sequence,
+            "issued_at": format_time(issued), "expires_at": format_time(issued + timedelta(days=spec.valid_days)),
+            "compatible": host_platform() if spec.compatible == "host" else spec.compatible,
+            "key_wrap": kdf.to_json(), "files": entries, "models": models,
+            "tiers": list(spec.tiers), "sbom": cyclonedx(work, digests),
+        }
+        raw = canonical_json(manifest)
+        (work / MANIFEST).write_bytes(raw)
+        (work / SIGNATURE).write_bytes(signing_key.sign(raw))
+        _fsync_tree(work)
+        if out.exists():
+            out.rmdir()
+        os.replace(work, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
