@@ -54,9 +54,11 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/console_startup.py
 
+# ruff, mypy, and the layers of pyproject.toml's [tool.importlinter] (no cycles, who may import whom).
 lint: setup
 	$(BIN)/ruff check appliance installer tests bench
 	$(BIN)/mypy appliance installer
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf build demo .pytest_cache

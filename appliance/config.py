@@ -3,7 +3,8 @@
 The dataclasses below are the one definition of each key and its default: the installer writes
 from them (installer/system/config_file.py) and the server reads with them. A key no section knows (a
 typo) and a section the appliance does not read are errors that name them; so is a wrong type or
-an out-of-range value. The trainer validates [trainer] (appliance/trainer/settings.py).
+an out-of-range value. [trainer] is declared in appliance/trainer/settings.py and checked by the
+same validator, validate_section.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
 
-BACKENDS = ("llama.cpp", "transformers")
+BACKEND_FORMATS = {"llama.cpp": "gguf", "transformers": "safetensors"}  # and the model format each reads
+BACKENDS = tuple(BACKEND_FORMATS)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -64,44 +66,67 @@ class Config:
 
 
 SECTIONS = ("server", "model", "trainer")
-_TYPES: dict[str, type] = {"str": str, "str | None": str, "int": int, "bool": bool, "tuple[int, ...]": list}
+_KINDS = {"str": "a string", "str | None": "a string", "int": "a whole number", "float": "a number",
+          "bool": "true or false", "tuple[int, ...]": "a list of GPU indices (whole numbers)",
+          "list[str]": "a non-empty list of names"}
 
 
-def _build(cls: type, section: str, raw: Any) -> Any:
+def _typed(kind: str, v: Any) -> Any:
+    """`v` as a value of the field's type, or None when it is not one. bool is an int in Python; a
+    port of `true` is still a mistake."""
+    def whole(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if kind in ("str", "str | None"):
+        return v if isinstance(v, str) else None
+    if kind == "bool":
+        return v if isinstance(v, bool) else None
+    if kind == "int":
+        return v if whole(v) else None
+    if kind == "float":
+        return float(v) if whole(v) or isinstance(v, float) else None
+    if kind == "tuple[int, ...]":
+        return tuple(v) if isinstance(v, list) and all(whole(x) and x >= 0 for x in v) else None
+    if kind == "list[str]":
+        return list(v) if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v) else None
+    raise TypeError(f"no validator for a setting of type {kind}")
+
+
+def validate_section(cls: type, section: str, raw: Any, where: str | None = None,
+                     error: type[ApplianceError] = ConfigError) -> Any:
+    """The one validator of appliance.toml: a section's table as `cls` (a dataclass whose fields carry
+    `help` and optional `min`, `max`, `choices`). An unknown key, a wrong type, an out-of-range value
+    or a missing required key is `error`, naming the key and what it must be."""
+    where = where or f"[{section}]"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"[{section}] in the config is not a table.")
+        raise error(f"{where} is not a table.")
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f"[{section}] has no setting {unknown[0]!r}; the settings of [{section}] are {', '.join(known)}.",
-                          "Correct or remove it (a misspelt key would otherwise be ignored) and start again.")
+        raise error(f"{where} has no setting {unknown[0]!r}; the settings of [{section}] are {', '.join(known)}.",
+                    "Correct or remove it (a misspelt key would otherwise be ignored), then start again.")
     values: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in raw:
             continue
-        v: Any = raw[f.name]
-        want = _TYPES[f.type] if isinstance(f.type, str) else f.type
-        # bool is an int in Python; a port of `true` is still a mistake.
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise ConfigError(f"[{section}] {f.name} must be a {'list' if want is list else want.__name__} ({f.metadata['help']}), not {v!r}.")
-        if want is list and isinstance(v, list):
-            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-                raise ConfigError(f"[{section}] {f.name} must be a list of GPU indices (whole numbers), not {v!r}.")
-            v = tuple(v)
+        kind, help_ = str(f.type), f.metadata["help"]
+        v = _typed(kind, raw[f.name])
+        if v is None:
+            raise error(f"{where} {f.name} must be {_KINDS[kind]} ({help_}), not {raw[f.name]!r}.")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             bounds = f"at least {lo}" if hi is None else (str(lo) if lo == hi else f"between {lo} and {hi}")
-            raise ConfigError(f"[{section}] {f.name} must be {bounds} ({f.metadata['help']}), not {v}.")
+            raise error(f"{where} {f.name} is {v!r}; it must be {bounds} ({help_}).")
         if "choices" in f.metadata and v not in f.metadata["choices"]:
-            raise ConfigError(f"[{section}] {f.name} must be one of {', '.join(f.metadata['choices'])}, not {v!r}.")
+            raise error(f"{where} {f.name} must be one of {', '.join(f.metadata['choices'])}, not {v!r}.")
         values[f.name] = v
     try:
         return cls(**values)
     except TypeError:
         missing = [f.name for f in fields(cls) if f.name not in values]
-        raise ConfigError(f"[{section}] is missing {', '.join(missing)}.") from None
+        raise error(f"{where} is missing {', '.join(missing)}.") from None
 
 
 def use_devices(model: ModelConfig) -> None:
@@ -115,7 +140,7 @@ def use_devices(model: ModelConfig) -> None:
 
 def model_config(raw: dict[str, Any]) -> ModelConfig:
     """A [model] section given as values (the installer's tier settings), validated like the file."""
-    return _build(ModelConfig, "model", raw)  # type: ignore[no-any-return]
+    return validate_section(ModelConfig, "model", raw)  # type: ignore[no-any-return]
 
 
 def parse_config(text: str, source: Path | None = None) -> Config:
@@ -131,7 +156,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         raise ConfigError(f"The config {source or ''} has a section [{stray[0]}] the appliance does not read; "
                           f"its sections are {', '.join(f'[{s}]' for s in SECTIONS)}.".replace("  ", " "),
                           "Correct or remove it and start again.")
-    return Config(_build(ServerConfig, "server", raw.get("server")), _build(ModelConfig, "model", raw["model"]), source)
+    return Config(validate_section(ServerConfig, "server", raw.get("server")), validate_section(ModelConfig, "model", raw["model"]), source)
 
 
 def load_config(layout: Layout, path: Path | None = None) -> Config:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# The systemd units the installer writes and everything else names: one definition each.
+SERVER_UNIT = "appliance-server.service"
+TRAINER_UNIT = "appliance-trainer.service"
+TIMER_UNIT = "appliance-trainer.timer"
+UNITS = (SERVER_UNIT, TRAINER_UNIT, TIMER_UNIT)
 
 @dataclass(frozen=True)
 class Layout:

@@ -21,22 +21,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-SPEC = """
-name = "bench"
-version = "1.0.0"
-[wheelhouse]
-project = "{repo}"
-dependencies = false
-[[models]]
-id = "random"
-backend = "llama.cpp"
-format = "gguf"
-context_length = 512
-[[models.files]]
-name = "model.gguf"
-source = "{source}"
-"""
-
 DECRYPT = """
 import sys, time
 from datetime import datetime, timezone
@@ -94,7 +78,9 @@ def main() -> None:
         work = Path(tmp)
         keygen(work / "keys")
         write_random(work / "model.bin", size)
-        (work / "spec.toml").write_text(SPEC.format(repo=REPO, source=work / "model.bin"))
+        from tests.spec_files import one_model_spec, write_spec
+
+        write_spec(work / "spec.toml", one_model_spec(work / "model.bin", name="bench", model_id="random", tiers=[]))
         build_bundle(load_spec(work / "spec.toml"), work / "bundle", work / "keys/signing.key", model_key_path=work / "keys/model.key")
         (work / "model.bin").unlink()
         ct = next((work / "bundle/models").rglob("*.enc"))

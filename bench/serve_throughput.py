@@ -185,6 +185,31 @@ def run_ours(root: Path, key: str, clients_runs: list[tuple[int, int]], max_toke
     return rows
 
 
+def transformers_runs(args: argparse.Namespace, tmp: Path, header: str, runs: list[tuple[int, int]]) -> int:
+    """The transformers engine has no C++ peer: ours at 8 clients against ours at 1."""
+    model = args.model or REPO / "build/test-models/smollm2-135m-safetensors"
+    if args.model is None and not (model / "config.json").is_file():
+        # the tests' cache: SmolLM2's GGUF dequantized once by the trainer's own code
+        from appliance.trainer.base_model import dequantize_gguf
+
+        print(f"converting the GGUF to safetensors once, into {model}", flush=True)
+        partial = model.with_name(model.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        dequantize_gguf(smollm2_gguf(), partial)
+        partial.rename(model)
+    if not (model / "config.json").is_file():
+        sys.exit(f"{model} is not a safetensors model directory; pass --model DIR")
+    root, key = our_root(tmp / "root", model.resolve(), "transformers", args.threads, args.context, 8)
+    one, eight = run_ours(root, key, runs, args.max_tokens, tmp, "(c) ours, transformers")
+    print(header)
+    for r in (one, eight):
+        print(r.line())
+    ratio = eight.rate / one.rate
+    print(f"ours at 8 clients / ours at 1 client: {ratio:.2f} (target >= 3)")
+    print(f"ratio_vs_raw={ratio:.2f} ratio_vs_peer=n/a")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine", choices=("llama.cpp", "transformers"), default="llama.cpp")
@@ -202,27 +227,7 @@ def main() -> int:
     runs = [(1, args.single), (8, args.per_client)]
 
     if args.engine == "transformers":
-        model = args.model or REPO / "build/test-models/smollm2-135m-safetensors"
-        if args.model is None and not (model / "config.json").is_file():
-            # the tests' cache: SmolLM2's GGUF dequantized once by the trainer's own code
-            from appliance.trainer.base_model import dequantize_gguf
-
-            print(f"converting the GGUF to safetensors once, into {model}", flush=True)
-            tmp = model.with_name(model.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            dequantize_gguf(smollm2_gguf(), tmp)
-            tmp.rename(model)
-        if not (model / "config.json").is_file():
-            sys.exit(f"{model} is not a safetensors model directory; pass --model DIR")
-        root, key = our_root(tmp / "root", model.resolve(), "transformers", args.threads, args.context, 8)
-        one, eight = run_ours(root, key, runs, args.max_tokens, tmp, "(c) ours, transformers")
-        print(header)
-        for r in (one, eight):
-            print(r.line())
-        ratio = eight.rate / one.rate
-        print(f"ours at 8 clients / ours at 1 client: {ratio:.2f} (target >= 3)")
-        print(f"ratio_vs_raw={ratio:.2f} ratio_vs_peer=n/a")
-        return 0
+        return transformers_runs(args, tmp, header, runs)
 
     model = (args.model or smollm2_gguf()).resolve()
     rows = [raw_in_process(model, args.threads, args.single, args.max_tokens, args.context)]

@@ -15,41 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from installer.bundle.manifest import MANIFEST, SIGNATURE, canonical_json
 from installer.vendor.keygen import keygen, load_signing_key
+from tests.spec_files import one_model_spec, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 4096
 MODEL_BYTES = 3 * CHUNK + 1000  # three full chunks and a short final one
 
-SLIM_SPEC = """
-name = "slim"
-version = "1.0.0"
-valid_days = 30
-chunk_size = {chunk}
-
-[wheelhouse]
-project = "{repo}"
-dependencies = false
-
-[passphrase_kdf]
-kind = "{kdf}"
-{kdf_params}
-
-[[models]]
-id = "tiny"
-backend = "llama.cpp"
-format = "gguf"
-context_length = 512
-
-[[models.files]]
-name = "model.gguf"
-source = "model.bin"
-
-[[tiers]]
-name = "cpu"
-model = "tiny"
-"""
-
-CHEAP_KDF = {"argon2id": "iterations = 1\nmemory_kib = 1024\nlanes = 1", "scrypt": "n = 1024\nr = 8\np = 1"}
+CHEAP_KDF = {"argon2id": {"iterations": 1, "memory_kib": 1024, "lanes": 1}, "scrypt": {"n": 1024, "r": 8, "p": 1}}
 
 
 @dataclass
@@ -92,7 +64,7 @@ def build_slim(where: Path, passphrase: bytes | None = None, kdf: str = "argon2i
     plain = os.urandom(MODEL_BYTES)
     (where / "model.bin").write_bytes(plain)
     spec_path = where / "slim.toml"
-    spec_path.write_text(SLIM_SPEC.format(chunk=CHUNK, repo=REPO, kdf=kdf, kdf_params=CHEAP_KDF[kdf]))
+    write_spec(spec_path, one_model_spec(Path("model.bin"), chunk_size=CHUNK, passphrase_kdf={"kind": kdf, **CHEAP_KDF[kdf]}))
     kwargs: dict[str, Any] = {"model_key_path": keys / "model.key"}
     if passphrase is not None:
         (where / "passphrase.txt").write_bytes(passphrase + b"\n")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from appliance.engines.scheduler import Delta, QueueFull, SamplingParams
 from tests.server_fixtures import generate, generate_together, install_adapter, submit
+from tests.waiting import wait_until
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Count from one to five.", "What is 2 + 2?"]
 
@@ -24,8 +23,7 @@ def check_join_mid_answer(engine) -> None:
     """A request that arrives while another is decoding joins the batch and both answer correctly."""
     ref_a, ref_b = generate(engine, QUESTIONS[0], 24).text, generate(engine, QUESTIONS[1], 8).text
     seq_a, done_a, ev_a = submit(engine, QUESTIONS[0], 24)
-    while not any(isinstance(e, Delta) for e in ev_a):
-        time.sleep(0.01)
+    wait_until(lambda: any(isinstance(e, Delta) for e in ev_a), "the first answer started")
     _, done_b, ev_b = submit(engine, QUESTIONS[1], 8)
     assert done_a.wait(300) and done_b.wait(300)
     assert ev_a[-1].text == ref_a and ev_b[-1].text == ref_b
@@ -44,8 +42,7 @@ def check_limits_and_stops(engine) -> None:
 
 def check_cancel_frees_slot(engine) -> None:
     seq, done, events = submit(engine, "Write a very long essay about the sea.", 400, ignore_eos=True)
-    while not any(isinstance(e, Delta) for e in events):
-        time.sleep(0.01)
+    wait_until(lambda: any(isinstance(e, Delta) for e in events), "the answer started")
     seq.cancel()
     assert done.wait(60)
     assert events[-1].reason == "cancelled" and events[-1].completion_tokens < 400
@@ -81,8 +78,7 @@ def check_adapter_swap(engine, layout, lora_dir) -> None:
     from appliance import adapters
 
     busy = [submit(engine, q, 24) for q in QUESTIONS[: engine.max_batch]]
-    while not all(any(isinstance(e, Delta) for e in events) for _, _, events in busy):
-        time.sleep(0.01)
+    wait_until(lambda: all(any(isinstance(e, Delta) for e in events) for _, _, events in busy), "every answer started")
     assert engine.swap_adapter(adapters.active_adapter(layout), wait=300)
     for _, done, events in busy:
         assert done.wait(300)

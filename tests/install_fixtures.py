@@ -10,43 +10,22 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from installer.bundle.keys import fingerprint, load_public_key
 from installer.vendor.keygen import keygen
+from tests.spec_files import one_model_spec, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_BYTES = 300_000
 
-SPEC = """
-name = "slim"
-version = "1.0.0"
-valid_days = 30
-chunk_size = 65536
-
-[wheelhouse]
-project = "{repo}"
-extras = []
-dependencies = true
-
-[[models]]
-id = "tiny-{tag}"
-backend = "llama.cpp"
-format = "gguf"
-context_length = 512
-
-[[models.files]]
-name = "model.gguf"
-source = "{model}"
-
-[[tiers]]
-name = "cpu"
-model = "tiny-{tag}"
-gpu_layers = 0
-threads = 1
-needs = {{ ram_mib = 64, disk_mib = 16 }}
-"""
+def installable_spec(model: Path, tag: object, name: str = "slim") -> dict[str, Any]:
+    """A spec that installs: its wheelhouse holds the appliance and every dependency, so a release venv builds."""
+    return one_model_spec(model, name=name, model_id=f"tiny-{tag}", chunk_size=65536,
+                          wheelhouse={"project": REPO, "extras": [], "dependencies": True},
+                          tier={"gpu_layers": 0, "threads": 1, "needs": {"ram_mib": 64, "disk_mib": 16}})
 
 
 @dataclass
@@ -75,7 +54,7 @@ def build(where: Path, sequence: int, keys: Path) -> Path:
     model = where / f"model-{sequence}.bin"
     model.write_bytes(os.urandom(MODEL_BYTES))
     spec = where / f"slim-{sequence}.toml"
-    spec.write_text(SPEC.format(repo=REPO, tag=sequence, model=model))
+    write_spec(spec, installable_spec(model, sequence))
     out = where / f"bundle-{sequence}"
     build_bundle(load_spec(spec), out, keys / "signing.key", sequence=sequence, model_key_path=keys / "model.key")
     return out

@@ -15,6 +15,7 @@ import pytest
 from appliance import apikeys
 from appliance.config import Config, load_config
 from appliance.paths import Layout
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = "/var/lib/appliance/models/smollm2"
@@ -87,11 +88,8 @@ def live_server(app: object) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not t.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
+    wait_until(lambda: server.started or not t.is_alive(), "uvicorn started")
+    assert server.started, "uvicorn stopped before it started"
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

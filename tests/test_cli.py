@@ -1,4 +1,4 @@
-"""The command line: keygen, spec errors, error rendering, and no heavy imports at start-up."""
+"""The command line: keygen, spec errors, error rendering. (What it imports at start-up: tests/test_layers.py.)"""
 
 from __future__ import annotations
 
@@ -13,26 +13,6 @@ import pytest
 
 from appliance.cli import main
 from tests.bundle_fixtures import REPO
-
-HEAVY = ("torch", "transformers", "peft", "textual", "fastapi", "llama_cpp", "uvicorn")
-
-
-def test_help_imports_nothing_heavy() -> None:
-    code = (
-        "import sys\nfrom appliance.cli import build_parser\nbuild_parser()\n"
-        f"print([m for m in {HEAVY!r} if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
-    assert out.strip() == "[]"
-
-
-def test_installer_bundle_code_imports_no_ml_stack() -> None:
-    code = (
-        "import sys\nimport installer.bundle.reader, installer.vendor.build, installer.bundle.trust\n"
-        "print([m for m in ('torch', 'transformers', 'peft', 'textual') if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
-    assert out.strip() == "[]"
 
 
 def test_keygen_writes_private_files_0600_and_refuses_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

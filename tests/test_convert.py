@@ -12,42 +12,18 @@ import pytest
 from appliance.errors import SpecError
 from installer.bundle import keywrap
 from installer.vendor.convert import convert_gguf
+from tests.spec_files import one_model_spec, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
-SPEC = """
-name = "conv"
-version = "1"
-[wheelhouse]
-project = "{repo}"
-dependencies = false
-
-[[models]]
-id = "q4"
-backend = "llama.cpp"
-format = "gguf"
-context_length = 8192
-[[models.files]]
-name = "model.gguf"
-source = "{gguf}"
-
-[[models]]
-id = "bf16"
-backend = "transformers"
-format = "safetensors"
-context_length = 8192
-convert_from = "{gguf}"
-
-[[tiers]]
-name = "gpu"
-model = "bf16"
-dtype = "bfloat16"
-needs = {{ gpu_count = 1, gpu_memory_mib = 8192, compute_capability = "8.0" }}
-
-[[tiers]]
-name = "cpu"
-model = "q4"
-"""
+def conversion_spec(gguf: Path, **bf16: object) -> dict:
+    """The GGUF for llama.cpp and the same model converted for transformers, with a GPU tier for it."""
+    return one_model_spec(gguf, name="conv", model_id="q4", version="1", context_length=8192,
+                          models=[{"id": "bf16", "backend": "transformers", "format": "safetensors", "context_length": 8192,
+                                   **bf16, "convert_from": gguf}],
+                          tiers=[{"name": "gpu", "model": "bf16", "dtype": "bfloat16",
+                                  "needs": {"gpu_count": 1, "gpu_memory_mib": 8192, "compute_capability": "8.0"}},
+                                 {"name": "cpu", "model": "q4"}])
 
 
 @pytest.mark.slow
@@ -61,7 +37,7 @@ def test_build_converts_encrypts_and_the_site_can_load_it(smollm2_gguf: Path, tm
 
     keygen(tmp_path / "keys")
     spec = tmp_path / "conv.toml"
-    spec.write_text(SPEC.format(repo=REPO, gguf=smollm2_gguf))
+    write_spec(spec, conversion_spec(smollm2_gguf))
     build_bundle(load_spec(spec), tmp_path / "b", tmp_path / "keys/signing.key", model_key_path=tmp_path / "keys/model.key")
 
     # verify_bundle fails on any unlisted file, so no plaintext scratch is left in the bundle.
@@ -111,7 +87,6 @@ def test_spec_refuses_a_bad_conversion_entry(tmp_path: Path, smollm2_gguf: Path)
     from installer.vendor.spec import load_spec
 
     spec = tmp_path / "s.toml"
-    bad = SPEC.format(repo=REPO, gguf=smollm2_gguf).replace('convert_from = "', 'convert_dtype = "int8"\nconvert_from = "')
-    spec.write_text(bad)
+    write_spec(spec, conversion_spec(smollm2_gguf, convert_dtype="int8"))
     with pytest.raises(SpecError, match="convert_dtype of bfloat16, float16 or float32"):
         load_spec(spec)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.install_fixtures import SPEC as INSTALLABLE_SPEC
+from tests.install_fixtures import installable_spec
+from tests.spec_files import write_spec
 from tests.trainer_fixtures import DEMO_DATA, gguf_sha, trainer_base_dir  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,7 +213,7 @@ def test_operations_doc_runs(tmp_path: Path, smollm2_gguf: Path, gguf_sha: str, 
     for d in (work, *media.values()):
         d.mkdir()
     spec = tmp_path / "site.toml"
-    spec.write_text(INSTALLABLE_SPEC.format(repo=REPO, tag="doc", model=smollm2_gguf).replace('name = "slim"', 'name = "site"', 1))
+    write_spec(spec, installable_spec(smollm2_gguf, "doc", name="site"))
     lines = (DEMO_DATA / "train.jsonl").read_text().splitlines()[:16]
     (media["data"] / "faq.jsonl").write_text("\n".join(lines) + "\n")
     # The trainer's cache of the dequantized base (made once per checkout by the trainer's own code):

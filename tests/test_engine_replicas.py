@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 
@@ -12,6 +11,7 @@ from appliance.engines.replicas import ReplicaSet
 from appliance.engines.scheduler import QueueFull
 from appliance.errors import EngineError
 from tests.server_fixtures import generate, make_root, submit
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,7 @@ def test_requests_spread_over_replicas_and_answers_match(pair):
     alone = generate(pair.engines[0], "Name a colour.", 8).text
     # ignore_eos: the four cannot end early, so all four are live at once
     held = [submit(pair, "Write a very long essay about the sea.", 300, ignore_eos=True) for _ in range(4)]
-    deadline = time.monotonic() + 120
-    while pair.live < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: pair.live >= 4, "all four requests live")
     assert [e.live for e in pair.engines] == [2, 2] and pair.live == 4
     with pytest.raises(QueueFull):
         for _ in range(3):

@@ -66,3 +66,14 @@ def test_a_domain_error_escaping_a_route_gets_its_status_in_the_openai_shape():
         err = r.json()["error"]
         assert err["type"] == type_ and err["message"].startswith(raising[what].message)
     assert client.get("/usage").json()["error"]["message"] == "The field x is wrong. Send y."
+
+
+def test_the_console_and_the_command_line_say_the_same_sentence_and_hint():
+    from appliance.cli import render_error
+    from appliance.console.widgets.errors import error_line, error_parts, error_text
+
+    e = UsageError("The bundle is not there\x1b[2J.", "Insert the stick.")
+    assert error_parts(e) == ("The bundle is not there\\x1b[2J.", "Insert the stick.")  # no escape reaches the terminal
+    assert render_error(e) == "error: The bundle is not there\x1b[2J.\nhint: Insert the stick."
+    assert error_text(e, "Install failed: ").plain == "Install failed: The bundle is not there\\x1b[2J.\nInsert the stick."
+    assert error_line(ValueError("boom")) == "ValueError: boom"

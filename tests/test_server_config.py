@@ -69,11 +69,12 @@ def test_model_path_resolves_under_root(tmp_path):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    ('[server]\nport = "80"\n', "port must be a int"),
+    ('[server]\nport = "80"\n', "port must be a whole number"),
     ("[server]\nport = 70000\n", "between 1 and 65535"),
-    ("[server]\nmax_batch = 0\n", "max_batch must be between 1"),
-    ("[server]\naudit_prompts = 1\n", "audit_prompts must be a bool"),
-    ("[server]\nport = true\n", "port must be a int"),
+    ("[server]\nmax_batch = 0\n", "max_batch is 0; it must be between 1"),
+    ("[server]\naudit_prompts = 1\n", "audit_prompts must be true or false"),
+    ("[server]\nport = true\n", "port must be a whole number"),
+    ('gpus = [0, -1]\n', "gpus must be a list of GPU indices"),
     ('backend = "vllm"\n', "backend must be one of llama.cpp, transformers"),
 ])
 def test_bad_values_name_the_key(extra, needle):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
 import openai
@@ -13,6 +12,7 @@ import pytest
 
 from appliance.server.app import Settings, create_app
 from tests.server_fixtures import live_server, submit
+from tests.waiting import wait_until
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -96,9 +96,9 @@ def test_overload_gives_429_with_retry_after(url, gguf_root, llama_engine):
     queued: list[httpx.Response] = []
     t = threading.Thread(target=lambda: queued.append(httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=300)))
     try:
-        _wait_for(lambda: llama_engine.live == llama_engine.max_batch)
+        wait_until(lambda: llama_engine.live == llama_engine.max_batch, "every slot busy")
         t.start()
-        _wait_for(lambda: llama_engine.waiting == 1)
+        wait_until(lambda: llama_engine.waiting == 1, "one request queued")
         refused = [httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) for _ in range(3)]
         assert llama_engine.live == llama_engine.max_batch and not any(done.is_set() for _, done, _ in held)
     finally:
@@ -131,23 +131,13 @@ def test_a_whole_answer_relays_only_its_first_text_and_its_end(url, gguf_root, m
     assert text.endswith("data: [DONE]\n\n") and sum(isinstance(ev, Delta) for ev in relayed) > 2
 
 
-def _wait_for(cond, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "the engine did not reach the expected state"
-        time.sleep(0.01)
-
-
 def _tokens_out(url, key) -> float:
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}).text
     return float([ln for ln in text.splitlines() if ln.startswith("appliance_completion_tokens_total")][0].split()[-1])
 
 
 def _wait_idle(engine) -> None:
-    deadline = time.monotonic() + 120
-    while engine.live and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.live == 0
+    wait_until(lambda: engine.live == 0, "the engine went idle")
 
 
 LONG = [{"role": "user", "content": "Write a very long essay about the sea."}]

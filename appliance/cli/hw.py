@@ -14,7 +14,6 @@ from installer.planning.planner import RUNNABLE, Plan, plan
 from installer.planning.tiers import Tier, models_of, parse_tiers
 
 REPO_DEMO_SPEC = Path(__file__).resolve().parents[2] / "bundles" / "demo.toml"
-INSTALLED_MANIFEST = "manifest.json"  # the installed release keeps its bundle's manifest beside the venv
 
 
 def _bundle_tiers(path: Path, args: argparse.Namespace) -> tuple[list[Tier], str]:
@@ -46,9 +45,11 @@ def _bundle_tiers(path: Path, args: argparse.Namespace) -> tuple[list[Tier], str
 
 
 def _tiers(args: argparse.Namespace) -> tuple[list[Tier], str]:
+    from installer.bundle.manifest import MANIFEST
+
     if args.bundle:
         return _bundle_tiers(Path(args.bundle), args)
-    installed = Layout.at(args.root).current / INSTALLED_MANIFEST
+    installed = Layout.at(args.root).current / MANIFEST  # the installed release keeps its bundle's signed manifest
     if installed.is_file():
         return _bundle_tiers(installed, args)
     if REPO_DEMO_SPEC.is_file():  # a source checkout: show the demo bundle's table

@@ -24,9 +24,8 @@ from typing import Any
 
 from appliance.atomic import atomic_file, atomic_write_bytes
 from appliance.errors import UsageError
-from appliance.paths import Layout
+from appliance.paths import UNITS, Layout
 
-UNITS = ("appliance-server.service", "appliance-trainer.service", "appliance-trainer.timer")
 JOURNAL_LINES = 1000
 PACKAGES = ("appliance", "torch", "transformers", "peft", "llama_cpp_python", "textual", "fastapi",
             "cryptography", "nvidia-ml-py", "psutil")

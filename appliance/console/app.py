@@ -76,14 +76,10 @@ class ConsoleApp(App[None]):
         self.switch_mode(self.first)
 
     def show_error(self, error: BaseException) -> None:
-        """The one place an error becomes visible: a notification with the message and its hint."""
-        message = getattr(error, "message", None)
-        if message is not None:
-            hint = getattr(error, "hint", "")
-            body = message + (f"\n{hint}" if hint else "")
-        else:
-            body = f"{type(error).__name__}: {error}"
-        self.notify(body, severity="error", timeout=10, markup=False)
+        """An error no screen shows in place: a notification with the message and its hint."""
+        from appliance.console.widgets.errors import error_parts
+
+        self.notify("\n".join(p for p in error_parts(error) if p), severity="error", timeout=10, markup=False)
 
     def on_unmount(self) -> None:
         self.sources.close()

@@ -78,16 +78,34 @@ def run_training(layout: Layout, options: RunOptions | None = None) -> dict[str,
         return report
 
 
-def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: str, report: dict[str, Any]) -> None:
-    log, stages = opts.log, report["stages"]
-    settings = opts.settings or load_trainer_settings(layout)
-    model_ref = load_base_model_ref(layout)
-    prior = st.load_trainer_state(paths)
-    last_row = int(prior.get("last_feedback_row", 0))
+@dataclass(frozen=True)
+class _Data:
+    """What the data stages made of the inbox and the feedback store."""
 
+    prior: dict[str, Any]  # the trainer state before this run
+    collected: Any
+    deduped: Any
+    parts: Any
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    model: Any
+    base: Any
+    active: Any
+    result: Any
+    decision: Any
+    train: list[Example]
+    validation: list[Example]
+
+
+def _prepare(paths: st.TrainerPaths, settings: TrainerSettings, run_id: str, stages: dict[str, Any],
+             log: Callable[[str], None]) -> _Data:
+    """collect → validate → mask → dedupe → split."""
+    prior = st.load_trainer_state(paths)
     store = FeedbackStore(paths.feedback_db) if paths.feedback_db.exists() else None
     try:
-        collected = collect(paths.inbox, store, last_row)
+        collected = collect(paths.inbox, store, int(prior.get("last_feedback_row", 0)))
     finally:
         if store:
             store.close()
@@ -97,46 +115,58 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
                           "rejected_lines": [asdict(r) for r in validated.rejected[:100]]}
     masked, pii_counts = mask_examples(validated.examples)
     stages["pii"] = {"masked": dict(pii_counts)}
-    seen = st.load_seen(paths)
-    deduped = dedupe(masked, seen, settings.near_duplicate_threshold)
+    deduped = dedupe(masked, st.load_seen(paths), settings.near_duplicate_threshold)
     stages["dedupe"] = {"kept": len(deduped.examples), "exact": deduped.exact_dupes, "near": deduped.near_dupes,
                         "seen_in_earlier_runs": deduped.seen_before}
     parts = split(deduped.examples, settings.validation_fraction)
     stages["split"] = {"train": len(parts.train), "validation": len(parts.validation)}
     log(f"run {run_id}: {len(collected.records)} records, {len(validated.examples)} valid, "
         f"{len(deduped.examples)} after dedupe, {len(parts.train)} train / {len(parts.validation)} validation")
+    return _Data(prior, collected, deduped, parts)
 
-    new = len(deduped.examples)
+
+def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: str, report: dict[str, Any]) -> None:
+    settings = opts.settings or load_trainer_settings(layout)
+    model_ref = load_base_model_ref(layout)
+    data = _prepare(paths, settings, run_id, report["stages"], opts.log)
+    new = len(data.deduped.examples)
     if not opts.now and new < settings.min_new_examples:
         report.update(status="skipped", reason=f"{new} new examples, fewer than min_new_examples = {settings.min_new_examples}")
         return  # nothing consumed: the inbox and the feedback position stay for the next run
-    if not parts.train or not parts.validation:
+    if not data.parts.train or not data.parts.validation:
         report.update(status="skipped", reason=f"{new} usable examples after filtering, too few to train and validate on")
-        _consume(paths, collected, deduped.new_index, prior, [], run_id)
+        _consume(paths, data, [], run_id)
         return
+    candidate = _train(layout, paths, opts, settings, model_ref, data, report["stages"])
+    if candidate is None:
+        report.update(status="skipped", reason="no example fits max_length with its answer, nothing to train on")
+        _consume(paths, data, [], run_id)
+        return
+    _register(layout, paths, settings, model_ref, data, candidate, run_id, report, opts.log)
 
-    from appliance.trainer.modeling import evaluate_all, load_base, new_lora
 
-    stage_t = time.perf_counter()
+def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: TrainerSettings, model_ref: Any,
+           data: _Data, stages: dict[str, Any]) -> _Candidate | None:
+    """train → evaluate → gate; None when no example fits max_length."""
     import torch
 
+    from appliance.trainer.modeling import evaluate_all, load_base, new_lora
+    from appliance.trainer.train import encode, train_lora
+
+    log, stage_t = opts.log, time.perf_counter()
     # Half the cores by default: the server keeps answering while the trainer runs, and on a busy
     # machine fewer threads train faster than threads that wait on each other.
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) // 2))
     base = load_base(model_ref, paths.base_cache)
-    from appliance.trainer.train import encode, train_lora
 
     def enc(xs: list[Example]) -> list[tuple[Example, Any]]:
         return [(x, e) for x, e in ((x, encode(base.tokenizer, x, settings.max_length)) for x in xs) if e is not None]
 
     # Garbage is handled in layers: unparseable lines fail validation, floods collapse in dedupe, and
     # what remains must beat the active adapter without losing ground on earlier validation data.
-    train_pairs, val_pairs = enc(parts.train), enc(parts.validation)
+    train_pairs, val_pairs = enc(data.parts.train), enc(data.parts.validation)
     if not train_pairs or not val_pairs:
-        report.update(status="skipped", reason="no example fits max_length with its answer, nothing to train on")
-        _consume(paths, collected, deduped.new_index, prior, [], run_id)
-        return
-    train_examples, val_examples = [x for x, _ in train_pairs], [x for x, _ in val_pairs]
+        return None
     train_enc, val_enc = [e for _, e in train_pairs], [e for _, e in val_pairs]
     anchor_enc = [e for _, e in enc(st.load_anchor(paths))]
     active = registry.active_adapter(layout)
@@ -145,46 +175,51 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     result = train_lora(model, train_enc, val_enc, settings, base.pad_id, log=log, before_micro=opts.before_micro,
                         max_steps=opts.max_steps)
     stages["train"] = {k: v for k, v in asdict(result).items() if k != "history"} | {"history": result.history}
-
     losses = evaluate_all(model, active, val_enc, anchor_enc, base.pad_id)
     stages["evaluate"] = {k: _finite(v) for k, v in asdict(losses).items()}
     decision = decide(losses, settings.gate_margin, settings.anchor_tolerance)
     stages["gate"] = decision.to_json()
     log(f"gate: {'promote' if decision.promote else 'keep'}: {decision.reason}")
+    return _Candidate(model, base, active, result, decision, [x for x, _ in train_pairs], [x for x, _ in val_pairs])
 
+
+def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings, model_ref: Any, data: _Data,
+              c: _Candidate, run_id: str, report: dict[str, Any], log: Callable[[str], None]) -> None:
+    """export → register → (promote) → prune."""
     from appliance.trainer.export import gguf_architecture, save_peft, write_gguf_lora
 
+    stages = report["stages"]
     staged = registry.staging_dir(layout, run_id)
-    save_peft(model, staged / "peft", model_ref.id)
+    save_peft(c.model, staged / "peft", model_ref.id)
     if model_ref.backend == "llama.cpp":
-        write_gguf_lora(staged / "peft", staged / "adapter.gguf", base.config, gguf_architecture(model_ref.path))
+        write_gguf_lora(staged / "peft", staged / "adapter.gguf", c.base.config, gguf_architecture(model_ref.path))
     stages["export"] = {"peft": True, "gguf": model_ref.backend == "llama.cpp"}
     metadata = {
-        "created_at": report["started_at"], "run": run_id, "parent": active.id if active else None,
-        "base_model": {"id": model_ref.id, "backend": model_ref.backend, "sha256": base.sha256},
-        "data_sha256": _data_hash(train_examples + val_examples),
-        "counts": {"train": len(train_examples), "validation": len(val_examples)},
-        "metrics": stages["evaluate"], "gate": decision.to_json(),
+        "created_at": report["started_at"], "run": run_id, "parent": c.active.id if c.active else None,
+        "base_model": {"id": model_ref.id, "backend": model_ref.backend, "sha256": c.base.sha256},
+        "data_sha256": _data_hash(c.train + c.validation),
+        "counts": {"train": len(c.train), "validation": len(c.validation)},
+        "metrics": stages["evaluate"], "gate": c.decision.to_json(),
         "lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "targets": list(settings.lora_targets)},
-        "training": {"learning_rate": settings.learning_rate, "steps": result.steps, "stopped_early": result.stopped_early},
+        "training": {"learning_rate": settings.learning_rate, "steps": c.result.steps, "stopped_early": c.result.stopped_early},
     }
     adapter = registry.register(layout, run_id, staged, metadata)
     report["adapter"] = adapter.id
     # State before promotion: a crash between the two leaves a registered, unpromoted adapter and
     # consumed data, which is what a "keep" decision would have left too.
-    _consume(paths, collected, deduped.new_index, prior, val_examples, run_id)
-    if decision.promote:
+    _consume(paths, data, c.validation, run_id)
+    if c.decision.promote:
         registry.promote(layout, adapter.id)
-        report.update(status="promoted", reason=decision.reason)
+        report.update(status="promoted", reason=c.decision.reason)
         log(f"promoted {adapter.id}; the server switches to it by itself within about a second")
     else:
-        report.update(status="kept", reason=decision.reason)
+        report.update(status="kept", reason=c.decision.reason)
     stages["prune"] = {"removed": registry.prune(layout, settings.keep_adapters)}
 
 
-def _consume(paths: st.TrainerPaths, collected: Any, seen: Any, prior: dict, validation: list[Example], run_id: str) -> None:
+def _consume(paths: st.TrainerPaths, data: _Data, validation: list[Example], run_id: str) -> None:
     anchor = st.load_anchor(paths) + validation
-    state = dict(prior, last_feedback_row=collected.feedback_last_row, last_run=run_id)
-    st.commit_state(paths, state, seen, anchor)
-    st.move_processed(paths, collected.inbox_files, run_id)
+    state = dict(data.prior, last_feedback_row=data.collected.feedback_last_row, last_run=run_id)
+    st.commit_state(paths, state, data.deduped.new_index, anchor)
+    st.move_processed(paths, data.collected.inbox_files, run_id)
     os.sync()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from appliance.config import ModelConfig, use_devices, validate_section
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
 
@@ -49,38 +50,7 @@ class TrainerSettings:
 
 def parse_trainer_settings(table: dict[str, Any], source: str = "[trainer]") -> TrainerSettings:
     """Validate a [trainer] table; a key it does not know (a typo) is an error that names it."""
-    known = [f.name for f in fields(TrainerSettings)]
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise TrainerConfigError(f"{source} has no setting {unknown[0]!r}; the settings of [trainer] are {', '.join(known)}.",
-                                 "Correct or remove it (a misspelt key would otherwise be ignored) and run again.")
-    values: dict[str, Any] = {}
-    for f in fields(TrainerSettings):
-        if f.name not in table:
-            continue
-        v = table[f.name]
-        default = getattr(TrainerSettings(), f.name)
-        where = f"{source} {f.name}"
-        if isinstance(default, list):
-            if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-                raise TrainerConfigError(f"{where} must be a non-empty list of module names, not {v!r}.",
-                                         'Write it like lora_targets = ["q_proj", "v_proj"].')
-        elif isinstance(default, bool) or isinstance(default, str):
-            if not isinstance(v, type(default)):
-                raise TrainerConfigError(f"{where} must be a {type(default).__name__}, not {v!r}.", f"It is the {f.metadata['help']}.")
-        elif isinstance(default, int) and not isinstance(default, bool) and f.type == "int":
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TrainerConfigError(f"{where} must be a whole number, not {v!r}.", f"It is the {f.metadata['help']}.")
-        else:
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise TrainerConfigError(f"{where} must be a number, not {v!r}.", f"It is the {f.metadata['help']}.")
-            v = float(v)
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-            raise TrainerConfigError(f"{where} is {v!r}; it must be {bounds}.", f"It is the {f.metadata['help']}.")
-        values[f.name] = v
-    return TrainerSettings(**values)
+    return validate_section(TrainerSettings, "trainer", table, source, TrainerConfigError)  # type: ignore[no-any-return]
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -116,19 +86,13 @@ def load_base_model_ref(layout: Layout, path: Path | None = None) -> BaseModelRe
     """[model] path/backend/id, with the path resolved under --root; CUDA is pointed at the GPUs the
     installer planned ([model] cuda_visible_devices), as the server is.
 
-    The server's appliance.config reads [model] in full; the trainer needs three keys and must not
-    depend on the server's import graph, so it reads only those.
+    [model] is checked in full, by the validator the server uses.
     """
     path = path or layout.config_file
     table = read_toml(path).get("model")
     if not isinstance(table, dict) or not isinstance(table.get("path"), str):
         raise TrainerConfigError(f"{path} has no [model] path, so there is no base model to train.",
                                  "Install a bundle first; the installer writes [model].")
-    if isinstance(table.get("cuda_visible_devices"), str):
-        import os
-
-        os.environ["CUDA_VISIBLE_DEVICES"] = table["cuda_visible_devices"]  # the planned GPUs, before CUDA starts
-    backend = str(table.get("backend", "llama.cpp"))
-    if backend not in ("llama.cpp", "transformers"):
-        raise TrainerConfigError(f"[model] backend in {path} is {backend!r}; it must be llama.cpp or transformers.")
-    return BaseModelRef(str(table.get("id", "model")), backend, layout.root / table["path"].lstrip("/"))
+    model: ModelConfig = validate_section(ModelConfig, "model", table, f"[model] in {path}:", TrainerConfigError)
+    use_devices(model)  # the planned GPUs, before CUDA starts
+    return BaseModelRef(model.id, model.backend, model.resolve_path(layout))

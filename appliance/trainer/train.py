@@ -142,6 +142,40 @@ def _is_oom(e: BaseException) -> bool:
 MicroHook = Callable[[int], None]
 
 
+def _backward(model: Any, items: list[Encoded], n_labels: int, micro: int, pad_id: int, opt: Any,
+              settings: TrainerSettings, log: Callable[[str], None], before_micro: MicroHook | None) -> tuple[float, int, int, int]:
+    """The gradients of one optimizer step in micro-batches of `micro`, halved at each out-of-memory.
+    Returns the loss sum, the tokens seen, the micro-batch that fitted, and how many OOMs it took."""
+    import torch
+
+    ooms = 0
+    while True:
+        try:
+            opt.zero_grad(set_to_none=True)
+            step_loss, step_tokens = 0.0, 0
+            for j in range(0, len(items), micro):
+                chunk = items[j : j + micro]
+                if before_micro:
+                    before_micro(len(chunk))
+                s, _ = loss_sum(model, collate(chunk, pad_id))
+                (s / n_labels).backward()
+                step_loss += float(s.detach())
+                step_tokens += sum(len(e.input_ids) for e in chunk)
+            return step_loss, step_tokens, micro, ooms
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            ooms += 1
+            opt.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if micro // 2 < settings.min_batch_size:
+                raise TrainingError(f"Training ran out of memory even with a micro-batch of {micro}.",
+                                    "Lower max_length or lora_rank in [trainer], or free memory on this machine.") from None
+            micro //= 2
+            log(f"out of memory: micro-batch {micro}, accumulating {math.ceil(settings.batch_size / micro)} steps")
+
+
 def train_lora(model: Any, train: list[Encoded], val: list[Encoded], settings: TrainerSettings, pad_id: int,
                log: Callable[[str], None] = print, before_micro: MicroHook | None = None,
                max_steps: int | None = None) -> TrainResult:
@@ -171,31 +205,8 @@ def train_lora(model: Any, train: list[Encoded], val: list[Encoded], settings: T
                 break
             items = [train[i] for i in batch_idx]
             n_labels = sum(e.n_labels for e in items)
-            while True:
-                try:
-                    opt.zero_grad(set_to_none=True)
-                    step_loss, step_tokens = 0.0, 0
-                    for j in range(0, len(items), micro):
-                        chunk = items[j : j + micro]
-                        if before_micro:
-                            before_micro(len(chunk))
-                        s, _ = loss_sum(model, collate(chunk, pad_id))
-                        (s / n_labels).backward()
-                        step_loss += float(s.detach())
-                        step_tokens += sum(len(e.input_ids) for e in chunk)
-                    break
-                except Exception as e:
-                    if not _is_oom(e):
-                        raise
-                    ooms += 1
-                    opt.zero_grad(set_to_none=True)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    if micro // 2 < settings.min_batch_size:
-                        raise TrainingError(f"Training ran out of memory even with a micro-batch of {micro}.",
-                                            "Lower max_length or lora_rank in [trainer], or free memory on this machine.") from None
-                    micro //= 2
-                    log(f"out of memory: micro-batch {micro}, accumulating {math.ceil(settings.batch_size / micro)} steps")
+            step_loss, step_tokens, micro, oom = _backward(model, items, n_labels, micro, pad_id, opt, settings, log, before_micro)
+            ooms += oom
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()

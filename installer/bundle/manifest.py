@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from appliance.config import BACKEND_FORMATS
 from appliance.errors import BundleError
 from installer.bundle.keywrap import KdfParams
 
@@ -18,7 +19,7 @@ BOOTSTRAP = "bootstrap.sh"
 MAX_MANIFEST_BYTES = 4 << 20
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-BACKENDS = {"llama.cpp": "gguf", "transformers": "safetensors"}
+BACKENDS = BACKEND_FORMATS
 
 
 def canonical_json(value: Any) -> bytes:
@@ -153,19 +154,7 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def parse_manifest(raw: bytes) -> Manifest:
-    """Parse signed manifest bytes; they must be canonical JSON of the v1 schema."""
-    try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"The manifest is not valid UTF-8 JSON: {e}.") from None
-    if not isinstance(data, dict):
-        raise BundleError("The manifest is not a JSON object.")
-    if canonical_json(data) != raw:
-        raise BundleError("The manifest is not in canonical form (sorted keys, no whitespace).")
-    if data.get("format") != FORMAT_VERSION:
-        raise BundleError(f"The manifest format {data.get('format')!r} is not supported; this appliance reads format {FORMAT_VERSION}.")
-
+def _files(data: dict[str, Any]) -> list[FileEntry]:
     files = []
     seen: set[str] = set()
     for i, f in enumerate(_get(data, "files", list, "top level")):
@@ -180,7 +169,10 @@ def parse_manifest(raw: bytes) -> Manifest:
     for p in seen:  # "a" and "a/b" cannot both be files
         if any(q.startswith(p + "/") for q in seen):
             raise BundleError(f"The manifest lists {p!r} both as a file and as a directory.")
+    return files
 
+
+def _models(data: dict[str, Any], seen: set[str]) -> list[Model]:
     models = []
     for i, m in enumerate(_get(data, "models", list, "top level")):
         where = f"models[{i}]"
@@ -197,7 +189,25 @@ def parse_manifest(raw: bytes) -> Manifest:
             mfiles.append(ModelFile(path, check_relpath(_get(mf, "name", str, w)), _size(mf, "plain_size", w),
                                     _digest(mf, "plain_sha256", w), _get(mf, "wrapped_key", str, w)))
         models.append(Model(_get(m, "id", str, where), backend, fmt, _size(m, "context_length", where), tuple(mfiles)))
+    return models
 
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """Parse signed manifest bytes; they must be canonical JSON of the v1 schema."""
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"The manifest is not valid UTF-8 JSON: {e}.") from None
+    if not isinstance(data, dict):
+        raise BundleError("The manifest is not a JSON object.")
+    if canonical_json(data) != raw:
+        raise BundleError("The manifest is not in canonical form (sorted keys, no whitespace).")
+    if data.get("format") != FORMAT_VERSION:
+        raise BundleError(f"The manifest format {data.get('format')!r} is not supported; this appliance reads format {FORMAT_VERSION}.")
+
+    files = _files(data)
+    seen = {f.path for f in files}
+    models = _models(data, seen)
     sequence = _get(data, "sequence", int, "top level")
     if sequence < 1:
         raise BundleError("The manifest's sequence must be 1 or more.")

@@ -23,10 +23,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.config import BACKENDS, DTYPES
 from appliance.errors import TierError
 from installer.hardware.machine import version_tuple
 
-DTYPES = ("bfloat16", "float16", "float32")
 PER_GPU = "per-gpu"
 PHYSICAL_CORES = "physical-cores"
 ALL_LAYERS = -1  # llama.cpp's n_gpu_layers for "every layer on the GPU"
@@ -160,6 +160,29 @@ def _needs(data: Any, where: str) -> Needs:
     )
 
 
+def _placement(t: _Table, where: str, needs: Needs) -> tuple[int, int | str, int, int | str]:
+    """Where the model runs: GPU layers, replicas, tensor parallelism, CPU threads."""
+    layers = t.get("gpu_layers", (int, str), ALL_LAYERS if needs.gpu_count else 0)
+    if layers == "all":
+        layers = ALL_LAYERS
+    if not isinstance(layers, int) or layers < ALL_LAYERS:
+        raise TierError(f"The {where}.gpu_layers must be a layer count or \"all\".")
+    if layers != 0 and not needs.gpu_count:
+        raise TierError(f"The {where} puts layers on a GPU but needs no GPU.", "Set needs.gpu_count, or gpu_layers = 0.")
+    replicas = t.get("replicas", (int, str), 1)
+    if replicas != PER_GPU and (not isinstance(replicas, int) or replicas < 1):
+        raise TierError(f"The {where}.replicas must be a positive count or \"{PER_GPU}\".")
+    tp = t.count("tensor_parallel", 1, low=1)
+    if needs.gpu_count and isinstance(replicas, int) and replicas * tp > needs.gpu_count:
+        raise TierError(f"The {where} runs {replicas} replica(s) over {tp} GPU(s) each but needs only {needs.gpu_count} GPUs.")
+    if (replicas == PER_GPU or tp > 1) and not needs.gpu_count:
+        raise TierError(f"The {where} spreads over GPUs but needs none.")
+    threads = t.get("threads", (int, str), PHYSICAL_CORES)
+    if threads != PHYSICAL_CORES and (not isinstance(threads, int) or threads < 1):
+        raise TierError(f"The {where}.threads must be a positive count or \"{PHYSICAL_CORES}\".")
+    return layers, replicas, tp, threads
+
+
 def parse_tier(data: Any, where: str, models: Mapping[str, tuple[str, int]] | None = None) -> Tier:
     """One tier; `models` maps model id -> (backend, context_length) to check references against."""
     t = _Table(data, where, _TOP_KEYS)
@@ -180,7 +203,7 @@ def parse_tier(data: Any, where: str, models: Mapping[str, tuple[str, int]] | No
         if context is not None and context > models[model][1]:
             raise TierError(f"The {where} asks for a {context}-token context; the model {model!r} supports {models[model][1]}.")
         context = context or models[model][1]
-    if backend not in ("llama.cpp", "transformers"):
+    if backend not in BACKENDS:
         raise TierError(f"The {where} has backend {backend!r}; use llama.cpp or transformers.")
     if context is None:
         raise TierError(f"The {where} has no 'context_length'.")
@@ -193,24 +216,7 @@ def parse_tier(data: Any, where: str, models: Mapping[str, tuple[str, int]] | No
         raise TierError(f"The {where} sets dtype for llama.cpp, where the GGUF file fixes it.", "Name it in 'quantization' instead.")
     if dtype == "bfloat16" and needs.gpu_count and (needs.compute_capability is None or version_tuple(needs.compute_capability) < (8,)):
         raise TierError(f"The {where} runs bfloat16 on GPUs without requiring compute capability 8.0 (Ampere), the first with bf16.")
-    layers = t.get("gpu_layers", (int, str), ALL_LAYERS if needs.gpu_count else 0)
-    if layers == "all":
-        layers = ALL_LAYERS
-    if not isinstance(layers, int) or layers < ALL_LAYERS:
-        raise TierError(f"The {where}.gpu_layers must be a layer count or \"all\".")
-    if layers != 0 and not needs.gpu_count:
-        raise TierError(f"The {where} puts layers on a GPU but needs no GPU.", "Set needs.gpu_count, or gpu_layers = 0.")
-    replicas = t.get("replicas", (int, str), 1)
-    if replicas != PER_GPU and (not isinstance(replicas, int) or replicas < 1):
-        raise TierError(f"The {where}.replicas must be a positive count or \"{PER_GPU}\".")
-    tp = t.count("tensor_parallel", 1, low=1)
-    if needs.gpu_count and isinstance(replicas, int) and replicas * tp > needs.gpu_count:
-        raise TierError(f"The {where} runs {replicas} replica(s) over {tp} GPU(s) each but needs only {needs.gpu_count} GPUs.")
-    if (replicas == PER_GPU or tp > 1) and not needs.gpu_count:
-        raise TierError(f"The {where} spreads over GPUs but needs none.")
-    threads = t.get("threads", (int, str), PHYSICAL_CORES)
-    if threads != PHYSICAL_CORES and (not isinstance(threads, int) or threads < 1):
-        raise TierError(f"The {where}.threads must be a positive count or \"{PHYSICAL_CORES}\".")
+    layers, replicas, tp, threads = _placement(t, where, needs)
     lora = _Table(t.get("lora", Mapping, {}), f"{where}.lora", {"rank", "alpha", "targets"})
     targets = lora.get("targets", list, ["q_proj", "v_proj"])
     if not targets or not all(isinstance(x, str) and _MODULE.match(x) for x in targets):

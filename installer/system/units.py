@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import StateError
+from appliance.paths import SERVER_UNIT, TIMER_UNIT, TRAINER_UNIT, UNITS
 
-SERVER = "appliance-server.service"
-TRAINER = "appliance-trainer.service"
-TIMER = "appliance-trainer.timer"
-UNITS = (SERVER, TRAINER, TIMER)
+SERVER, TRAINER, TIMER = SERVER_UNIT, TRAINER_UNIT, TIMER_UNIT
 ENABLE = (SERVER, TIMER)  # the trainer service runs only from its timer
 SERVICE_USER = "appliance"
 PREFIX = "/opt/appliance"

@@ -23,7 +23,7 @@ from installer.vendor.convert import CONVERT_DIR, model_sources
 from installer.vendor.keygen import load_signing_key
 from installer.vendor.llama_wheel import sha256_file
 from installer.vendor.sbom import cyclonedx
-from installer.vendor.spec import Spec
+from installer.vendor.spec import Spec, SpecModel
 from installer.vendor.wheelhouse import build_wheelhouse
 
 TRUST_FILE = "trust/vendor.pub"
@@ -65,6 +65,32 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(d))
 
 
+def _site_kek(spec: Spec, model_key_path: Path | None, passphrase_path: Path | None) -> tuple[keywrap.KdfParams, bytes]:
+    """The key that wraps every file key: the site's model key, or one derived from a passphrase."""
+    if model_key_path is not None:
+        return keywrap.KdfParams("key-file"), keywrap.read_key_file(model_key_path)
+    assert passphrase_path is not None
+    overrides = {k: v for k, v in spec.passphrase_kdf.items() if k != "kind"}
+    kdf = keywrap.new_kdf(spec.passphrase_kdf["kind"], overrides)
+    return kdf, keywrap.derive_kek(kdf, keywrap.read_passphrase_file(passphrase_path))
+
+
+def _encrypt_model(spec: Spec, m: SpecModel, work: Path, kek: bytes, log: Callable[[str], None]) -> dict[str, Any]:
+    """Each file of one model under its own random key, wrapped by `kek`; the manifest's models[] entry."""
+    files = []
+    for f in model_sources(m, work / CONVERT_DIR, log):
+        rel = f"models/{m.id}/{f.name}.enc"
+        log(f"encrypting {f.name} -> {rel}")
+        data_key = os.urandom(keywrap.KEY_SIZE)
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        with f.source.open("rb") as src, (work / rel).open("wb") as dst:
+            reader = _HashingWriter(src)
+            encrypt_stream(reader, dst, data_key, spec.chunk_size)  # type: ignore[arg-type]
+        files.append({"path": rel, "name": f.name, "plain_size": reader.size, "plain_sha256": reader.h.hexdigest(),
+                      "wrapped_key": keywrap.wrap_key(kek, data_key, f"{spec.name}:{rel}")})
+    return {"id": m.id, "backend": m.backend, "format": m.format, "context_length": m.context_length, "files": files}
+
+
 def build_bundle(
     spec: Spec, out: Path, signing_key_path: Path, sequence: int = 1,
     model_key_path: Path | None = None, passphrase_path: Path | None = None,
@@ -79,14 +105,7 @@ def build_bundle(
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty.", "Choose a new --out directory.")
     signing_key = load_signing_key(signing_key_path)
-    if model_key_path is not None:
-        kdf = keywrap.KdfParams("key-file")
-        kek = keywrap.read_key_file(model_key_path)
-    else:
-        assert passphrase_path is not None
-        overrides = {k: v for k, v in spec.passphrase_kdf.items() if k != "kind"}
-        kdf = keywrap.new_kdf(spec.passphrase_kdf["kind"], overrides)
-        kek = keywrap.derive_kek(kdf, keywrap.read_passphrase_file(passphrase_path))
+    kdf, kek = _site_kek(spec, model_key_path, passphrase_path)
 
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
@@ -95,21 +114,7 @@ def build_bundle(
         log("building the wheelhouse")
         build_wheelhouse(spec.wheelhouse, work / "wheels")
 
-        models = []
-        for m in spec.models:
-            files = []
-            for f in model_sources(m, work / CONVERT_DIR, log):
-                rel = f"models/{m.id}/{f.name}.enc"
-                log(f"encrypting {f.name} -> {rel}")
-                data_key = os.urandom(keywrap.KEY_SIZE)
-                (work / rel).parent.mkdir(parents=True, exist_ok=True)
-                with f.source.open("rb") as src, (work / rel).open("wb") as dst:
-                    reader = _HashingWriter(src)
-                    encrypt_stream(reader, dst, data_key, spec.chunk_size)  # type: ignore[arg-type]
-                files.append({"path": rel, "name": f.name, "plain_size": reader.size, "plain_sha256": reader.h.hexdigest(),
-                              "wrapped_key": keywrap.wrap_key(kek, data_key, f"{spec.name}:{rel}")})
-            models.append({"id": m.id, "backend": m.backend, "format": m.format,
-                           "context_length": m.context_length, "files": files})
+        models = [_encrypt_model(spec, m, work, kek, log) for m in spec.models]
         shutil.rmtree(work / CONVERT_DIR, ignore_errors=True)  # plaintext conversions never reach the bundle
 
         version = spec.version
@@ -123,13 +128,8 @@ def build_bundle(
         (work / TRUST_FILE).write_bytes(public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
 
         log("hashing every file")
-        digests: dict[str, str] = {}
-        entries = []
-        for p in sorted(work.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(work).as_posix()
-                digests[rel] = sha256_file(p)
-                entries.append({"path": rel, "size": p.stat().st_size, "sha256": digests[rel]})
+        digests = {p.relative_to(work).as_posix(): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
+        entries = [{"path": rel, "size": (work / rel).stat().st_size, "sha256": d} for rel, d in digests.items()]
 
         issued = (now or datetime.now(timezone.utc)).replace(microsecond=0)
         manifest = {

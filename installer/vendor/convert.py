@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.config import DTYPES
 from appliance.errors import SpecError
 
 if TYPE_CHECKING:
     from installer.vendor.spec import SpecModel, SpecModelFile
 
-DTYPES = ("bfloat16", "float16", "float32")
 CONVERT_DIR = "convert"  # scratch under the build directory, removed before the bundle is hashed
 
 

@@ -71,6 +71,31 @@ def _req(table: dict[str, Any], key: str, typ: type, where: str) -> Any:
     return table[key]
 
 
+def _model(m: Any, where: str, base: Path) -> SpecModel:
+    backend = _req(m, "backend", str, where)
+    fmt = _req(m, "format", str, where)
+    if BACKENDS.get(backend) != fmt:
+        raise SpecError(f"The spec's {where} pairs backend {backend!r} with format {fmt!r}; use one of {BACKENDS}.")
+    files = []
+    convert_from = None
+    if "convert_from" in m:  # the files come from converting a GGUF (installer/vendor/convert.py)
+        convert_from = resolve_source(_req(m, "convert_from", str, where), base)
+        if fmt != "safetensors" or "files" in m or not convert_from.is_file() or m.get("convert_dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
+            raise SpecError(f"The spec's {where}.convert_from needs format safetensors, no files list, an existing GGUF ({convert_from}) "
+                            "and a convert_dtype of bfloat16, float16 or float32.")
+    for j, f in enumerate([] if convert_from else _req(m, "files", list, where)):
+        name = _req(f, "name", str, f"{where}.files[{j}]")
+        check_relpath(name, "spec")
+        src = resolve_source(_req(f, "source", str, f"{where}.files[{j}]"), base)
+        if not src.is_file():
+            raise SpecError(f"The spec's {where} file {name!r} comes from {src}, which does not exist.")
+        files.append(SpecModelFile(name, src))
+    model_id = _req(m, "id", str, where)
+    check_relpath(model_id, "spec")
+    return SpecModel(model_id, backend, fmt, _req(m, "context_length", int, where), tuple(files),
+                     convert_from, str(m.get("convert_dtype", "bfloat16")))
+
+
 def load_spec(path: Path) -> Spec:
     path = Path(path).resolve()
     try:
@@ -90,31 +115,7 @@ def load_spec(path: Path) -> Spec:
     if not (wheelhouse.project / "pyproject.toml").is_file():
         raise SpecError(f"The spec's wheelhouse.project {wheelhouse.project} holds no pyproject.toml.")
 
-    models = []
-    for i, m in enumerate(_req(data, "models", list, "top level")):
-        where = f"models[{i}]"
-        backend = _req(m, "backend", str, where)
-        fmt = _req(m, "format", str, where)
-        if BACKENDS.get(backend) != fmt:
-            raise SpecError(f"The spec's {where} pairs backend {backend!r} with format {fmt!r}; use one of {BACKENDS}.")
-        files = []
-        convert_from = None
-        if "convert_from" in m:  # the files come from converting a GGUF (installer/vendor/convert.py)
-            convert_from = resolve_source(_req(m, "convert_from", str, where), base)
-            if fmt != "safetensors" or "files" in m or not convert_from.is_file() or m.get("convert_dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
-                raise SpecError(f"The spec's {where}.convert_from needs format safetensors, no files list, an existing GGUF ({convert_from}) "
-                                "and a convert_dtype of bfloat16, float16 or float32.")
-        for j, f in enumerate([] if convert_from else _req(m, "files", list, where)):
-            name = _req(f, "name", str, f"{where}.files[{j}]")
-            check_relpath(name, "spec")
-            src = resolve_source(_req(f, "source", str, f"{where}.files[{j}]"), base)
-            if not src.is_file():
-                raise SpecError(f"The spec's {where} file {name!r} comes from {src}, which does not exist.")
-            files.append(SpecModelFile(name, src))
-        model_id = _req(m, "id", str, where)
-        check_relpath(model_id, "spec")
-        models.append(SpecModel(model_id, backend, fmt, _req(m, "context_length", int, where), tuple(files),
-                                convert_from, str(m.get("convert_dtype", "bfloat16"))))
+    models = [_model(m, f"models[{i}]", base) for i, m in enumerate(_req(data, "models", list, "top level"))]
 
     chunk = data.get("chunk_size", DEFAULT_CHUNK_SIZE)
     if not isinstance(chunk, int) or not MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE:

@@ -18,6 +18,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from appliance.console.screens.base import ConsoleScreen
 from appliance.console.widgets.dialogs import ConfirmDialog
+from appliance.console.widgets.errors import error_parts
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
 
@@ -116,5 +117,5 @@ class AdaptersScreen(ConsoleScreen):
             self.sources.server().reload_adapter()
             done += " The server has loaded it."
         except Exception as e:  # the server also notices the link by itself within a second
-            done += f" The server was not told ({getattr(e, 'message', type(e).__name__)}); it picks the change up by itself."
+            done += f" The server was not told ({error_parts(e)[0]}); it picks the change up by itself."
         self.app.call_from_thread(self.notify, done, markup=False)

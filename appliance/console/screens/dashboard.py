@@ -25,6 +25,7 @@ from appliance.console.sources.overview import Overview
 from appliance.console.sources.prom import Samples, ServerStats, parse, stats
 from appliance.console.sources.server import Health
 from appliance.console.sources.training import RunRow
+from appliance.console.widgets.errors import error_line, error_parts
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
 from appliance.errors import ApplianceError
@@ -119,7 +120,7 @@ class DashboardScreen(ConsoleScreen):
         try:
             o = overview(s.layout, s.runner, s.systemd)
         except ApplianceError as e:  # e.g. a damaged state.json: shown in place, not as a notification every 5 s
-            o = Overview(None, None, None, None, None, (), f"{e.message} {e.hint}".strip())
+            o = Overview(None, None, None, None, None, (), error_line(e))
         self.post_message(OverviewLoaded(o, last_run(s.layout)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="fast")
@@ -132,7 +133,7 @@ class DashboardScreen(ConsoleScreen):
             try:
                 metrics = parse(server.metrics())
             except Exception as e:  # shown in the panel, not as a notification every second
-                error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                error = error_parts(e)[0]
         self.post_message(Sampled(health, metrics, error, s.clock(), s.sample_host()))
 
     def action_start_server(self) -> None:

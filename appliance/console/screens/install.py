@@ -23,6 +23,7 @@ from textual.worker import get_current_worker
 
 from appliance.console.screens.base import ConsoleScreen
 from appliance.console.widgets.dialogs import ConfirmDialog
+from appliance.console.widgets.errors import error_text
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
 from appliance.errors import UsageError
@@ -286,7 +287,5 @@ class InstallScreen(ConsoleScreen):
             out.update(Text(m.summary, style="bold green"))
             self.notify("Install finished. The Dashboard (1) shows the server.", markup=False)
         else:
-            msg = getattr(m.error, "message", None) or f"{type(m.error).__name__}: {m.error}"
-            hint = getattr(m.error, "hint", "")
-            out.update(Text("Install failed: ", style="bold red").append_text(text(msg)).append("\n").append_text(text(hint, "italic")))
+            out.update(error_text(m.error, "Install failed: "))
             self.app.show_error(m.error)  # type: ignore[attr-defined]

@@ -25,7 +25,9 @@ class Candidate:
 
 
 def is_bundle(d: Path) -> bool:
-    return (d / "manifest.json").is_file() and (d / "manifest.sig").is_file()
+    from installer.bundle.manifest import MANIFEST, SIGNATURE
+
+    return (d / MANIFEST).is_file() and (d / SIGNATURE).is_file()
 
 
 def _bundles_under(mount: Path) -> list[Path]:

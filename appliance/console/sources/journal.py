@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.paths import Layout
+from appliance.paths import UNITS, Layout
 
-UNITS = ("appliance-server.service", "appliance-trainer.service", "appliance-trainer.timer")
 BACKLOG = 500
 CURSOR = "-- cursor: "
 

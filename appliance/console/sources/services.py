@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.paths import Layout
-
-SERVER_SERVICE = "appliance-server.service"
+from appliance.paths import SERVER_UNIT, Layout
 
 
 def server_log(layout: Layout) -> Path:
@@ -34,8 +32,8 @@ class ServerStarter:
 
     def start(self) -> str:
         if self.systemd:
-            self.runner.run(["systemctl", "restart", SERVER_SERVICE])
-            return f"restarted {SERVER_SERVICE}; the dashboard shows it ready once the model is loaded"
+            self.runner.run(["systemctl", "restart", SERVER_UNIT])
+            return f"restarted {SERVER_UNIT}; the dashboard shows it ready once the model is loaded"
         if self.proc is not None and self.proc.poll() is None:
             return f"the server started from here is still running (pid {self.proc.pid})"
         log = server_log(self.layout)

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.paths import Layout
-
-TRAINER_SERVICE = "appliance-trainer.service"
+from appliance.paths import TRAINER_UNIT, Layout
 
 
 def runs_dir(layout: Layout) -> Path:
@@ -117,8 +115,8 @@ class Trainer:
 
     def start(self) -> str:
         if self.systemd:
-            self.runner.run(["systemctl", "start", "--no-block", TRAINER_SERVICE])
-            return f"started {TRAINER_SERVICE}; follow it on the Logs screen"
+            self.runner.run(["systemctl", "start", "--no-block", TRAINER_UNIT])
+            return f"started {TRAINER_UNIT}; follow it on the Logs screen"
         if self.running():
             return f"a training run is already going (pid {self.proc.pid})"  # type: ignore[union-attr]
         self.log = self.layout.log_dir / "console-train.log"
