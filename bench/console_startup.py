@@ -14,9 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,26 +91,10 @@ def cold(argv: list[str], env: dict[str, str] | None = None) -> dict[str, float]
     return out
 
 
-def serve_recorded() -> tuple[ThreadingHTTPServer, int]:
-    scrape = (FIX / "metrics-2.txt").read_bytes()
-    health = (FIX / "health.json").read_bytes()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            body = scrape if self.path == "/metrics" else health if self.path == "/health/ready" else b"{}"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, int(httpd.server_address[1])
+def recorded_answer(path: str, _auth: str | None) -> tuple[int, bytes]:
+    """The server as the fixtures recorded it: a busy /metrics scrape and a ready /health."""
+    name = {"/metrics": "metrics-2.txt", "/health/ready": "health.json"}.get(path)
+    return 200, (FIX / name).read_bytes() if name else b"{}"
 
 
 def main() -> int:
@@ -130,28 +112,28 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(REPO))
     from appliance.console.sources.recorded import build_root
+    from tests.recorded_http import http_answers
 
-    httpd, port = serve_recorded()
-    layout = build_root(FIX, Path(tempfile.mkdtemp(prefix="console-bench-")) / "root")
-    layout.config_file.write_text(layout.config_file.read_text().replace("port = 8088", f"port = {port}"))
-    starts, completes, idles, hellos = [], [], [], []
-    env = {**os.environ, "APPLIANCE_API_KEY": "bench"}
-    for i in range(args.runs):
-        hellos.append(cold(["--hello"])["painted"])
-        r = cold(["--child", str(layout.root), "--idle", str(args.idle)], env)
-        starts.append(r["painted"])
-        completes.append(r["complete"])
-        idles.append(r["idle"])
-        print(f"run {i + 1}: bare Textual app {hellos[-1]:.3f} s; console: first painted dashboard {starts[-1]:.3f} s, "
-              f"with units and release {completes[-1]:.3f} s, idle CPU {idles[-1]:.2f} % over {args.idle:.0f} s")
-    s, f, c, h = (sorted(v)[len(v) // 2] for v in (starts, completes, idles, hellos))
-    print(f"{'':<28}{'median':>10}{'target':>10}{'ratio':>8}")
-    print(f"{'cold start to dashboard (s)':<28}{s:>10.3f}{1.0:>10.1f}{s / 1.0:>8.2f}")
-    print(f"{'... with units, release (s)':<28}{f:>10.3f}{'':>10}{'':>8}")
-    print(f"{'bare Textual app (s)':<28}{h:>10.3f}{'':>10}{'':>8}")
-    print(f"{'console / bare Textual':<28}{s / h:>10.2f}")
-    print(f"{'idle CPU while refreshing %':<28}{c:>10.2f}{3.0:>10.1f}{c / 3.0:>8.2f}")
-    httpd.shutdown()
+    with http_answers(recorded_answer) as url:
+        layout = build_root(FIX, Path(tempfile.mkdtemp(prefix="console-bench-")) / "root")
+        layout.config_file.write_text(layout.config_file.read_text().replace("port = 8088", f"port = {url.rsplit(':', 1)[1]}"))
+        starts, completes, idles, hellos = [], [], [], []
+        env = {**os.environ, "APPLIANCE_API_KEY": "bench"}
+        for i in range(args.runs):
+            hellos.append(cold(["--hello"])["painted"])
+            r = cold(["--child", str(layout.root), "--idle", str(args.idle)], env)
+            starts.append(r["painted"])
+            completes.append(r["complete"])
+            idles.append(r["idle"])
+            print(f"run {i + 1}: bare Textual app {hellos[-1]:.3f} s; console: first painted dashboard {starts[-1]:.3f} s, "
+                  f"with units and release {completes[-1]:.3f} s, idle CPU {idles[-1]:.2f} % over {args.idle:.0f} s")
+        s, f, c, h = (sorted(v)[len(v) // 2] for v in (starts, completes, idles, hellos))
+        print(f"{'':<28}{'median':>10}{'target':>10}{'ratio':>8}")
+        print(f"{'cold start to dashboard (s)':<28}{s:>10.3f}{1.0:>10.1f}{s / 1.0:>8.2f}")
+        print(f"{'... with units, release (s)':<28}{f:>10.3f}{'':>10}{'':>8}")
+        print(f"{'bare Textual app (s)':<28}{h:>10.3f}{'':>10}{'':>8}")
+        print(f"{'console / bare Textual':<28}{s / h:>10.2f}")
+        print(f"{'idle CPU while refreshing %':<28}{c:>10.2f}{3.0:>10.1f}{c / 3.0:>8.2f}")
     print(f"startup_s={s:.3f} idle_cpu_pct={c:.2f}")
     return 0
 

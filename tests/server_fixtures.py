@@ -113,6 +113,23 @@ def llama_engine(gguf_root: Root) -> Iterator[object]:
     engine.close()
 
 
+@pytest.fixture(scope="module")
+def st_root(tmp_path_factory, smollm2_safetensors):
+    return make_root(tmp_path_factory.mktemp("stroot"), smollm2_safetensors, backend="transformers", max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def tf_engine(st_root):
+    from appliance.engines import load_engine
+
+    cfg = st_root.config
+    assert cfg.model.backend == "transformers"
+    engine = load_engine(cfg.model, st_root.layout, max_batch=cfg.server.max_batch, max_queue=cfg.server.max_queue)
+    engine.start()
+    yield engine
+    engine.close()
+
+
 @pytest.fixture(scope="session")
 def smollm2_safetensors(smollm2_gguf: Path) -> Path:
     """SmolLM2 as a safetensors directory, converted once from the GGUF and cached under build/."""

@@ -28,6 +28,14 @@ async def until(pilot, cond, what: str, seconds: float = 30.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def choose_the_bundle(pilot, app: ConsoleApp) -> None:
+    """Wait for the one bundle in the list, then pick it as a person would: focus and Enter."""
+    table = app.screen.query_one("#bundles")
+    await until(pilot, lambda: table.row_count == 1, "the bundle list")
+    table.focus()
+    await pilot.press("enter")
+
+
 def dialog(app: ConsoleApp) -> str | None:
     return getattr(app.screen, "question", None) if type(app.screen).__name__ == "ConfirmDialog" else None
 
@@ -42,10 +50,7 @@ async def test_install_screen_installs_the_demo_bundle(demo_bundle: DemoBundle, 
     sources.api_key = "unused"  # the dashboard is not under test here
     app = ConsoleApp(sources, first="install")
     async with app.run_test(size=(80, 24)) as pilot:
-        table = app.screen.query_one("#bundles")
-        await until(pilot, lambda: table.row_count == 1, "the bundle list")
-        table.focus()
-        await pilot.press("enter")
+        await choose_the_bundle(pilot, app)
         # First install: the installer asks whether the vendor key's fingerprint is the one in the vendor's letter.
         await until(pilot, lambda: dialog(app) is not None, "the fingerprint question", 120)
         assert "SHA256:" in dialog(app)
@@ -73,10 +78,7 @@ async def test_a_bad_bundle_is_an_error_sentence_not_a_crash(tmp_path: Path) -> 
     sources.bundle_roots = (FIX / "usb",)  # a directory with a manifest that is not one
     app = ConsoleApp(sources, first="install")
     async with app.run_test(size=(80, 24)) as pilot:
-        table = app.screen.query_one("#bundles")
-        await until(pilot, lambda: table.row_count == 1, "the bundle list")
-        table.focus()
-        await pilot.press("enter")
+        await choose_the_bundle(pilot, app)
         await until(pilot, lambda: any(n.severity == "error" for n in app._notifications), "the error")
         assert app.is_running
         await pilot.press("escape")
@@ -95,15 +97,12 @@ async def test_install_screen_plans_on_a_recorded_machine_and_every_no_changes_n
     app = ConsoleApp(sources, first="install")
     async with app.run_test(size=(80, 24)) as pilot:
         screen = app.screen
-        table = screen.query_one("#bundles")
-        await until(pilot, lambda: table.row_count == 1, "the bundle list")
-        table.focus()
-        await pilot.press("enter")
+        await choose_the_bundle(pilot, app)
         await until(pilot, lambda: dialog(app) is not None, "the fingerprint question")
         await pilot.press("n")  # not the vendor's key: nothing happens, the reason is shown
         await until(pilot, lambda: any("not confirmed" in str(n.message) for n in app._notifications), "the refusal")
         screen.action_back()
-        table.focus()
+        screen.query_one("#bundles").focus()
         await pilot.press("enter")
         await until(pilot, lambda: dialog(app) is not None, "the fingerprint question again")
         await pilot.press("y")
@@ -131,10 +130,7 @@ async def test_quitting_while_the_installer_asks_does_not_hang(slim, tmp_path: P
     sources.bundle_roots = (slim.dir.parent,)
     app = ConsoleApp(sources, first="install")
     async with app.run_test(size=(80, 24)) as pilot:
-        table = app.screen.query_one("#bundles")
-        await until(pilot, lambda: table.row_count == 1, "the bundle list")
-        table.focus()
-        await pilot.press("enter")
+        await choose_the_bundle(pilot, app)
         await until(pilot, lambda: dialog(app) is not None, "the fingerprint question")
         app.exit()
     assert not (tmp_path / "fresh" / "etc").exists()  # nothing was pinned or written

@@ -134,47 +134,30 @@ def test_console_key_is_created_once_and_reused(tmp_path: Path, monkeypatch: pyt
 
 def test_server_client_polls_over_http_with_the_key_and_reports_down() -> None:
     """The once-a-second polls go over the stdlib's http.client: a real socket, the bearer key, kept alive."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from appliance.console.sources.server import ServerClient, ServerDown, ServerRefused
+    from tests.recorded_http import http_answers
 
     seen: list[tuple[str, str | None]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(path: str, auth: str | None) -> tuple[int, bytes]:
+        seen.append((path, auth))
+        if path == "/metrics" and auth != "Bearer good":
+            return 401, b'{"error": {"message": "The API key is not valid (unknown or revoked)."}}'
+        return 200, (FIX / "health.json").read_bytes() if path == "/health/ready" else b"appliance_queue_depth 2\n"
 
-        def do_GET(self) -> None:
-            seen.append((self.path, self.headers.get("Authorization")))
-            if self.path == "/metrics" and self.headers.get("Authorization") != "Bearer good":
-                code, body = 401, b'{"error": {"message": "The API key is not valid (unknown or revoked)."}}'
-            else:
-                code, body = 200, (FIX / "health.json").read_bytes() if self.path == "/health/ready" else b"appliance_queue_depth 2\n"
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
     key = ["good"]
-    client = ServerClient(url, lambda: key[0])
-    try:
-        h = client.health()
-        assert (h.status, h.adapter) == ("ready", "20261121-030009")
-        assert prom.parse(client.metrics())[("appliance_queue_depth", ())] == 2
-        assert seen == [("/health/ready", None), ("/metrics", "Bearer good")]  # health without a key, metrics with
-        key[0] = "revoked"
-        with pytest.raises(ServerRefused, match="401"):
-            client.metrics()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        client.close()
+    with http_answers(answer) as url:
+        client = ServerClient(url, lambda: key[0])
+        try:
+            h = client.health()
+            assert (h.status, h.adapter) == ("ready", "20261121-030009")
+            assert prom.parse(client.metrics())[("appliance_queue_depth", ())] == 2
+            assert seen == [("/health/ready", None), ("/metrics", "Bearer good")]  # health without a key, metrics with
+            key[0] = "revoked"
+            with pytest.raises(ServerRefused, match="401"):
+                client.metrics()
+        finally:
+            client.close()
     down = ServerClient(url, lambda: None, timeout=1.0)
     assert down.health().status == "down"
     with pytest.raises(ServerDown):

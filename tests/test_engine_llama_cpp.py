@@ -5,43 +5,6 @@ from __future__ import annotations
 import pytest
 
 from appliance.engines.chat_template import ChatTemplate, ChatTemplateError
-from tests import engine_cases as cases
-
-
-def test_batched_answers_equal_answers_alone(llama_engine):
-    cases.check_batched_equals_alone(llama_engine)
-
-
-def test_request_joins_mid_answer(llama_engine):
-    cases.check_join_mid_answer(llama_engine)
-
-
-def test_max_tokens_and_stop_strings(llama_engine):
-    cases.check_limits_and_stops(llama_engine)
-
-
-def test_cancel_frees_the_slot(llama_engine):
-    cases.check_cancel_frees_slot(llama_engine)
-
-
-def test_queue_is_bounded(llama_engine):
-    cases.check_queue_bound(llama_engine)
-
-
-def test_seeded_sampling_repeats(llama_engine):
-    cases.check_sampling_seed(llama_engine)
-
-
-def test_empty_and_overlong_prompts(llama_engine):
-    cases.check_empty_and_overlong_prompts(llama_engine)
-
-
-def test_lora_swap_between_batches(llama_engine, gguf_root, random_lora):
-    cases.check_adapter_swap(llama_engine, gguf_root.layout, random_lora)
-
-
-def test_broken_adapter_keeps_the_current_one(llama_engine, gguf_root):
-    cases.check_bad_adapter_keeps_serving(llama_engine, gguf_root.layout)
 
 
 def test_chat_template_comes_from_the_gguf(llama_engine):
@@ -56,10 +19,6 @@ def test_chat_template_is_sandboxed():
     refusing = "{{ raise_exception('only user and assistant roles') }}"
     with pytest.raises(ChatTemplateError, match="only user and assistant"):
         ChatTemplate(refusing).render([])
-
-
-def test_shared_prefix_cache_does_not_change_answers(llama_engine):
-    cases.check_shared_prefix(llama_engine)
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(llama_engine, monkeypatch):

@@ -123,37 +123,38 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    message: AssistantMessage
     finish_reason: str
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class ChatChoice(_Choice):
+    message: AssistantMessage
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class _Answer(BaseModel):
+    """What a chat completion and a text completion both carry."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    choices: list[ChatChoice]
     usage: Usage
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
     system_fingerprint: str | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: str
-    logprobs: None = None
-
-
-class Completion(BaseModel):
-    id: str
+class Completion(_Answer):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
 
 
 class ModelCard(BaseModel):

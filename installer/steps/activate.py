@@ -23,7 +23,7 @@ from appliance.paths import Layout
 from appliance.state import load_install_state, save_install_state, with_release
 from installer.steps.configure import apply_config
 from installer.steps.context import Context
-from installer.steps.framework import Skip, Step
+from installer.steps.framework import Skip, step
 from installer.system.release import RELEASE_JSON, Release, ReleasePlan, current_or_none, link_target, read_release
 from installer.system.units import ENABLE, SERVER, SERVICE_USER, TIMER, UNITS, UnitSettings, load_templates, render_units
 
@@ -52,6 +52,7 @@ def service_ids(root: Path, user: str = SERVICE_USER) -> tuple[int, int] | None:
     return None
 
 
+@step("user", "create the service user and state directories")
 def step_user(ctx: Context, progress: Progress) -> str:
     layout, t = ctx.layout, ctx.target
     for name, mode in STATE_DIRS:
@@ -104,6 +105,7 @@ def install_units(ctx: Context, release: Path, texts: dict[str, str]) -> tuple[i
     return written, len(texts) - written
 
 
+@step("units", "render the systemd units")
 def step_units(ctx: Context, progress: Progress) -> str:
     if not ctx.uses_systemd:
         raise Skip("--no-systemd")
@@ -112,6 +114,7 @@ def step_units(ctx: Context, progress: Progress) -> str:
     return f"{written} unit file(s) written, {same} unchanged, in {ctx.layout.systemd_units}"
 
 
+@step("enable", "enable the server and the trainer timer")
 def step_enable(ctx: Context, progress: Progress) -> str:
     if not ctx.uses_systemd:
         raise Skip("--no-systemd")
@@ -123,6 +126,7 @@ def step_enable(ctx: Context, progress: Progress) -> str:
     return f"enabled {', '.join(ENABLE)} offline (systemctl --root)"
 
 
+@step("switch", "point /opt/appliance/current at the new release")
 def step_switch(ctx: Context, progress: Progress) -> str:
     cur = current_or_none(ctx.layout)
     if cur is not None and cur.id == ctx.release_id:
@@ -131,6 +135,7 @@ def step_switch(ctx: Context, progress: Progress) -> str:
     return f"current -> releases/{ctx.release_id}" + (f" (was {cur.id})" if cur else "")
 
 
+@step("command", "put `appliance` on PATH (/usr/local/bin)")
 def step_command(ctx: Context, progress: Progress) -> str:
     link, target = ctx.layout.command_link, str(ctx.layout.command)
     if link.is_symlink() and os.readlink(link) == target:
@@ -144,6 +149,7 @@ def step_command(ctx: Context, progress: Progress) -> str:
     return f"{link} -> {target}"
 
 
+@step("start", "start the server and the timer")
 def step_start(ctx: Context, progress: Progress) -> str:
     if not ctx.uses_systemd:
         app = ctx.layout.current / "venv/bin/appliance"
@@ -208,6 +214,7 @@ def restore(ctx: Context, previous: Release) -> None:
     ctx.runner.run(["systemctl", "restart", SERVER], check=False, timeout=1200)
 
 
+@step("ready", "wait until /health/ready answers")
 def step_ready(ctx: Context, progress: Progress) -> str:
     if not ctx.started:
         raise Skip("nothing was started")
@@ -256,6 +263,7 @@ def record(ctx: Context, action: str) -> None:
         ctx.target.write(rel.dir / RELEASE_JSON, (json.dumps(kept.to_json(), indent=2, sort_keys=True) + "\n").encode())
 
 
+@step("record", "record state.json and an audit entry")
 def step_record(ctx: Context, progress: Progress) -> str:
     action = "upgrade" if ctx.previous is not None and ctx.previous.id != ctx.release_id else "install"
     record(ctx, action)
@@ -263,14 +271,5 @@ def step_record(ctx: Context, progress: Progress) -> str:
 
 
 
-ACTIVATE_STEPS = (
-    Step("user", "create the service user and state directories", step_user),
-    Step("units", "render the systemd units", step_units),
-    Step("enable", "enable the server and the trainer timer", step_enable),
-    Step("switch", "point /opt/appliance/current at the new release", step_switch),
-    Step("command", "put `appliance` on PATH (/usr/local/bin)", step_command),
-    Step("start", "start the server and the timer", step_start),
-    Step("ready", "wait until /health/ready answers", step_ready),
-    Step("record", "record state.json and an audit entry", step_record),
-)
+ACTIVATE_STEPS = (step_user, step_units, step_enable, step_switch, step_command, step_start, step_ready, step_record)
 REFRESH_STEPS = tuple(s for s in ACTIVATE_STEPS if s.name in ("units", "enable"))

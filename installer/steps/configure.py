@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 
 from installer.steps.context import Context
-from installer.steps.framework import Skip
+from installer.steps.framework import Skip, step
 from installer.system import config_file as cf
 from installer.system.release import ReleasePlan
 
@@ -36,6 +36,7 @@ def apply_config(ctx: Context, plan: ReleasePlan) -> str:
     return f"wrote {layout.config_file}{kept}"
 
 
+@step("config", "write /etc/appliance/appliance.toml")
 def step_config(ctx: Context, progress: Callable[[str, float | None], None]) -> str:
     plan = ctx.planned()
     if not plan.model_settings:

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from installer.steps.framework import Skip
+from installer.steps.framework import Skip, step
 from installer.system.release import read_release
 
 
+@step("engine", "decode a test prompt with the new release's engine on this CPU")
 def step_engine(ctx: Any, progress: Callable[[str, float | None], None]) -> str:
     from appliance.engines import selftest
 

@@ -36,6 +36,16 @@ class Step:
     run: Callable[[Any, Callable[[str, float | None], None]], str | None]
     # run(ctx, progress) -> message for the done event; raises Skip("why") when nothing is to do
 
+    def __call__(self, ctx: Any, progress: Callable[[str, float | None], None]) -> str | None:
+        return self.run(ctx, progress)
+
+
+def step(name: str, description: str) -> Callable[[Callable[..., str | None]], Step]:
+    """Declare a step where its code is: `@step("plan", "probe the hardware and choose a tier")`."""
+    def declare(run: Callable[..., str | None]) -> Step:
+        return Step(name, description, run)
+    return declare
+
 
 def run_steps(steps: Sequence[Step], ctx: Any, emit: Emit) -> None:
     """Run each step in order; the first failure emits `failed` and propagates."""

@@ -26,7 +26,7 @@ from installer.steps.activate import ACTIVATE_STEPS, REFRESH_STEPS
 from installer.steps.configure import step_config
 from installer.steps.context import Context
 from installer.steps.engine import step_engine
-from installer.steps.framework import Skip, Step, run_steps
+from installer.steps.framework import Skip, run_steps, step
 from installer.steps.prepare import find_model, step_plan, step_verify
 from installer.system.config_file import read_config
 from installer.system.release import RELEASE_JSON, build_venv, current_or_none, fsync_tree, read_release, stage_wheelhouse
@@ -50,6 +50,7 @@ def clean_partials(layout: Layout, target: Target) -> list[str]:
     return removed
 
 
+@step("preflight", "check RAM, disk, driver, Python and systemd for that tier")
 def step_preflight(ctx: Context, progress: Progress) -> str:
     m, plan = ctx.manifest, ctx.planned()
     assert ctx.machine is not None and ctx.tier is not None
@@ -68,6 +69,7 @@ def step_preflight(ctx: Context, progress: Progress) -> str:
     return "RAM, disk, driver, Python and systemd are fine"
 
 
+@step("confirm", "ask before changing anything")
 def step_confirm(ctx: Context, progress: Progress) -> str:
     if ctx.opts.yes:
         raise Skip("--yes given")
@@ -80,6 +82,7 @@ def step_confirm(ctx: Context, progress: Progress) -> str:
     return "confirmed"
 
 
+@step("stage", "build the release venv from the bundle's wheelhouse")
 def step_stage(ctx: Context, progress: Progress) -> str:
     """Build the venv in `<id>.partial`, reached through a link named `<id>` so scripts get their final path."""
     layout, t = ctx.layout, ctx.target
@@ -139,6 +142,7 @@ def _decrypt_all(ctx: Context, model: Model, partial: Path, progress: Progress) 
                          "The bundle was built from a different file than it declares; ask the vendor for a new bundle.")
 
 
+@step("model", "decrypt the tier's model files")
 def step_model(ctx: Context, progress: Progress) -> str:
     ref = ctx.planned().model
     model = find_model(ctx.manifest, ref.id)
@@ -156,18 +160,8 @@ def step_model(ctx: Context, progress: Progress) -> str:
     return f"{model.id} decrypted into {final} ({sum(f.plain_size for f in model.files) / 2**20:.1f} MiB)"
 
 
-PREPARE_STEPS = (
-    Step("verify", "check the bundle's signature, policy and every file", step_verify),
-)
-INSTALL_STEPS = (
-    Step("plan", "probe the hardware and choose a tier", step_plan),
-    Step("preflight", "check RAM, disk, driver, Python and systemd for that tier", step_preflight),
-    Step("confirm", "ask before changing anything", step_confirm),
-    Step("stage", "build the release venv from the bundle's wheelhouse", step_stage),
-    Step("model", "decrypt the tier's model files", step_model),
-    Step("engine", "decode a test prompt with the new release's engine on this CPU", step_engine),
-    Step("config", "write /etc/appliance/appliance.toml", step_config),
-)
+PREPARE_STEPS = (step_verify,)
+INSTALL_STEPS = (step_plan, step_preflight, step_confirm, step_stage, step_model, step_engine, step_config)
 
 
 def install(ctx: Context) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from appliance.state import highest_sequence, load_install_state
 from installer.steps.activate import audit, record, service_ids, step_enable, step_ready, step_start, step_switch, step_units
 from installer.steps.configure import step_config
 from installer.steps.context import Context
-from installer.steps.framework import Skip, Step, run_steps
+from installer.steps.framework import Skip, Step, run_steps, step
 from installer.steps.install import clean_partials
 from installer.system.release import Release, current_release, list_releases, previous_release
 from installer.system.units import ENABLE, SERVER, SERVICE_USER, TIMER, TRAINER, UNITS
@@ -46,6 +47,7 @@ def install_lock(layout: Layout) -> Iterator[None]:
         os.close(fd)
 
 
+@step("record", "record state.json and an audit entry")
 def _record_rollback(ctx: Context, progress: Any) -> str:
     record(ctx, "rollback")
     return f"rolled back to {ctx.release_id}"
@@ -66,14 +68,14 @@ def rollback(ctx: Context, to: str | None = None) -> str:
         raise UsageError(f"Release {target.id} is already current.")
     clean_partials(ctx.layout, ctx.target)
     ctx.previous, ctx.release_id, ctx.plan = cur, target.id, target.plan
-    steps = (
-        Step("config", "restore the release's model settings in appliance.toml", step_config),
-        Step("units", "restore the release's systemd units", step_units),
-        Step("enable", "enable the server and the trainer timer", step_enable),
-        Step("switch", f"point /opt/appliance/current at {target.id}", step_switch),
-        Step("start", "restart the server", step_start),
-        Step("ready", "wait until /health/ready answers", step_ready),
-        Step("record", "record state.json and an audit entry", _record_rollback),
+    steps = (  # the activation steps, told what they restore
+        replace(step_config, description="restore the release's model settings in appliance.toml"),
+        replace(step_units, description="restore the release's systemd units"),
+        step_enable,
+        replace(step_switch, description=f"point /opt/appliance/current at {target.id}"),
+        replace(step_start, description="restart the server"),
+        step_ready,
+        _record_rollback,
     )
     if not ctx.config:
         from installer.system.config_file import read_config

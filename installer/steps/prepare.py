@@ -23,6 +23,7 @@ from installer.hardware.probe import probe
 from installer.planning.planner import Plan, plan
 from installer.planning.tiers import Tier, models_of, parse_tiers
 from installer.steps.context import Context, Verified
+from installer.steps.framework import step
 from installer.system.release import ModelRef, ReleasePlan, current_or_none, release_id
 
 TRUST_IN_BUNDLE = "trust/vendor.pub"
@@ -117,6 +118,7 @@ def release_plan(verified: Verified, p: Plan, tier: Tier) -> ReleasePlan:
                        model_settings=settings, trainer_settings=tier.trainer_settings())
 
 
+@step("verify", "check the bundle's signature, policy and every file")
 def step_verify(ctx: Context, progress: Progress) -> str:
     def on_file(path: str, done: int, size: int) -> None:
         if done == size and size > 64 << 20:  # name the big files as they check out; the rest is quick
@@ -135,6 +137,7 @@ def step_verify(ctx: Context, progress: Progress) -> str:
     return f"{m.name} {m.version} sequence {m.sequence}: {len(m.files)} files verified, signed by {v.signer} ({v.trust})"
 
 
+@step("plan", "probe the hardware and choose a tier")
 def step_plan(ctx: Context, progress: Progress) -> str:
     assert ctx.verified is not None
     machine, p = judge(ctx.layout, ctx.verified.manifest, ctx.opts.machine)
