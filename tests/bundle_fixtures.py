@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from installer.bundle.manifest import MANIFEST, SIGNATURE, canonical_json
-from installer.vendor.keygen import keygen, load_signing_key
+from installer.toolchain.keygen import keygen, load_signing_key
 from tests.spec_files import one_model_spec, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,8 +54,8 @@ class SlimBundle:
 
 
 def build_slim(where: Path, passphrase: bytes | None = None, kdf: str = "argon2id", sequence: int = 1) -> SlimBundle:
-    from installer.vendor.build import build_bundle
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.build import build_bundle
+    from installer.toolchain.spec import load_spec
 
     where.mkdir(parents=True, exist_ok=True)
     keys = where / "keys"

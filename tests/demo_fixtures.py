@@ -18,9 +18,9 @@ class DemoBundle:
 
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> DemoBundle:
-    from installer.vendor.build import build_bundle
-    from installer.vendor.keygen import keygen
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.build import build_bundle
+    from installer.toolchain.keygen import keygen
+    from installer.toolchain.spec import load_spec
 
     where = tmp_path_factory.mktemp("demo-bundle")
     keygen(where / "keys")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from installer.bundle.keys import fingerprint, load_public_key
-from installer.vendor.keygen import keygen
+from installer.toolchain.keygen import keygen
 from tests.spec_files import one_model_spec, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,8 +48,8 @@ class InstallBundles:
 
 
 def build(where: Path, sequence: int, keys: Path) -> Path:
-    from installer.vendor.build import build_bundle
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.build import build_bundle
+    from installer.toolchain.spec import load_spec
 
     model = where / f"model-{sequence}.bin"
     model.write_bytes(os.urandom(MODEL_BYTES))

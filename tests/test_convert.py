@@ -11,7 +11,7 @@ import pytest
 
 from appliance.errors import SpecError
 from installer.bundle import keywrap
-from installer.vendor.convert import convert_gguf
+from installer.toolchain.convert import convert_gguf
 from tests.spec_files import one_model_spec, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,9 +31,9 @@ def test_build_converts_encrypts_and_the_site_can_load_it(smollm2_gguf: Path, tm
     from installer.bundle.keys import load_trusted_keys
     from installer.bundle.reader import decrypt_model_file, verify_bundle
     from installer.bundle.trust import Policy
-    from installer.vendor.build import build_bundle
-    from installer.vendor.keygen import keygen
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.build import build_bundle
+    from installer.toolchain.keygen import keygen
+    from installer.toolchain.spec import load_spec
 
     keygen(tmp_path / "keys")
     spec = tmp_path / "conv.toml"
@@ -84,7 +84,7 @@ def test_conversion_errors_are_spec_errors(tmp_path: Path, smollm2_gguf: Path) -
 
 
 def test_spec_refuses_a_bad_conversion_entry(tmp_path: Path, smollm2_gguf: Path) -> None:
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.spec import load_spec
 
     spec = tmp_path / "s.toml"
     write_spec(spec, conversion_spec(smollm2_gguf, convert_dtype="int8"))

@@ -24,13 +24,13 @@ UI = ("textual", "appliance.console")
 ENTRY_POINTS = {
     "the command line builds every verb": (
         "from appliance.cli import build_parser\nbuild_parser()",
-        (*ML, *UI, "fastapi", "llama_cpp", "uvicorn", "installer.vendor")),
+        (*ML, *UI, "fastapi", "llama_cpp", "uvicorn", "installer.toolchain")),
     "the site's installer, its steps and the engine self-test's parent side": (
         "import installer.steps.install, installer.steps.lifecycle, installer.steps.prepare\n"
         "import appliance.engines.selftest",
-        (*ML, *UI, "fastapi", "llama_cpp", "installer.vendor", "appliance.cli")),
+        (*ML, *UI, "fastapi", "llama_cpp", "installer.toolchain", "appliance.cli")),
     "the vendor's bundle build, short of converting a model": (
-        "import installer.vendor.build, installer.bundle.reader, installer.bundle.trust",
+        "import installer.toolchain.build, installer.bundle.reader, installer.bundle.trust",
         (*ML, *UI, "appliance.cli")),
     "the API server's app, built": (
         "from appliance.server.app import create_app\nfrom appliance.server.serving import Serving",
@@ -40,7 +40,7 @@ ENTRY_POINTS = {
         (*UI, "installer", "appliance.cli", "fastapi", "appliance.server")),
     "the console app": (
         "import appliance.console.app",
-        (*ML, "fastapi", "llama_cpp", "installer.vendor", "appliance.server")),
+        (*ML, "fastapi", "llama_cpp", "installer.toolchain", "appliance.server")),
 }
 
 
@@ -98,3 +98,12 @@ def test_the_readme_tree_names_every_package_and_module_group() -> None:
                       for p in (REPO / d).glob("*/__init__.py"))
     missing = [p for p in packages if p not in tree]
     assert len(packages) >= 10 and not missing, f"README.md's tree does not name {missing}"
+
+
+def test_the_settings_reference_is_the_code_s_own():
+    """docs/settings.md is written from the dataclasses that define each setting (`make docs`)."""
+    from appliance.settings_reference import markdown
+
+    doc = (REPO / "docs" / "settings.md").read_text()
+    assert "| `max_queue` | `64` | at least 0 |" in doc and "| `cuda_visible_devices` |" in doc
+    assert doc == markdown(), "docs/settings.md is behind the code: run `make docs`"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cpu import parse_cpuinfo
-from installer.vendor import llama_wheel, lockfile
+from installer.toolchain import llama_wheel, lockfile
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = (REPO / "requirements" / "lock.txt").read_text()

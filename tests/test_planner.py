@@ -15,7 +15,7 @@ from installer.hardware.machine import Cpu, Gpu, Machine, load_machine, version_
 from installer.planning.planner import INCOMPATIBLE, LOW_MEMORY, RUNNABLE, plan
 from installer.planning.preflight import bundle_python, preflight, venv_estimate
 from installer.planning.tiers import ALL_LAYERS, Tier, parse_tier, parse_tiers
-from installer.vendor.spec import load_spec
+from installer.toolchain.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 MACHINES = Path(__file__).parent / "fixtures" / "machines"

@@ -19,7 +19,7 @@ from appliance.engines import cpu_backend, selftest
 from appliance.errors import EngineError
 from installer.steps.engine import step_engine
 from installer.steps.install import INSTALL_STEPS
-from installer.vendor import llama_wheel
+from installer.toolchain import llama_wheel
 from tests.demo_fixtures import DemoBundle, demo_bundle  # noqa: F401
 
 _HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}

@@ -15,7 +15,7 @@ from installer.hardware.machine import Machine, load_machine
 from installer.hardware.probe import probe
 from installer.planning.planner import INCOMPATIBLE, RUNNABLE, plan
 from installer.planning.tiers import models_of, parse_tiers
-from installer.vendor.spec import load_spec
+from installer.toolchain.spec import load_spec
 from tests.fake_pynvml import API, FakeNvml
 
 MACHINES = Path(__file__).parent / "fixtures" / "machines"
@@ -151,7 +151,7 @@ def test_hw_modules_import_no_ml_framework() -> None:
     import sys
 
     code = ("import sys, appliance.cli, appliance.cli.hw, installer.hardware.probe, installer.planning.planner, installer.planning.preflight, "
-            "installer.vendor.convert, installer.vendor.build; appliance.cli.build_parser(); "
+            "installer.toolchain.convert, installer.toolchain.build; appliance.cli.build_parser(); "
             "print([m for m in ('torch', 'transformers', 'peft', 'textual') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"

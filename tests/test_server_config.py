@@ -46,7 +46,7 @@ def test_the_planned_gpus_reach_the_server(machine, monkeypatch):
     from installer.planning.planner import plan
     from installer.planning.tiers import models_of, parse_tiers
     from installer.system.config_file import desired_values, render
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.spec import load_spec
 
     repo = Path(__file__).resolve().parent.parent
     spec = load_spec(repo / "bundles" / "demo.toml")

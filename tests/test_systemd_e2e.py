@@ -23,7 +23,7 @@ import pytest
 
 from installer.bundle.keys import fingerprint, load_public_key
 from installer.bundle.manifest import MANIFEST, SIGNATURE, canonical_json
-from installer.vendor.keygen import keygen, load_signing_key
+from installer.toolchain.keygen import keygen, load_signing_key
 from tests.systemd_container import Container, ensure_base
 
 REPO = Path(__file__).resolve().parent.parent

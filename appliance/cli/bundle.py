@@ -30,7 +30,7 @@ def _trusted(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from installer.vendor.keygen import keygen
+    from installer.toolchain.keygen import keygen
 
     info = keygen(Path(args.out), force=args.force, only=args.only)
     if args.json:
@@ -45,8 +45,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from installer.vendor.build import build_bundle
-    from installer.vendor.spec import load_spec
+    from installer.toolchain.build import build_bundle
+    from installer.toolchain.spec import load_spec
 
     spec = load_spec(Path(args.spec))
     manifest = build_bundle(

@@ -20,7 +20,7 @@ def _bundle_tiers(path: Path, args: argparse.Namespace) -> tuple[list[Tier], str
     """Tiers from a bundle directory (signature checked when a trusted key is at hand) or a spec file;
     a verified bundle's manifest is kept in args.verified_manifest (its wheels may then be opened)."""
     if path.is_file() and path.suffix == ".toml":
-        from installer.vendor.spec import load_spec
+        from installer.toolchain.spec import load_spec
 
         spec = load_spec(path)
         return parse_tiers(spec.tiers, models_of(spec.models)), f"spec {path} ({spec.name} {spec.version})"

@@ -1,6 +1,6 @@
 """llama.cpp's CPU code, chosen for this host: load the best `libggml-cpu-<variant>.so` the CPU can run.
 
-The project's llama-cpp-python wheel (installer/vendor/llama_wheel.py) carries one CPU library per x86-64
+The project's llama-cpp-python wheel (installer/toolchain/llama_wheel.py) carries one CPU library per x86-64
 level instead of one built for the build machine. llama-cpp-python never loads them itself, so
 before the first model load `load()` calls ggml's own loader (`ggml_backend_load_all_from_path`,
 exported by libggml.so) on the package's `lib/` folder only: ggml asks each library for its score

@@ -1,4 +1,4 @@
-"""The vendor's public keys as the site trusts them: loading, fingerprints. (Making keys: installer/vendor/keygen.py.)"""
+"""The vendor's public keys as the site trusts them: loading, fingerprints. (Making keys: installer/toolchain/keygen.py.)"""
 
 from __future__ import annotations
 

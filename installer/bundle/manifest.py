@@ -80,7 +80,7 @@ class Model:
 
 def sbom_entries(doc: Any) -> tuple[dict[str, Any], ...]:
     """The wheels the SBOM lists, as {name, version, tags, path, sha256}: from the CycloneDX document
-    (installer.vendor.sbom), or from the plain list that bundles made before it carry."""
+    (installer.toolchain.sbom), or from the plain list that bundles made before it carry."""
     if isinstance(doc, list):
         return tuple(doc)
     if not isinstance(doc, dict) or doc.get("bomFormat") != "CycloneDX" or not isinstance(doc.get("components", []), list):

@@ -2,13 +2,13 @@
 
 pip-compile writes it (`make lock`); `make setup` installs it with `--require-hashes`, and the
 bundle's wheelhouse is resolved from it and each wheel checked against its hashes
-(installer.vendor.wheelhouse). llama-cpp-python is the one package the lock does not carry: the project
-builds its portable wheel itself from the sdist whose hash installer.vendor.llama_wheel pins, so `strip`
+(installer.toolchain.wheelhouse). llama-cpp-python is the one package the lock does not carry: the project
+builds its portable wheel itself from the sdist whose hash installer.toolchain.llama_wheel pins, so `strip`
 takes its entry out after checking that pip-compile saw that same sdist.
 
 Standard library only (it runs before the project's venv exists).
 
-    python -m installer.vendor.lockfile strip requirements/lock.txt
+    python -m installer.toolchain.lockfile strip requirements/lock.txt
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 LOCK = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
-BUILT_HERE = "llama-cpp-python"  # built by installer.vendor.llama_wheel, never taken from the lock
+BUILT_HERE = "llama-cpp-python"  # built by installer.toolchain.llama_wheel, never taken from the lock
 
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)")
 _HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
@@ -60,9 +60,9 @@ def strip(text: str, name: str, sdist_sha256: str) -> str:
     found = pins(text).get(key)
     if found is not None and sdist_sha256 not in found[1]:
         raise ValueError(f"pip-compile locked {name} {found[0]} with hashes {sorted(found[1])}, not the sdist "
-                         f"installer.vendor.llama_wheel builds ({sdist_sha256}); bring the two to the same release.")
+                         f"installer.toolchain.llama_wheel builds ({sdist_sha256}); bring the two to the same release.")
     kept = [line for n, lines in _blocks(text) if n != key for line in lines]
-    note = f"# {name}: not locked here; installer.vendor.llama_wheel builds its portable wheel from the sdist it pins.\n"
+    note = f"# {name}: not locked here; installer.toolchain.llama_wheel builds its portable wheel from the sdist it pins.\n"
     body = "".join(kept)
     return body if note in body else body + note
 
@@ -74,9 +74,9 @@ def constraints(text: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "strip":
-        print("usage: python -m installer.vendor.lockfile strip LOCKFILE", file=sys.stderr)
+        print("usage: python -m installer.toolchain.lockfile strip LOCKFILE", file=sys.stderr)
         return 2
-    from installer.vendor.llama_wheel import SDIST_SHA256
+    from installer.toolchain.llama_wheel import SDIST_SHA256
 
     path = Path(argv[1])
     try:

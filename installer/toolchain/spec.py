@@ -78,7 +78,7 @@ def _model(m: Any, where: str, base: Path) -> SpecModel:
         raise SpecError(f"The spec's {where} pairs backend {backend!r} with format {fmt!r}; use one of {BACKENDS}.")
     files = []
     convert_from = None
-    if "convert_from" in m:  # the files come from converting a GGUF (installer/vendor/convert.py)
+    if "convert_from" in m:  # the files come from converting a GGUF (installer/toolchain/convert.py)
         convert_from = resolve_source(_req(m, "convert_from", str, where), base)
         if fmt != "safetensors" or "files" in m or not convert_from.is_file() or m.get("convert_dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
             raise SpecError(f"The spec's {where}.convert_from needs format safetensors, no files list, an existing GGUF ({convert_from}) "

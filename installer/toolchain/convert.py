@@ -17,7 +17,7 @@ from appliance.config import DTYPES
 from appliance.errors import SpecError
 
 if TYPE_CHECKING:
-    from installer.vendor.spec import SpecModel, SpecModelFile
+    from installer.toolchain.spec import SpecModel, SpecModelFile
 
 CONVERT_DIR = "convert"  # scratch under the build directory, removed before the bundle is hashed
 
@@ -62,7 +62,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", log: Callable[[
 
 def model_sources(model: SpecModel, scratch: Path, log: Callable[[str], None] = lambda _m: None) -> tuple[SpecModelFile, ...]:
     """The plaintext files of a spec model: its listed files, or those of its conversion (made now, in `scratch`)."""
-    from installer.vendor.spec import SpecModelFile
+    from installer.toolchain.spec import SpecModelFile
 
     if model.convert_from is None:
         return model.files

@@ -14,7 +14,7 @@ The wheel goes to a folder of its own keyed by the sdist's hash, the flags and t
 through pip's shared wheel cache (keyed by the sdist alone, it hands back whatever was built first).
 Standard library only: `make setup` runs it before the project's venv has anything in it.
 
-    python -m installer.vendor.llama_wheel [--cache DIR]   # prints the wheel's path
+    python -m installer.toolchain.llama_wheel [--cache DIR]   # prints the wheel's path
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def check_wheel(wheel: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m installer.vendor.llama_wheel", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m installer.toolchain.llama_wheel", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="where built wheels are kept (default: %(default)s)")
     ap.add_argument("--key", action="store_true", help="print the build key and exit")
     ap.add_argument("--native", action="store_true", help="build the -march=native wheel instead (benchmarks only; never ships)")

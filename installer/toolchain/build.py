@@ -19,12 +19,12 @@ from installer.bundle.keys import fingerprint
 from installer.bundle.manifest import BOOTSTRAP, FORMAT_VERSION, MANIFEST, SIGNATURE, canonical_json, format_time
 from installer.bundle.stream import encrypt_stream
 from installer.bundle.trust import host_platform
-from installer.vendor.convert import CONVERT_DIR, model_sources
-from installer.vendor.keygen import load_signing_key
-from installer.vendor.llama_wheel import sha256_file
-from installer.vendor.sbom import cyclonedx
-from installer.vendor.spec import Spec, SpecModel
-from installer.vendor.wheelhouse import build_wheelhouse
+from installer.toolchain.convert import CONVERT_DIR, model_sources
+from installer.toolchain.keygen import load_signing_key
+from installer.toolchain.llama_wheel import sha256_file
+from installer.toolchain.sbom import cyclonedx
+from installer.toolchain.spec import Spec, SpecModel
+from installer.toolchain.wheelhouse import build_wheelhouse
 
 TRUST_FILE = "trust/vendor.pub"
 

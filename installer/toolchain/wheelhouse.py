@@ -1,6 +1,6 @@
 """The bundle's wheelhouse: the appliance's own wheel and every dependency, as requirements/lock.txt
 pins them (each wheel checked against the lock's hashes), with llama-cpp-python as the project's
-portable build (installer.vendor.llama_wheel); the SBOM is installer.vendor.sbom's."""
+portable build (installer.toolchain.llama_wheel); the SBOM is installer.toolchain.sbom's."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import tempfile
 from pathlib import Path
 
 from appliance.errors import SpecError
-from installer.vendor import llama_wheel
-from installer.vendor.llama_wheel import sha256_file
-from installer.vendor.lockfile import BUILT_HERE, constraints, normalize
-from installer.vendor.lockfile import pins as pins_of
-from installer.vendor.sbom import WHEEL_NAME
-from installer.vendor.spec import Wheelhouse
+from installer.toolchain import llama_wheel
+from installer.toolchain.llama_wheel import sha256_file
+from installer.toolchain.lockfile import BUILT_HERE, constraints, normalize
+from installer.toolchain.lockfile import pins as pins_of
+from installer.toolchain.sbom import WHEEL_NAME
+from installer.toolchain.spec import Wheelhouse
 
 
 def _pip(*args: str) -> None:
@@ -72,7 +72,7 @@ def build_wheelhouse(wh: Wheelhouse, out: Path) -> None:
         llama = llama_wheel.build(llama_wheel.default_cache())
     except (llama_wheel.BuildError, subprocess.CalledProcessError) as e:
         raise SpecError(f"Building the portable llama-cpp-python wheel failed: {e}",
-                        "Run `python -m installer.vendor.llama_wheel` in the project to see the whole build log.") from None
+                        "Run `python -m installer.toolchain.llama_wheel` in the project to see the whole build log.") from None
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as pins:
         pins.write(constraints(lock_text))
         pins.flush()
