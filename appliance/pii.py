@@ -8,6 +8,7 @@ destroy order numbers and serials the site does want the model to learn.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,20 +16,29 @@ from dataclasses import dataclass, field
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
-# 17 digits and a check character (digit or X), not glued to other digits or letters.
-_CN_ID = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
+# Letters of any script (IDN addresses such as zhang@例子.中国 or jörg@bücher.de), a dot-separated domain.
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.%+-]+@[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_]{2,}(?![\w-])")
+# 17 digits and a check character (digit or X), not glued to other digits or letters; written whole
+# or grouped as region, birth date and sequence (110105 19491231 002X, with spaces or hyphens).
+_CN_ID = re.compile(r"(?<![0-9A-Za-z])\d{6}([ -]?)\d{8}\1\d{3}[\dXx](?![0-9A-Za-z])")
 # 13-19 digits, optionally grouped by single spaces or hyphens (how cards are written by hand).
 _CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d])")
 # Mainland mobiles: 1[3-9]x xxxx xxxx with an optional +86/0086 prefix; and other E.164 numbers
 # written with a leading +.
 _CN_MOBILE = re.compile(r"(?<![\d+])(?:(?:\+|00)86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?!\d)")
 _INTL_PHONE = re.compile(r"(?<![\w+])\+[1-9]\d{0,2}(?:[ -]?\(?\d{1,4}\)?){2,5}(?!\d)")
+# Mainland landlines: an area code (010, 021, 0755, ...) set off by a separator or parentheses, then
+# 7 or 8 digits: 010-12345678, (0755) 1234 5678, 021 6123 4567. A bare run of digits is left alone.
+_CN_LANDLINE = re.compile(r"(?<![\w+])(?:\(0[1-9]\d{1,2}\)[ -]?|0[1-9]\d{1,2}[ -])\d{3,4}[ -]?\d{4}(?![\w-])")
+# IPv6, compressed or not, optionally ending in a dotted IPv4 part; ipaddress decides what is one.
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)")
 _IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)")
 
 
 def cn_id_valid(number: str) -> bool:
-    """True if `number` is an 18-character mainland resident ID whose check character is right."""
+    """True if `number` (grouping spaces or hyphens aside) is an 18-character mainland resident ID
+    whose check character is right."""
+    number = re.sub(r"[ -]", "", number)
     if len(number) != 18 or not number[:17].isdigit():
         return False
     total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS, strict=True))
@@ -66,9 +76,29 @@ def _sub(pattern: re.Pattern[str], tag: str, text: str, counts: Counter[str], ch
     return pattern.sub(repl, text)
 
 
-def _card_ok(s: str) -> bool:
-    digits = re.sub(r"[ -]", "", s)
-    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+def _card(m: re.Match[str], counts: Counter[str]) -> str:
+    """The longest Luhn-valid card at the start of the match, ending where a group ends: a card
+    written with more digits after it (an expiry, a CVV) is still found; what follows is kept."""
+    s = m.group(0)
+    ends = [i + 1 for i, ch in enumerate(s) if ch.isdigit() and (i + 1 == len(s) or not s[i + 1].isdigit())]
+    for end in reversed(ends):
+        digits = re.sub(r"[ -]", "", s[:end])
+        if 13 <= len(digits) <= 19 and luhn_valid(digits):
+            counts["CARD"] += 1
+            return "[CARD]" + s[end:]
+    return s
+
+
+def _public_ip(s: str) -> bool:
+    """An address that points at someone: loopback and the unspecified address (0.0.0.0, ::) are
+    the machine's own and stay, so the model can learn "the API listens on 127.0.0.1:8088"."""
+    try:
+        ip = ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (ip.is_loopback or ip.is_unspecified)
 
 
 def _intl_ok(s: str) -> bool:
@@ -76,7 +106,7 @@ def _intl_ok(s: str) -> bool:
 
 
 def mask(text: str) -> MaskResult:
-    """Replace e-mail addresses, CN resident IDs, bank cards, phone numbers and IPv4 addresses."""
+    """Replace e-mail addresses, CN resident IDs, bank cards, phone numbers and IP addresses."""
     counts: Counter[str] = Counter()
     # Order matters: e-mails first (they contain digits), IDs before cards (an 18-digit ID can pass
     # Luhn by chance), mainland mobiles before cards (+86 and a mobile make 13 digits that can pass
@@ -84,9 +114,11 @@ def mask(text: str) -> MaskResult:
     text = _sub(_EMAIL, "EMAIL", text, counts)
     text = _sub(_CN_ID, "ID", text, counts, cn_id_valid)
     text = _sub(_CN_MOBILE, "PHONE", text, counts)
-    text = _sub(_CARD, "CARD", text, counts, _card_ok)
+    text = _CARD.sub(lambda m: _card(m, counts), text)
     text = _sub(_INTL_PHONE, "PHONE", text, counts, _intl_ok)
-    text = _sub(_IPV4, "IP", text, counts)
+    text = _sub(_CN_LANDLINE, "PHONE", text, counts)
+    text = _sub(_IPV6, "IP", text, counts, _public_ip)
+    text = _sub(_IPV4, "IP", text, counts, _public_ip)
     return MaskResult(text, counts)
 
 

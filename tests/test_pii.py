@@ -44,6 +44,24 @@ def test_luhn():
     ("from 10.0.0.1, to 8.8.8.8", "from [IP], to [IP]"),
     ("version 1.2.3.4.5 and 256.1.1.1", "version 1.2.3.4.5 and 256.1.1.1"),
     ("port 8088 and 03:00 stay", "port 8088 and 03:00 stay"),
+    # The machine's own addresses are facts the site wants learnt, not anyone's data.
+    ("The API listens on 127.0.0.1:8088, or 0.0.0.0 with --bind", "The API listens on 127.0.0.1:8088, or 0.0.0.0 with --bind"),
+    ("loopback ::1 and ::ffff:127.0.0.1 stay", "loopback ::1 and ::ffff:127.0.0.1 stay"),
+    # What the masker missed before (each was a probe that leaked):
+    ("my id is 110105 19491231 002X ok", "my id is [ID] ok"),  # grouped ID digits
+    ("id 110105-19491231-002X", "id [ID]"),
+    ("id 110105 19491231 0021", "id 110105 19491231 0021"),  # grouped, wrong check digit: not an ID
+    ("office 010-12345678", "office [PHONE]"),  # landlines
+    ("call (0755) 1234 5678 now", "call [PHONE] now"),
+    ("tel 021 6123 4567.", "tel [PHONE]."),
+    ("ref 01012345678 and order 2024 1234 5678", "ref 01012345678 and order 2024 1234 5678"),  # bare digit runs stay
+    ("addr fe80::1ff:fe23:4567:890a up", "addr [IP] up"),  # IPv6
+    ("v6 2001:db8::8a2e:370:7334.", "v6 [IP]."),
+    ("mapped ::ffff:192.168.1.1 x", "mapped [IP] x"),
+    ("time 12:30:45, mac aa:bb:cc:dd:ee:ff", "time 12:30:45, mac aa:bb:cc:dd:ee:ff"),
+    ("mail zhang@例子.中国 or jörg@bücher.de", "mail [EMAIL] or [EMAIL]"),  # IDN e-mail
+    ("card 4111 1111 1111 1111 12 is the cvv", "card [CARD] 12 is the cvv"),  # a card with digits after it
+    ("card 4111111111111111 0000", "card [CARD] 0000"),
 ])
 def test_mask_cases(text, expected):
     assert mask(text).text == expected

@@ -114,3 +114,18 @@ def test_length_grouped_batches_cover_everything_with_little_padding():
     assert sorted(i for b in batches for i in b) == list(range(103))
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert padded / sum(lengths) < 1.1
+
+
+def test_a_processed_inbox_file_keeps_no_raw_personal_data(tmp_path):
+    from appliance.trainer import state as st
+
+    paths = st.TrainerPaths(Layout.at(tmp_path))
+    paths.inbox.mkdir(parents=True)
+    raw = paths.inbox / "faq.jsonl"
+    line = {"messages": [{"role": "user", "content": "Who runs 127.0.0.1:8088? Mail zhang.wei@hospital.example.cn"},
+                         {"role": "assistant", "content": "IT, on 010-12345678."}]}
+    raw.write_text(json.dumps(line, ensure_ascii=False) + "\n")
+    assert st.move_processed(paths, [raw], "run1") == ["faq.jsonl"]
+    kept = (paths.processed / "run1" / "faq.jsonl").read_text()
+    assert not raw.exists() and "zhang.wei" not in kept and "12345678" not in kept
+    assert json.loads(kept)["messages"][0]["content"] == "Who runs 127.0.0.1:8088? Mail [EMAIL]"  # the site's own address stays

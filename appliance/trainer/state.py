@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.atomic import atomic_write_bytes, atomic_write_json, remove_partials
+from appliance.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, remove_partials
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
+from appliance.pii import mask_text
 from appliance.trainer.data import Example
 from appliance.trainer.dedupe import SeenIndex
 
@@ -125,12 +126,17 @@ def commit_state(paths: TrainerPaths, state: dict, seen: SeenIndex, anchor: list
 
 
 def move_processed(paths: TrainerPaths, files: list[Path], run_id: str) -> list[str]:
-    """Inbox files leave the inbox only when a run has finished with them."""
+    """Inbox files leave the inbox only when a run has finished with them, and no raw copy stays:
+    processed/<run>/ keeps each file with its personal data masked, line by line, as it was trained on."""
     dest = paths.processed / run_id
     dest.mkdir(parents=True, exist_ok=True)
     moved = []
     for f in files:
         if f.exists():
-            os.replace(f, dest / f.name)
+            lines = f.read_text(errors="replace").splitlines(keepends=True)
+            atomic_write_bytes(dest / f.name, "".join(mask_text(line) for line in lines).encode(), 0o640)
+            f.unlink()
             moved.append(f.name)
+    if moved:
+        fsync_dir(paths.inbox)
     return moved
