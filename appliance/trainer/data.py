@@ -75,19 +75,12 @@ class Validated:
 
 
 def collect(inbox: Path, store: FeedbackStore | None, last_row: int) -> Collected:
-    """Feedback rated good or corrected since `last_row`, and every line of `inbox/*.jsonl`."""
+    """Every line of `inbox/*.jsonl` (oldest file first), then feedback rated good or corrected since
+    `last_row`: newest last, since a later source's answer to the same question supersedes (dedupe)."""
     records: list[RawRecord] = []
     counts: Counter[str] = Counter()
     new_last = last_row
-    if store is not None:
-        for ex in store.examples_since(last_row):
-            new_last = max(new_last, ex.row)
-            if ex.usable:
-                records.append(RawRecord(f"feedback:{ex.row}", {"messages": ex.to_chat()}))
-                counts["feedback"] += 1
-            else:
-                counts["feedback_not_usable"] += 1
-    files = sorted(p for p in inbox.glob("*.jsonl") if p.is_file()) if inbox.is_dir() else []
+    files = sorted((p for p in inbox.glob("*.jsonl") if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name)) if inbox.is_dir() else []
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
@@ -99,6 +92,14 @@ def collect(inbox: Path, store: FeedbackStore | None, last_row: int) -> Collecte
                 except json.JSONDecodeError as e:
                     records.append(RawRecord(src, None, f"not JSON ({e.msg})"))
                 counts["inbox_lines"] += 1
+    if store is not None:
+        for ex in store.examples_since(last_row):
+            new_last = max(new_last, ex.row)
+            if ex.usable:
+                records.append(RawRecord(f"feedback:{ex.row}", {"messages": ex.to_chat()}))
+                counts["feedback"] += 1
+            else:
+                counts["feedback_not_usable"] += 1
     counts["inbox_files"] = len(files)
     return Collected(records, files, new_last, counts)
 

@@ -1,7 +1,12 @@
-"""Exact and near-duplicate removal (MinHash over word shingles with LSH banding).
+"""Exact and near-duplicate removal (MinHash over word shingles with LSH banding), decided by prompt.
 
-Within one run and against every earlier run: the index of what was seen is a value the caller
-loads before and saves after the run, so a killed run never records examples it did not train on.
+Two examples are duplicates when their prompts are alike and their answers are alike. The same
+question with another answer from a later source (another inbox file, newer by time, or a feedback
+correction) is a correction: within a run the later one wins (the earlier is superseded), and
+against earlier runs it is kept, so "the port is 9090 now" is learnt instead of
+being dropped as a near copy of "the port is 8088". Within one run and against every earlier run:
+the index of what was seen is a value the caller loads before and saves after the run, so a killed
+run never records examples it did not train on.
 """
 
 from __future__ import annotations
@@ -24,10 +29,28 @@ _A = _rng.integers(1, 1 << 32, NUM_PERM, dtype=np.uint64)
 _B = _rng.integers(0, 1 << 32, NUM_PERM, dtype=np.uint64)
 
 
+def _text(messages: tuple[tuple[str, str], ...]) -> str:
+    text = " ".join(f"{r}: {c}" for r, c in messages if r != "system")
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
 def normalize(ex: Example) -> str:
     """What counts for sameness: user and assistant text, case and spacing folded (a shared system prompt does not)."""
-    text = " ".join(f"{r}: {c}" for r, c in ex.messages if r != "system")
-    return re.sub(r"\s+", " ", text.lower()).strip()
+    return _text(ex.messages)
+
+
+def prompt_text(ex: Example) -> str:
+    return _text(ex.messages[:-1])
+
+
+def answer_text(ex: Example) -> str:
+    return _text(ex.messages[-1:])
+
+
+def origin(source: str) -> str:
+    """Where an example was written: its inbox file, or its own feedback row. Answers to one question
+    from one file are variants the site wrote together; from a later file or feedback, a correction."""
+    return source.rsplit(":", 1)[0] if source.startswith("inbox/") else source
 
 
 def exact_key(ex: Example) -> str:
@@ -56,17 +79,24 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass
 class SeenIndex:
-    """What earlier runs trained or validated on: exact keys and MinHash signatures."""
+    """What earlier runs trained or validated on: exact keys, and MinHash signatures of each prompt
+    and its answer (the same order in both lists)."""
 
     exact: set[str] = field(default_factory=set)
-    signatures: list[np.ndarray] = field(default_factory=list)
+    prompts: list[np.ndarray] = field(default_factory=list)
+    answers: list[np.ndarray] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"exact": sorted(self.exact), "minhash": [s.tolist() for s in self.signatures]}
+        return {"exact": sorted(self.exact), "prompt_minhash": [s.tolist() for s in self.prompts],
+                "answer_minhash": [s.tolist() for s in self.answers]}
 
     @classmethod
     def from_json(cls, d: dict) -> SeenIndex:
-        return cls(set(d.get("exact", [])), [np.array(s, dtype=np.uint64) for s in d.get("minhash", [])])
+        # An index of the earlier format ("minhash": whole conversations) cannot tell a correction
+        # from a repeat; its exact keys still count, its signatures are dropped.
+        prompts, answers = d.get("prompt_minhash", []), d.get("answer_minhash", [])
+        return cls(set(d.get("exact", [])), [np.array(s, dtype=np.uint64) for s in prompts],
+                   [np.array(s, dtype=np.uint64) for s in answers] if len(answers) == len(prompts) else [])
 
 
 @dataclass
@@ -76,6 +106,8 @@ class Deduped:
     near_dupes: int
     seen_before: int
     new_index: SeenIndex  # the input index plus this run's kept examples
+    superseded: int = 0  # earlier answers of this run replaced by a later one to the same question
+    corrections: int = 0  # kept answers to questions earlier runs answered otherwise
 
 
 def _bands(sig: np.ndarray) -> list[tuple[int, bytes]]:
@@ -83,33 +115,57 @@ def _bands(sig: np.ndarray) -> list[tuple[int, bytes]]:
     return [(b, sig[b * rows : (b + 1) * rows].tobytes()) for b in range(BANDS)]
 
 
+class _Lsh:
+    """Prompt signatures, found again by shared bands."""
+
+    def __init__(self, sigs: list[np.ndarray] | None = None) -> None:
+        self.sigs: list[np.ndarray] = []
+        self.buckets: dict[tuple[int, bytes], list[int]] = {}
+        for s in sigs or []:
+            self.add(s)
+
+    def add(self, sig: np.ndarray) -> int:
+        self.sigs.append(sig)
+        for band in _bands(sig):
+            self.buckets.setdefault(band, []).append(len(self.sigs) - 1)
+        return len(self.sigs) - 1
+
+    def near(self, sig: np.ndarray, threshold: float) -> list[int]:
+        candidates = {j for band in _bands(sig) for j in self.buckets.get(band, [])}
+        return sorted(j for j in candidates if similarity(sig, self.sigs[j]) >= threshold)
+
+
 def dedupe(examples: list[Example], seen: SeenIndex, threshold: float) -> Deduped:
-    """Drop exact and near duplicates; the first occurrence in the run is kept."""
-    buckets: dict[tuple[int, bytes], list[int]] = {}
-    sigs: list[np.ndarray] = []
-    n_old = len(seen.signatures)
-    for i, s in enumerate(seen.signatures):
-        sigs.append(s)
-        for band in _bands(s):
-            buckets.setdefault(band, []).append(i)
-    exact = set(seen.exact)
-    kept: list[Example] = []
-    counts = {"exact": 0, "near": 0, "seen": 0}
+    """Drop exact and near duplicates (alike prompt and alike answer); a later source's answer to the
+    same question supersedes an earlier one of the run; a new answer to a question seen before is kept."""
+    old = _Lsh(seen.prompts)
+    run = _Lsh()
+    live: dict[int, tuple[Example, str, np.ndarray]] = {}  # run index -> (example, key, answer signature)
+    counts = {"exact": 0, "near": 0, "seen": 0, "superseded": 0, "corrections": 0}
     for ex in examples:
         key = exact_key(ex)
-        if key in exact:
-            counts["seen" if key in seen.exact else "exact"] += 1
+        if key in seen.exact:
+            counts["seen"] += 1
             continue
-        sig = signature(normalize(ex))
-        candidates = {j for band in _bands(sig) for j in buckets.get(band, [])}
-        match = next((j for j in sorted(candidates) if similarity(sig, sigs[j]) >= threshold), None)
-        if match is not None:
-            counts["seen" if match < n_old else "near"] += 1
+        p, a = signature(prompt_text(ex)), signature(answer_text(ex))
+        earlier = old.near(p, threshold)
+        if any(similarity(a, seen.answers[j]) >= threshold for j in earlier if j < len(seen.answers)):
+            counts["seen"] += 1
             continue
-        exact.add(key)
-        idx = len(sigs)
-        sigs.append(sig)
-        for band in _bands(sig):
-            buckets.setdefault(band, []).append(idx)
-        kept.append(ex)
-    return Deduped(kept, counts["exact"], counts["near"], counts["seen"], SeenIndex(exact, sigs))
+        same_question = [live[j] for j in run.near(p, threshold) if j in live]
+        if any(k == key for _, k, _ in same_question):
+            counts["exact"] += 1
+            continue
+        if any(similarity(a, other) >= threshold for _, _, other in same_question):
+            counts["near"] += 1
+            continue
+        for j in [j for j in run.near(p, threshold) if j in live and origin(live[j][0].source) != origin(ex.source)]:
+            del live[j]  # a later source's answer to the same question wins
+            counts["superseded"] += 1
+        counts["corrections"] += bool(earlier)
+        live[run.add(p)] = (ex, key, a)
+    order = sorted(live)
+    index = SeenIndex(seen.exact | {live[i][1] for i in order}, seen.prompts + [run.sigs[i] for i in order],
+                      seen.answers + [live[i][2] for i in order])
+    return Deduped([live[i][0] for i in order], counts["exact"], counts["near"], counts["seen"], index,
+                   counts["superseded"], counts["corrections"])

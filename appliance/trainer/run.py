@@ -117,7 +117,8 @@ def _prepare(paths: st.TrainerPaths, settings: TrainerSettings, run_id: str, sta
     stages["pii"] = {"masked": dict(pii_counts)}
     deduped = dedupe(masked, st.load_seen(paths), settings.near_duplicate_threshold)
     stages["dedupe"] = {"kept": len(deduped.examples), "exact": deduped.exact_dupes, "near": deduped.near_dupes,
-                        "seen_in_earlier_runs": deduped.seen_before}
+                        "seen_in_earlier_runs": deduped.seen_before, "superseded": deduped.superseded,
+                        "corrections": deduped.corrections}
     parts = split(deduped.examples, settings.validation_fraction)
     stages["split"] = {"train": len(parts.train), "validation": len(parts.validation)}
     log(f"run {run_id}: {len(collected.records)} records, {len(validated.examples)} valid, "
