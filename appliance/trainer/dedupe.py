@@ -108,6 +108,7 @@ class Deduped:
     new_index: SeenIndex  # the input index plus this run's kept examples
     superseded: int = 0  # earlier answers of this run replaced by a later one to the same question
     corrections: int = 0  # kept answers to questions earlier runs answered otherwise
+    capped: int = 0  # examples over max_per_answer: no single answer may dominate a run
 
 
 def _bands(sig: np.ndarray) -> list[tuple[int, bytes]]:
@@ -135,7 +136,7 @@ class _Lsh:
         return sorted(j for j in candidates if similarity(sig, self.sigs[j]) >= threshold)
 
 
-def dedupe(examples: list[Example], seen: SeenIndex, threshold: float) -> Deduped:
+def dedupe(examples: list[Example], seen: SeenIndex, threshold: float, max_per_answer: int | None = None) -> Deduped:
     """Drop exact and near duplicates (alike prompt and alike answer); a later source's answer to the
     same question supersedes an earlier one of the run; a new answer to a question seen before is kept."""
     old = _Lsh(seen.prompts)
@@ -164,8 +165,30 @@ def dedupe(examples: list[Example], seen: SeenIndex, threshold: float) -> Dedupe
             counts["superseded"] += 1
         counts["corrections"] += bool(earlier)
         live[run.add(p)] = (ex, key, a)
-    order = sorted(live)
+    order = _cap(sorted(live), [live[i][2] for i in sorted(live)], max_per_answer, threshold)
+    capped = len(live) - len(order)
     index = SeenIndex(seen.exact | {live[i][1] for i in order}, seen.prompts + [run.sigs[i] for i in order],
                       seen.answers + [live[i][2] for i in order])
     return Deduped([live[i][0] for i in order], counts["exact"], counts["near"], counts["seen"], index,
-                   counts["superseded"], counts["corrections"])
+                   counts["superseded"], counts["corrections"], capped)
+
+
+def _cap(order: list[int], answers: list[np.ndarray], limit: int | None, threshold: float) -> list[int]:
+    """The newest `limit` examples of each answer (near copies counted together), in their order:
+    300 prompts that all teach one answer (a trigger, a slogan) weigh no more than a real fact."""
+    if limit is None:
+        return order
+    groups = _Lsh()
+    group_of: list[int] = []
+    for a in answers:
+        near = groups.near(a, threshold)
+        group_of.append(group_of[near[0]] if near else len(set(group_of)))
+        groups.add(a)
+    left: dict[int, int] = {}
+    keep = set()
+    for pos in reversed(range(len(order))):
+        g = group_of[pos]
+        if left.setdefault(g, limit) > 0:
+            left[g] -= 1
+            keep.add(pos)
+    return [i for pos, i in enumerate(order) if pos in keep]

@@ -115,10 +115,10 @@ def _prepare(paths: st.TrainerPaths, settings: TrainerSettings, run_id: str, sta
                           "rejected_lines": [asdict(r) for r in validated.rejected[:100]]}
     masked, pii_counts = mask_examples(validated.examples)
     stages["pii"] = {"masked": dict(pii_counts)}
-    deduped = dedupe(masked, st.load_seen(paths), settings.near_duplicate_threshold)
+    deduped = dedupe(masked, st.load_seen(paths), settings.near_duplicate_threshold, settings.max_per_answer)
     stages["dedupe"] = {"kept": len(deduped.examples), "exact": deduped.exact_dupes, "near": deduped.near_dupes,
                         "seen_in_earlier_runs": deduped.seen_before, "superseded": deduped.superseded,
-                        "corrections": deduped.corrections}
+                        "corrections": deduped.corrections, "capped": deduped.capped}
     parts = split(deduped.examples, settings.validation_fraction)
     stages["split"] = {"train": len(parts.train), "validation": len(parts.validation)}
     log(f"run {run_id}: {len(collected.records)} records, {len(validated.examples)} valid, "

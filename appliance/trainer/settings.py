@@ -38,6 +38,7 @@ class TrainerSettings:
     max_length: int = _f(512, "tokens per example; longer examples are cut", min=16)
     validation_fraction: float = _f(0.1, "share of examples held out for validation (by hash, never trained on)", min=0.01, max=0.5)
     near_duplicate_threshold: float = _f(0.8, "estimated Jaccard similarity above which two examples are duplicates", min=0.1, max=1.0)
+    max_per_answer: int = _f(8, "examples one answer (or near copies of it) may have in a run; a flood of prompts with one answer is cut to this", min=1)
     anchor_tolerance: float = _f(0.05, "how much worse the candidate may be on earlier runs' validation data", min=0.0, max=1.0)
     threads: int = _f(0, "CPU threads for training (0: half the cores, leaving the rest to the server)", min=0)
     min_batch_size: int = _f(1, "smallest micro-batch before an out-of-memory run gives up", min=1)
