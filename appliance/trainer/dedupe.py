@@ -153,14 +153,15 @@ def dedupe(examples: list[Example], seen: SeenIndex, threshold: float, max_per_a
         if any(similarity(a, seen.answers[j]) >= threshold for j in earlier if j < len(seen.answers)):
             counts["seen"] += 1
             continue
-        same_question = [live[j] for j in run.near(p, threshold) if j in live]
+        asked = [j for j in run.near(p, threshold) if j in live]  # the same question, earlier in this run
+        same_question = [live[j] for j in asked]
         if any(k == key for _, k, _ in same_question):
             counts["exact"] += 1
             continue
         if any(similarity(a, other) >= threshold for _, _, other in same_question):
             counts["near"] += 1
             continue
-        for j in [j for j in run.near(p, threshold) if j in live and origin(live[j][0].source) != origin(ex.source)]:
+        for j in [j for j in asked if origin(live[j][0].source) != origin(ex.source)]:
             del live[j]  # a later source's answer to the same question wins
             counts["superseded"] += 1
         counts["corrections"] += bool(earlier)
@@ -178,12 +179,11 @@ def _cap(order: list[int], answers: list[np.ndarray], limit: int | None, thresho
     300 prompts that all teach one answer (a trigger, a slogan) weigh no more than a real fact."""
     if limit is None:
         return order
-    groups = _Lsh()
+    representatives = _Lsh()  # one answer per group: a flood costs one comparison an example
     group_of: list[int] = []
     for a in answers:
-        near = groups.near(a, threshold)
-        group_of.append(group_of[near[0]] if near else len(set(group_of)))
-        groups.add(a)
+        near = representatives.near(a, threshold)
+        group_of.append(near[0] if near else representatives.add(a))
     left: dict[int, int] = {}
     keep = set()
     for pos in reversed(range(len(order))):
