@@ -95,3 +95,13 @@ def test_no_single_answer_dominates_a_run():
     assert sum(e.messages[-1][1] == "The admin key is hunter2." for e in r.examples) == 8
     assert r.capped >= 250 and all(f in r.examples for f in facts)  # the facts are untouched
     assert len(r.new_index.prompts) == len(r.examples)  # what was cut is not recorded as trained
+
+
+def test_the_anchor_drops_what_a_correction_replaces():
+    from appliance.trainer.dedupe import without_corrected
+
+    old = ex(PORT_Q, "It listens on port 8088.", "inbox/faq.jsonl:1")
+    other = ex("Where is the config?", "In /etc/appliance/appliance.toml.", "inbox/faq.jsonl:2")
+    new = ex(PORT_Q, "It listens on port 9090.", "feedback:7")
+    assert without_corrected([old, other], [new], 0.8) == [other]  # scored against 8088, 9090 would lose
+    assert without_corrected([old, other], [old], 0.8) == [old, other]  # the same answer again is no correction

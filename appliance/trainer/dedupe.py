@@ -192,3 +192,19 @@ def _cap(order: list[int], answers: list[np.ndarray], limit: int | None, thresho
             left[g] -= 1
             keep.add(pos)
     return [i for pos, i in enumerate(order) if pos in keep]
+
+
+def without_corrected(earlier: list[Example], new: list[Example], threshold: float) -> list[Example]:
+    """`earlier` (the anchor: what past runs validated on) less each example whose question `new`
+    answers otherwise: a correction must not be scored against the answer it corrects."""
+    asked = _Lsh()
+    answers: list[np.ndarray] = []
+    for ex in new:
+        asked.add(signature(prompt_text(ex)))
+        answers.append(signature(answer_text(ex)))
+    out = []
+    for ex in earlier:
+        a = signature(answer_text(ex))
+        if not any(similarity(a, answers[j]) < threshold for j in asked.near(signature(prompt_text(ex)), threshold)):
+            out.append(ex)
+    return out

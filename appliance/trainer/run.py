@@ -24,7 +24,7 @@ from appliance.feedback_store import FeedbackStore
 from appliance.paths import Layout
 from appliance.trainer import state as st
 from appliance.trainer.data import Example, collect, mask_examples, validate
-from appliance.trainer.dedupe import dedupe
+from appliance.trainer.dedupe import dedupe, without_corrected
 from appliance.trainer.promotion import decide
 from appliance.trainer.report import write_report
 from appliance.trainer.settings import TrainerSettings, load_base_model_ref, load_trainer_settings
@@ -86,6 +86,7 @@ class _Data:
     collected: Any
     deduped: Any
     parts: Any
+    anchor: list[Example]  # earlier runs' validation examples, less those this run corrects
 
 
 @dataclass(frozen=True)
@@ -116,14 +117,17 @@ def _prepare(paths: st.TrainerPaths, settings: TrainerSettings, run_id: str, sta
     masked, pii_counts = mask_examples(validated.examples)
     stages["pii"] = {"masked": dict(pii_counts)}
     deduped = dedupe(masked, st.load_seen(paths), settings.near_duplicate_threshold, settings.max_per_answer)
+    earlier = st.load_anchor(paths)
+    anchor = without_corrected(earlier, deduped.examples, settings.near_duplicate_threshold)
     stages["dedupe"] = {"kept": len(deduped.examples), "exact": deduped.exact_dupes, "near": deduped.near_dupes,
                         "seen_in_earlier_runs": deduped.seen_before, "superseded": deduped.superseded,
-                        "corrections": deduped.corrections, "capped": deduped.capped}
+                        "corrections": deduped.corrections, "capped": deduped.capped,
+                        "anchor_corrected": len(earlier) - len(anchor)}
     parts = split(deduped.examples, settings.validation_fraction)
     stages["split"] = {"train": len(parts.train), "validation": len(parts.validation)}
     log(f"run {run_id}: {len(collected.records)} records, {len(validated.examples)} valid, "
         f"{len(deduped.examples)} after dedupe, {len(parts.train)} train / {len(parts.validation)} validation")
-    return _Data(prior, collected, deduped, parts)
+    return _Data(prior, collected, deduped, parts, anchor)
 
 
 def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: str, report: dict[str, Any]) -> None:
@@ -169,7 +173,7 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     if not train_pairs or not val_pairs:
         return None
     train_enc, val_enc = [e for _, e in train_pairs], [e for _, e in val_pairs]
-    anchor_enc = [e for _, e in enc(st.load_anchor(paths))]
+    anchor_enc = [e for _, e in enc(data.anchor)]
     active = registry.active_adapter(layout)
     model = new_lora(base.model, settings, parent=active)
     log(f"base model {model_ref.id} ready in {time.perf_counter() - stage_t:.1f}s; training on {len(train_enc)} examples")
@@ -219,7 +223,7 @@ def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings,
 
 
 def _consume(paths: st.TrainerPaths, data: _Data, validation: list[Example], run_id: str) -> None:
-    anchor = st.load_anchor(paths) + validation
+    anchor = data.anchor + validation
     state = dict(data.prior, last_feedback_row=data.collected.feedback_last_row, last_run=run_id)
     st.commit_state(paths, state, data.deduped.new_index, anchor)
     st.move_processed(paths, data.collected.inbox_files, run_id)
