@@ -88,6 +88,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
+        refused = next((x for x in errs if x.get("type") in ("extra_forbidden", "unsupported_parameter")), None)
+        if refused is not None:
+            field_ = (refused.get("ctx") or {}).get("field") or ".".join(
+                str(x) for x in refused.get("loc", ()) if x != "body" and not (isinstance(x, str) and _is_tag(x)))
+            return _error(400, f"The request field {field_!r} is not supported by this server; nothing was generated. "
+                          "Leave it out (docs/operations.md lists every field the API accepts).",
+                          param=field_, code="unsupported_parameter")
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
         # Drop pydantic's union-branch tags ("constrained-str", "function-before[...]", "int"): the
         # client wants the field's path, not which of our types failed.

@@ -1,14 +1,18 @@
 """Wire models: what the OpenAI-compatible API accepts and returns.
 
-Unknown request fields are ignored (the openai client sends ones we do not use); known ones are
-checked strictly, so bad input is a 422 in the OpenAI error shape, never a 500.
+Nothing a client asks for is silently ignored: a field this server does not honour is a 400 that
+names it (`unsupported_parameter`), whether it is unknown or an OpenAI field we do not implement
+yet; the latter pass only at the value that changes nothing (`presence_penalty: 0`, `tools: []`,
+`response_format: {"type": "text"}`, ...), which some clients send with every request. Known fields
+are checked strictly, so bad input is a 4xx in the OpenAI error shape, never a 500.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 # Larger than any context, small enough to be a plain int everywhere: values above it are typos.
 MAX_TOKENS_BOUND = 1 << 30
@@ -29,12 +33,30 @@ def _json_int(v: object) -> object:
 JsonInt = BeforeValidator(_json_int)
 
 
+# OpenAI request fields this server does not implement, and the values at which they change nothing.
+UNHONOURED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "functions": ([],), "function_call": ("none",),
+}
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """`value` is the neutral value: `false` is not 0, and 0.0 is 0."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, int):
+        return isinstance(value, int | float) and value == neutral
+    return bool(value == neutral)
+
+
 class _Request(BaseModel):
-    # strict: "1" is not a number nor 1 a boolean (schemathesis found both); integers take JsonInt
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # strict: "1" is not a number nor 1 a boolean (schemathesis found both); integers take JsonInt.
+    # forbid: a field we do not know is refused by name, never ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"]
     text: Annotated[str, Field(max_length=1 << 20)]
 
@@ -59,7 +81,6 @@ class _Sampling(_Request):
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = Field(default=None, description="answer tokens at most")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Annotated[Literal[1], JsonInt] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -68,6 +89,21 @@ class _Sampling(_Request):
     user: Annotated[str, Field(max_length=256)] | None = None
     # vLLM's extension (the openai client sends it with extra_body): generate max_tokens whatever the model says
     ignore_eos: bool = Field(default=False, description="go on past end-of-sequence until max_tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unhonoured(cls, data: Any) -> Any:
+        """Take out the fields in UNHONOURED at their neutral value (or null); refuse any other value."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, neutral in UNHONOURED.items():
+            if name in data:
+                value = data.pop(name)
+                if value is not None and not any(_same(value, v) for v in neutral):
+                    raise PydanticCustomError("unsupported_parameter", "{field} is not supported by this server",
+                                              {"field": name})
+        return data
 
     def stops(self) -> tuple[str, ...]:
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
