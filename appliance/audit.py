@@ -12,10 +12,12 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from appliance.errors import StateError
 from appliance.paths import Layout
 
 GENESIS = "0" * 64
@@ -47,7 +49,18 @@ def append(layout: Layout, record: dict[str, Any], path: Path | None = None) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {k: v for k, v in record.items() if k not in ("prev", "hash")}
     rec.setdefault("time", datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        # O_NOFOLLOW: the log's directory is the service user's, and root appends here too; a link
+        # planted in its place (to a sudoers file, say) must not be written through.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        if path.is_symlink():
+            raise StateError(f"The audit log {path} is a symbolic link; nothing was written through it.",
+                             "Someone replaced the log: keep the link for the investigation, move it aside, and run the command again.") from None
+        raise StateError(f"The audit log {path} cannot be opened: {e.strerror}.") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StateError(f"The audit log {path} is not a regular file; nothing was written.", "Move it aside and run the command again.")
     with os.fdopen(fd, "r+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

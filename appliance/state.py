@@ -43,6 +43,13 @@ def time_floor(state: dict[str, Any]) -> datetime | None:
         raise StateError("The state file's time_floor is not a timestamp.") from None
 
 
+def versions_at(state: dict[str, Any], sequence: int) -> frozenset[str]:
+    """The versions installed here with bundle sequence `sequence`."""
+    releases = state.get("releases") or {}
+    return frozenset(str(r["version"]) for r in releases.values()
+                     if isinstance(r, dict) and r.get("sequence") == sequence and "version" in r)
+
+
 def save_install_state(layout: Layout, state: dict[str, Any]) -> None:
     """Replace state.json atomically (the caller holds the install lock)."""
     from appliance.atomic import atomic_write_json

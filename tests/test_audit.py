@@ -79,3 +79,17 @@ def test_audit_verify_verb(layout, capsys):
     layout.audit_log.write_text("\n".join(ls) + "\n")
     assert main(["--root", str(layout.root), "audit", "verify"]) == 19
     assert "breaks at line 1" in capsys.readouterr().err
+
+
+def test_a_link_in_place_of_the_log_is_not_written_through(tmp_path):
+    """The log's directory is the service user's; root appends to it (`appliance keys revoke`)."""
+    from appliance.errors import StateError
+
+    lay = Layout.at(tmp_path / "root")
+    lay.audit_log.parent.mkdir(parents=True)
+    victim = tmp_path / "sudoers"
+    victim.write_text("root ALL=(ALL) ALL\n")
+    lay.audit_log.symlink_to(victim)
+    with pytest.raises(StateError, match="symbolic link"):
+        audit.append(lay, {"event": "key_revoked"})
+    assert victim.read_text() == "root ALL=(ALL) ALL\n"

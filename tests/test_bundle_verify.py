@@ -115,6 +115,27 @@ def test_unsafe_path_in_manifest(slim: SlimBundle, capsys: pytest.CaptureFixture
     assert_refused(slim, capsys, "unsafe path", repr(bad))
 
 
+@pytest.mark.parametrize("bad", ["wheels/x.whl\n", "wheels/x\n.whl"])
+def test_a_newline_is_not_a_plain_name(slim: SlimBundle, capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    """`$` in a Python pattern also matches before a final newline; every name check ends at \\Z."""
+    def mutate(m: dict) -> None:
+        m["files"][0]["path"] = bad
+
+    slim.resign(mutate)
+    assert_refused(slim, capsys, "unsafe path")
+
+
+@pytest.mark.parametrize("field, bad", [("version", "../../../etc/cron.d/x"), ("version", "1.0\n"), ("name", "a/b")])
+def test_name_and_version_cannot_leave_the_release_directory(slim: SlimBundle, capsys: pytest.CaptureFixture[str],
+                                                             field: str, bad: str) -> None:
+    """The release directory is `<version>+<sequence>` under /opt/appliance/releases."""
+    def mutate(m: dict) -> None:
+        m[field] = bad
+
+    slim.resign(mutate)
+    assert_refused(slim, capsys, f"manifest's {field}", "not a plain name")
+
+
 def test_symlink_on_disk(slim: SlimBundle, capsys: pytest.CaptureFixture[str]) -> None:
     w = wheel_path(slim)
     real = slim.dir.parent / "real.whl"
@@ -193,6 +214,14 @@ def test_equal_sequence_is_accepted(slim: SlimBundle, capsys: pytest.CaptureFixt
     root = _root_with_state(tmp_path, {"highest_sequence": 1})
     code, text = verify(slim, capsys, "--root", str(root))
     assert code == 0, text
+    same = _root_with_state(tmp_path / "same", {"highest_sequence": 1, "releases": {"1.0.0+1": {"sequence": 1, "version": "1.0.0"}}})
+    code, text = verify(slim, capsys, "--root", str(same))
+    assert code == 0, text  # the same release again: a no-op at install
+
+
+def test_equal_sequence_with_another_version_is_refused(slim: SlimBundle, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    root = _root_with_state(tmp_path, {"highest_sequence": 1, "releases": {"0.9.0+1": {"sequence": 1, "version": "0.9.0"}}})
+    assert_refused(slim, capsys, "sequence 1 was installed here as version 0.9.0", "1.0.0", extra=("--root", str(root)))
 
 
 def test_clock_earlier_than_installed_issue_time(slim: SlimBundle, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -200,3 +200,24 @@ def test_not_ready_switches_back_to_the_previous_release(install_bundles: Instal
     assert current_release(layout).id == old.id
     assert ["systemctl", "restart", "appliance-server.service"] in runner.commands
     assert load_install_state(layout)["current"] == new.id  # state is only rewritten by a completed run
+
+
+def test_the_lock_holder_is_printed_only_as_a_pid(tmp_path: Path) -> None:
+    """The lock file sits in world-writable /run/lock: what is in it reaches root's terminal only as digits."""
+    import fcntl
+    import os
+
+    from installer.steps.lifecycle import LOCK_PATH, LockedError, install_lock
+
+    layout = Layout.at(tmp_path)
+    path = layout.root / LOCK_PATH
+    path.parent.mkdir(parents=True)
+    path.write_text("\x1b]0;owned\x07 rm -rf /")
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(LockedError) as e, install_lock(layout):
+            pass
+    finally:
+        os.close(fd)
+    assert "(pid unknown)" in e.value.message and "\x1b" not in e.value.message

@@ -5,21 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import BundleError
 from appliance.paths import Layout
-from appliance.state import highest_sequence, load_install_state, time_floor
+from appliance.state import load_install_state
 from installer.bundle.trust import Policy, host_platform
 
 
 def _policy(args: argparse.Namespace) -> Policy:
     state = load_install_state(Layout.at(args.root))
     platform = None if args.any_platform else (args.platform or host_platform())
-    return Policy(now=datetime.now(timezone.utc), platform=platform,
-                  highest_sequence=highest_sequence(state), time_floor=time_floor(state))
+    return Policy.from_state(state, platform)
 
 
 def _trusted(args: argparse.Namespace) -> list[Any]:

@@ -17,8 +17,8 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 BOOTSTRAP = "bootstrap.sh"
 MAX_MANIFEST_BYTES = 4 << 20
-_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 BACKENDS = BACKEND_FORMATS
 
 
@@ -192,6 +192,16 @@ def _models(data: dict[str, Any], seen: set[str]) -> list[Model]:
     return models
 
 
+def _plain(data: dict[str, Any], key: str) -> str:
+    """A top-level name that becomes part of a path on the site (the release directory is
+    `<version>+<sequence>`): one plain component, never `..`, a slash or a newline."""
+    value = _get(data, key, str, "top level")
+    if not _COMPONENT.match(value):
+        raise BundleError(f"The manifest's {key} {value!r} is not a plain name (letters, digits, '.', '_', '+', '-').",
+                          "The bundle is malformed; ask the vendor for a new one.")
+    return value
+
+
 def parse_manifest(raw: bytes) -> Manifest:
     """Parse signed manifest bytes; they must be canonical JSON of the v1 schema."""
     try:
@@ -212,8 +222,8 @@ def parse_manifest(raw: bytes) -> Manifest:
     if sequence < 1:
         raise BundleError("The manifest's sequence must be 1 or more.")
     return Manifest(
-        name=_get(data, "name", str, "top level"),
-        version=_get(data, "version", str, "top level"),
+        name=_plain(data, "name"),
+        version=_plain(data, "version"),
         sequence=sequence,
         issued_at=parse_time(data.get("issued_at"), "issued_at"),
         expires_at=parse_time(data.get("expires_at"), "expires_at"),

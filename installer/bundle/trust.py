@@ -8,12 +8,14 @@ from __future__ import annotations
 import platform
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.errors import BundleError, PolicyError, SignatureError
+from appliance.state import highest_sequence, time_floor, versions_at
 from installer.bundle.manifest import MAX_MANIFEST_BYTES, Manifest, format_time, parse_manifest
 
 SIGNATURE_SIZE = 64
@@ -32,6 +34,14 @@ class Policy:
     platform: str | None = None  # None: do not check (inspecting a bundle for another host)
     highest_sequence: int = 0
     time_floor: datetime | None = None  # issued_at of the newest installed bundle
+    versions_at_highest: frozenset[str] = frozenset()  # what was installed with that sequence
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], platform: str | None, now: datetime | None = None) -> Policy:
+        """The policy of a host whose install state (state.json) is `state`."""
+        top = highest_sequence(state)
+        return cls(now=now or datetime.now(timezone.utc), platform=platform, highest_sequence=top,
+                   time_floor=time_floor(state), versions_at_highest=versions_at(state, top))
 
 
 def check_signature(raw: bytes, sig: bytes, trusted: list[Ed25519PublicKey]) -> Ed25519PublicKey:
@@ -65,6 +75,12 @@ def check_policy(m: Manifest, policy: Policy) -> None:
             f"This host's clock ({format_time(policy.now)}) is earlier than the installed bundle's issue time "
             f"({format_time(policy.time_floor)}); refusing to trust it.",
             "Set the system clock correctly and retry.",
+        )
+    if m.sequence == policy.highest_sequence and policy.versions_at_highest and m.version not in policy.versions_at_highest:
+        raise PolicyError(
+            f"The bundle's sequence {m.sequence} was installed here as version {', '.join(sorted(policy.versions_at_highest))}, "
+            f"and this bundle calls it {m.version}: one sequence number cannot name two releases.",
+            "Ask the vendor for a bundle with a higher sequence.",
         )
     if m.sequence < policy.highest_sequence:
         raise PolicyError(

@@ -17,8 +17,8 @@ from appliance.atomic import atomic_write_json
 from appliance.errors import HardwareError
 
 MIB = 1 << 20
-_PCI_ID = re.compile(r"^0x[0-9A-F]{8}$")
-_VERSION = re.compile(r"^\d+(\.\d+)*$")
+_PCI_ID = re.compile(r"^0x[0-9A-F]{8}\Z")
+_VERSION = re.compile(r"^\d+(\.\d+)*\Z")
 
 
 def version_tuple(text: str) -> tuple[int, ...]:

@@ -30,10 +30,10 @@ from installer.hardware.machine import version_tuple
 PER_GPU = "per-gpu"
 PHYSICAL_CORES = "physical-cores"
 ALL_LAYERS = -1  # llama.cpp's n_gpu_layers for "every layer on the GPU"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
-_VERSION = re.compile(r"^\d+(\.\d+)*$")
-_PCI_ID = re.compile(r"^0x[0-9A-Fa-f]{8}$")
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}\Z")
+_VERSION = re.compile(r"^\d+(\.\d+)*\Z")
+_PCI_ID = re.compile(r"^0x[0-9A-Fa-f]{8}\Z")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\Z")
 _TOP_KEYS = {"name", "description", "model", "backend", "dtype", "quantization", "gpu_layers", "replicas",
              "tensor_parallel", "threads", "context_length", "lora", "trainer", "needs"}
 _NEED_KEYS = {"gpu_count", "gpu_memory_mib", "compute_capability", "driver", "cuda", "ram_mib", "disk_mib", "pci_device_ids"}

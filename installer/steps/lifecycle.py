@@ -38,7 +38,8 @@ def install_lock(layout: Layout) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            written = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            holder = written if written.isdigit() else "unknown"  # anyone may write the file: print only a pid
             raise LockedError(f"Another install, upgrade, rollback or uninstall is running under {layout.root} (pid {holder}).") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

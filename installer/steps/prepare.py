@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -13,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from appliance.errors import KeyMaterialError, SignatureError, StateError, TierError, UsageError
 from appliance.paths import Layout
-from appliance.state import highest_sequence, load_install_state, time_floor
+from appliance.state import load_install_state
 from installer.bundle.keys import fingerprint, load_public_key, load_trusted_keys
 from installer.bundle.manifest import Manifest, Model
 from installer.bundle.reader import read_bounded, verify_bundle
@@ -77,8 +76,7 @@ def verify(ctx: Context, on_file: OnFile) -> Verified:
     assert ctx.opts.bundle is not None
     keys, how, pin = trusted_keys(ctx)
     state = load_install_state(ctx.layout)
-    policy = Policy(now=datetime.now(timezone.utc), platform=host_platform(),
-                    highest_sequence=highest_sequence(state), time_floor=time_floor(state))
+    policy = Policy.from_state(state, host_platform())
     manifest, signer = verify_bundle(ctx.opts.bundle, keys, policy, on_file)
     rid = release_id(manifest)
     cur = current_or_none(ctx.layout)

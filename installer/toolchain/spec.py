@@ -127,9 +127,13 @@ def load_spec(path: Path) -> Spec:
     if kdf.get("kind") not in ("argon2id", "scrypt"):
         raise SpecError("The spec's passphrase_kdf.kind must be argon2id or scrypt.")
     name = _req(data, "name", str, "top level")
-    check_relpath(name, "spec")
+    version = str(_req(data, "version", str, "top level"))
+    for part in (name, version):  # the site makes a directory of them; refuse here what it would refuse
+        if "/" in part:
+            raise SpecError(f"The spec's name and version must be plain names, not {part!r}.")
+        check_relpath(part, "spec")
     return Spec(
-        path=path, name=name, version=str(_req(data, "version", str, "top level")),
+        path=path, name=name, version=version,
         valid_days=valid_days, compatible=str(data.get("compatible", "host")), chunk_size=chunk,
         wheelhouse=wheelhouse, passphrase_kdf=kdf, models=tuple(models),
         tiers=_tiers(data.get("tiers", []), models),
