@@ -193,7 +193,7 @@ def test_not_ready_switches_back_to_the_previous_release(install_bundles: Instal
     old, new = list_releases(layout)
     runner = RecordingRunner(replies={("systemctl", "show"): (0, "activating\n")})
     ctx = Context(layout=layout, opts=Options(ready_timeout=1.5), runner=runner, target=Target(), emit=lambda e: None,
-                  confirm=lambda q: False, systemd_running=True, started=True, previous=old, release_id=new.id,
+                  confirm=lambda q: False, systemd_running=True, started=True, previous=old,
                   plan=new.plan, config={"server": {"host": "127.0.0.1", "port": 9}})
     with pytest.raises(NotReadyError, match="Switched back to release 1.0.0\\+1"):
         step_ready(ctx, lambda m, f: None)
@@ -221,3 +221,14 @@ def test_the_lock_holder_is_printed_only_as_a_pid(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert "(pid unknown)" in e.value.message and "\x1b" not in e.value.message
+
+
+def test_a_bundle_whose_vendor_key_is_not_a_key_installs_nothing(install_bundles: InstallBundles, tmp_path: Path,  # noqa: F811
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    b, root = install_bundles, tmp_path / "root"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(b.b1, bundle)
+    (bundle / "trust" / "vendor.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    code, _, err = cli(capsys, *install_args(b, root, bundle, "--no-systemd", "--trust-fingerprint", b.fingerprint))
+    assert code != 0 and "Cannot load the trusted key trust/vendor.pub" in err and "Traceback" not in err
+    assert not Layout.at(root).opt.exists() and not Layout.at(root).trust_dir.exists()

@@ -17,14 +17,23 @@ def fingerprint(public_key: Ed25519PublicKey) -> str:
     return "SHA256:" + hashlib.sha256(raw).hexdigest()
 
 
+def public_key_from_pem(data: bytes, where: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM bytes; `where` names them in the error."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as e:
+        raise KeyMaterialError(f"Cannot load the trusted key {where}: {e}.", "Use signing.pub as given by the vendor.") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyMaterialError(f"The trusted key {where} is not an Ed25519 public key.")
+    return key
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError) as e:
-        raise KeyMaterialError(f"Cannot load the trusted key {path}: {e}.", "Use signing.pub as given by the vendor.") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyMaterialError(f"The trusted key {path} is not an Ed25519 public key.")
-    return key
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise KeyMaterialError(f"Cannot load the trusted key {path}: {e.strerror}.", "Use signing.pub as given by the vendor.") from None
+    return public_key_from_pem(data, str(path))
 
 
 def load_trusted_keys(paths: list[Path]) -> list[Ed25519PublicKey]:

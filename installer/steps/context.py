@@ -63,7 +63,6 @@ class Context:
     plan: ReleasePlan | None = None  # the plan step's (rollback: the release's own)
     machine: Machine | None = None
     tier: Tier | None = None
-    release_id: str = ""
     previous: Release | None = None
     config: dict[str, dict[str, Any]] = field(default_factory=dict)  # appliance.toml as the config step left it
     started: bool = False
@@ -76,6 +75,14 @@ class Context:
     @property
     def uses_systemd(self) -> bool:
         return not self.opts.no_systemd
+
+    @property
+    def release_id(self) -> str:
+        """The release being installed (or rolled back to): the plan's, or the verified bundle's before it."""
+        if self.plan is not None:
+            return self.plan.id
+        assert self.verified is not None, "the verify step runs first"
+        return self.verified.release_id
 
     @property
     def manifest(self) -> Manifest:

@@ -19,7 +19,7 @@ from appliance.atomic import PARTIAL_SUFFIX
 from appliance.errors import StateError, TierError, UsageError
 from appliance.paths import Layout
 from installer.bundle.keywrap import site_kek, unwrap_key
-from installer.bundle.manifest import MANIFEST, Model, canonical_json
+from installer.bundle.manifest import MANIFEST, WHEELS, Model, canonical_json
 from installer.bundle.reader import decrypt_model_file
 from installer.planning.preflight import bundle_python, preflight, venv_estimate
 from installer.steps.activate import ACTIVATE_STEPS, REFRESH_STEPS
@@ -56,7 +56,7 @@ def step_preflight(ctx: Context, progress: Progress) -> str:
     assert ctx.machine is not None and ctx.tier is not None
     staged = read_release(ctx.layout.releases / ctx.release_id) is not None
     have_model = (ctx.layout.models / plan.model.key).is_dir()
-    wheels = sum(f.size for f in m.files if f.path.startswith("wheels/"))
+    wheels = sum(f.size for f in m.files if f.path.startswith(WHEELS))
     problems = preflight(
         ctx.machine, ctx.tier,
         model_bytes=0 if have_model else plan.model.bytes,

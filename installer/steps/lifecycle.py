@@ -68,7 +68,7 @@ def rollback(ctx: Context, to: str | None = None) -> str:
     if cur is not None and target.id == cur.id:
         raise UsageError(f"Release {target.id} is already current.")
     clean_partials(ctx.layout, ctx.target)
-    ctx.previous, ctx.release_id, ctx.plan = cur, target.id, target.plan
+    ctx.previous, ctx.plan = cur, target.plan
     steps = (  # the activation steps, told what they restore
         replace(step_config, description="restore the release's model settings in appliance.toml"),
         replace(step_units, description="restore the release's systemd units"),

@@ -8,13 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from appliance.errors import KeyMaterialError, SignatureError, StateError, TierError, UsageError
+from appliance.errors import SignatureError, StateError, TierError, UsageError
 from appliance.paths import Layout
 from appliance.state import load_install_state
-from installer.bundle.keys import fingerprint, load_public_key, load_trusted_keys
-from installer.bundle.manifest import Manifest, Model
+from installer.bundle.keys import fingerprint, load_public_key, load_trusted_keys, public_key_from_pem
+from installer.bundle.manifest import TRUST_FILE, Manifest, Model
 from installer.bundle.reader import read_bounded, verify_bundle
 from installer.bundle.trust import Policy, host_platform
 from installer.hardware.machine import Machine, load_machine
@@ -25,20 +25,9 @@ from installer.steps.context import Context, Verified
 from installer.steps.framework import step
 from installer.system.release import ModelRef, ReleasePlan, current_or_none, release_id
 
-TRUST_IN_BUNDLE = "trust/vendor.pub"
 MODELS_TARGET = "/var/lib/appliance/models"  # as the service sees it on the target
 Progress = Callable[[str, float | None], None]
 OnFile = Callable[[str, int, int], None]
-
-
-def _read_public(data: bytes, where: str) -> Ed25519PublicKey:
-    try:
-        key = load_pem_public_key(data)
-    except ValueError:
-        raise KeyMaterialError(f"{where} is not a PEM public key.") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyMaterialError(f"{where} is not an Ed25519 public key.")
-    return key
 
 
 def trusted_keys(ctx: Context) -> tuple[list[Ed25519PublicKey], str, Ed25519PublicKey | None]:
@@ -57,7 +46,7 @@ def trusted_keys(ctx: Context) -> tuple[list[Ed25519PublicKey], str, Ed25519Publ
         key, source = load_public_key(opts.trust), f"--trust {opts.trust}"
     else:
         assert opts.bundle is not None
-        key, source = _read_public(read_bounded(opts.bundle / TRUST_IN_BUNDLE, 64 << 10), TRUST_IN_BUNDLE), f"{TRUST_IN_BUNDLE} of the bundle"
+        key, source = public_key_from_pem(read_bounded(opts.bundle / TRUST_FILE, 64 << 10), TRUST_FILE), f"{TRUST_FILE} of the bundle"
     fp = fingerprint(key)
     if opts.trust_fingerprint is not None:
         if opts.trust_fingerprint.strip() != fp:
@@ -123,7 +112,6 @@ def step_verify(ctx: Context, progress: Progress) -> str:
             progress(f"{path} ok", None)
 
     v = ctx.verified = verify(ctx, on_file)
-    ctx.release_id = v.release_id
     if v.pin is not None:
         pem = v.pin.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         ctx.target.mkdir(ctx.layout.trust_dir, 0o755)

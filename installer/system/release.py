@@ -19,12 +19,11 @@ from typing import Any
 from appliance.atomic import PARTIAL_SUFFIX, fsync_dir
 from appliance.errors import BundleError, HardwareError, StateError
 from appliance.paths import Layout
-from installer.bundle.manifest import Manifest
+from installer.bundle.manifest import WHEELS, Manifest
 from installer.system.runner import Runner
 
 RELEASE_JSON = "release.json"
 EXTRAS = ("server", "train", "console")
-WHEELS = "wheels/"  # the wheelhouse inside a bundle
 # What the server imports for each backend; the llama.cpp wheel links the system's libgomp.so.1.
 ENGINE_MODULES = {"llama.cpp": ("llama_cpp",), "transformers": ("torch", "transformers", "peft")}
 

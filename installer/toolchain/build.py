@@ -16,7 +16,16 @@ from appliance.atomic import fsync_dir
 from appliance.errors import UsageError
 from installer.bundle import keywrap
 from installer.bundle.keys import fingerprint
-from installer.bundle.manifest import BOOTSTRAP, FORMAT_VERSION, MANIFEST, SIGNATURE, canonical_json, format_time
+from installer.bundle.manifest import (
+    BOOTSTRAP,
+    FORMAT_VERSION,
+    MANIFEST,
+    SIGNATURE,
+    TRUST_FILE,
+    WHEELS,
+    canonical_json,
+    format_time,
+)
 from installer.bundle.stream import encrypt_stream
 from installer.bundle.trust import host_platform
 from installer.toolchain.convert import CONVERT_DIR, model_sources
@@ -25,8 +34,6 @@ from installer.toolchain.llama_wheel import sha256_file
 from installer.toolchain.sbom import cyclonedx
 from installer.toolchain.spec import Spec, SpecModel
 from installer.toolchain.wheelhouse import build_wheelhouse
-
-TRUST_FILE = "trust/vendor.pub"
 
 BOOTSTRAP_SH = """#!/bin/sh
 # First-install entry for the appliance bundle {name} {version} (sequence {sequence}).
@@ -112,7 +119,7 @@ def build_bundle(
     work.mkdir(parents=True)
     try:
         log("building the wheelhouse")
-        build_wheelhouse(spec.wheelhouse, work / "wheels")
+        build_wheelhouse(spec.wheelhouse, work / WHEELS.rstrip("/"))
 
         models = [_encrypt_model(spec, m, work, kek, log) for m in spec.models]
         shutil.rmtree(work / CONVERT_DIR, ignore_errors=True)  # plaintext conversions never reach the bundle

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import SpecError
+from installer.bundle.manifest import WHEELS
 
 WHEEL_NAME = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<tags>[^-]+-[^-]+-[^-]+)\.whl$")
 PATH_PROPERTY, TAGS_PROPERTY = "appliance:path", "appliance:tags"
@@ -38,7 +39,7 @@ def _licence(wheel: Path) -> str | None:
     return " OR ".join(classifiers) or None
 
 
-def cyclonedx(root: Path, digests: dict[str, str], prefix: str = "wheels/") -> dict[str, Any]:
+def cyclonedx(root: Path, digests: dict[str, str], prefix: str = WHEELS) -> dict[str, Any]:
     """The SBOM of every wheel under `root/prefix` among the bundle's file digests."""
     from cyclonedx.contrib.license.factories import LicenseFactory
     from cyclonedx.model import HashAlgorithm, HashType, Property
