@@ -60,6 +60,15 @@ class Layout:
         return self.var / "data"
 
     @property
+    def installer_state(self) -> Path:
+        """Root's own directory (root:root 0755): what the service user must not be able to change.
+
+        The service owns `var`, so nothing root relies on (rollback protection, the audit chain's
+        anchor, the install lock) may live there.
+        """
+        return self.root / "var/lib/appliance-installer"
+
+    @property
     def state_file(self) -> Path:
         return self.var / "state.json"
 
