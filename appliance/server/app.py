@@ -22,7 +22,7 @@ from appliance.config import ServerConfig
 from appliance.engines.scheduler import Engine, warm_up
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
-from appliance.server import routes, sd_notify
+from appliance.server import chat_page, routes, sd_notify
 from appliance.server.metrics import Metrics
 from appliance.server.middleware import Gate
 from appliance.server.serving import ApiError, Serving
@@ -161,6 +161,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.started_at = int(time.time())
     for r in (routes.user, routes.admin, routes.health):
         app.include_router(r)
+    chat_page.mount(app)  # /chat/: the staff chat page (its API calls need a key like any client's)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(routes.require("user"))])
     async def openapi() -> JSONResponse:
