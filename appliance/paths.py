@@ -69,6 +69,11 @@ class Layout:
         return self.root / "var/lib/appliance-installer"
 
     @property
+    def audit_anchor(self) -> Path:
+        """The audit chain's head as root last checked it (file, line count, hash): see appliance/audit."""
+        return self.installer_state / "audit-anchor.json"
+
+    @property
     def state_file(self) -> Path:
         return self.var / "state.json"
 
