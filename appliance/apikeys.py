@@ -14,7 +14,7 @@ import os
 import secrets
 import stat
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +37,10 @@ class KeyRecord:
     hash: str
     created_at: str
     revoked_at: str | None = None
+    # Per-key limits; None (also every record written before they existed): the [server] default.
+    rpm: int | None = None
+    tpm: int | None = None
+    max_live: int | None = None
 
     @property
     def active(self) -> bool:
@@ -86,10 +90,15 @@ def _write(layout: Layout, records: list[KeyRecord]) -> None:
         f.write(data)
 
 
-def create(layout: Layout, role: str) -> tuple[str, str]:
-    """Make a key with `role`; return (id, key). The key is shown once and never stored."""
+def create(layout: Layout, role: str, *, rpm: int | None = None, tpm: int | None = None,
+           max_live: int | None = None) -> tuple[str, str]:
+    """Make a key with `role` and its own limits (None: the [server] default, 0: none); return (id, key).
+    The key is shown once and never stored."""
     if role not in ROLES:
         raise ApiKeyError(f"The role {role!r} does not exist.", f"Use one of: {', '.join(ROLES)}.")
+    for name, value in (("rpm", rpm), ("tpm", tpm), ("max-live", max_live)):
+        if value is not None and value < 0:
+            raise ApiKeyError(f"--{name} is {value}; a limit must be 0 (none) or more.")
     records = _read(layout)
     taken = {r.id for r in records}
     key_id = secrets.token_hex(4)
@@ -97,7 +106,7 @@ def create(layout: Layout, role: str) -> tuple[str, str]:
         key_id = secrets.token_hex(4)
     key = f"{PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _write(layout, [*records, KeyRecord(key_id, role, _hash(key), now)])
+    _write(layout, [*records, KeyRecord(key_id, role, _hash(key), now, None, rpm, tpm, max_live)])
     return key_id, key
 
 
@@ -110,7 +119,7 @@ def revoke(layout: Layout, key_id: str) -> KeyRecord:
     for i, r in enumerate(records):
         if r.id == key_id:
             if r.active:
-                records[i] = KeyRecord(r.id, r.role, r.hash, r.created_at, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                records[i] = replace(r, revoked_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
                 _write(layout, records)
             return records[i]
     raise ApiKeyError(f"There is no key with id {key_id!r}.", "Run `appliance keys list` to see the key ids.")

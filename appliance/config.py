@@ -34,6 +34,24 @@ class ServerConfig:
     max_batch: int = field(default=8, metadata={"help": "sequences decoded together", "min": 1, "max": 256})
     request_body_limit: int = field(default=1_048_576, metadata={"help": "largest request body in bytes; more get 413", "min": 1024})
     audit_prompts: bool = field(default=False, metadata={"help": "also write prompt text into the audit log"})
+    audit_rotate_bytes: int = field(default=64 * 1024 * 1024, metadata={
+        "help": "the audit log moves to audit-<time>.jsonl when it passes this size (the chain carries on)", "min": 1_048_576})
+    audit_retention_days: int = field(default=183, metadata={
+        "help": "rotated audit files are deleted only when closed longer ago than this (six months at least)", "min": 183})
+    key_rpm: int = field(default=0, metadata={
+        "help": "generation requests per minute a key may make unless it sets its own (`keys create --rpm`); 0: no limit", "min": 0})
+    key_tpm: int = field(default=0, metadata={
+        "help": "prompt + answer tokens per minute a key may use unless it sets its own (`--tpm`); 0: no limit", "min": 0})
+    key_max_live: int = field(default=0, metadata={
+        "help": "sequences one key may have queued or decoding at once unless it sets its own (`--max-live`); 0: no limit", "min": 0})
+    corrections_per_day: int = field(default=50, metadata={
+        "help": "corrections one key may send in 24 hours (one nightly run's worth); more get 429", "min": 0})
+    accept_corrections: bool = field(default=False, metadata={
+        "help": "use corrections from user keys without an admin's acceptance (`appliance feedback accept`)"})
+    tls_cert: str | None = field(default=None, metadata={
+        "help": "PEM certificate (chain) to serve HTTPS with; absent: plain HTTP"})
+    tls_key: str | None = field(default=None, metadata={
+        "help": "PEM private key of tls_cert: owned by root, mode 0600 (the server unit passes it as a credential)"})
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def test_keys_verb_create_json_list_revoke(tmp_path, capsys):
     # --root before the verb, between the words and after them must all mean the same tree.
     assert main(["--root", root, "keys", "create", "--role", "admin", "--json"]) == 0
     made = json.loads(capsys.readouterr().out)
-    assert set(made) == {"id", "key", "role"} and made["role"] == "admin"
+    assert set(made) == {"id", "key", "role", "rpm", "tpm", "max_live"} and made["role"] == "admin"
     assert main(["keys", "--root", root, "create", "--role", "user"]) == 0
     assert "shown only now" in capsys.readouterr().out
     assert main(["keys", "list", "--root", root, "--json"]) == 0

@@ -63,9 +63,10 @@ def error_of(r):
     return body["error"]
 
 
-def test_health_needs_no_key(client):
+def test_health_needs_no_key(client, root):
     assert client.get("/health/live").json()["status"] == "live"
-    ready = client.get("/health/ready").json()
+    assert client.get("/health/ready").json() == {"status": "ready"}  # details only for an admin key
+    ready = client.get("/health/ready", headers=auth(root.admin_key)).json()
     assert ready["status"] == "ready" and ready["model"] == "smollm2-135m-instruct"
 
 
@@ -158,9 +159,9 @@ def test_chat_usage_record_and_feedback(client, root):
     u = out["usage"]
     assert u["completion_tokens"] <= 6 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] > 6
     ok = client.post("/v1/feedback", json={"request_id": out["id"], "rating": -1, "corrected": "Hello!"}, headers=auth(root.user_key))
-    assert ok.status_code == 200 and ok.json() == {"request_id": out["id"], "stored": True}
+    assert ok.status_code == 200 and ok.json() == {"request_id": out["id"], "stored": True, "status": "held"}
     with FeedbackStore(root.layout.data / "feedback.sqlite3") as store:
-        ex = [e for e in store.examples_since(0) if e.request_id == out["id"]]
+        ex = [e for e in store.feedback("held") if e.request_id == out["id"]]
     assert len(ex) == 1 and ex[0].rating == -1 and ex[0].corrected == "Hello!"
     assert ex[0].answer == out["choices"][0]["message"]["content"]
     unknown = client.post("/v1/feedback", json={"request_id": "chatcmpl-nope", "rating": 1}, headers=auth(root.user_key))
@@ -245,7 +246,7 @@ def test_adapter_reload_route_and_watcher(client, root, random_lora):
     # The server follows adapters/active by itself (about once a second), with no reload call.
     adapters.rollback(layout)
     wait_until(lambda: client.app.state.engine.adapter_id is None, "the server followed adapters/active back", 30)
-    assert client.get("/health/ready").json()["adapter"] is None
+    assert client.get("/health/ready", headers=auth(root.admin_key)).json()["adapter"] is None
 
 
 def test_reload_of_a_broken_adapter_is_409_and_keeps_serving(client, root):
@@ -258,7 +259,7 @@ def test_reload_of_a_broken_adapter_is_409_and_keeps_serving(client, root):
     adapters.promote(layout, "bad1")
     r = client.post("/admin/adapters/reload", headers=auth(root.admin_key))
     assert r.status_code == 409 and "bad1" in error_of(r)["message"]
-    assert "bad1" in client.get("/health/ready").json()["adapter_error"]
+    assert "bad1" in client.get("/health/ready", headers=auth(root.admin_key)).json()["adapter_error"]
     assert ask(client, root.user_key, max_tokens=2).status_code == 200
     adapters.rollback(layout)
 

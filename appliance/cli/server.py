@@ -70,12 +70,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from appliance import apikeys
 
-    key_id, key = apikeys.create(Layout.at(args.root), args.role)
+    key_id, key = apikeys.create(Layout.at(args.root), args.role, rpm=args.rpm, tpm=args.tpm, max_live=args.max_live)
     if args.json:
-        print(json.dumps({"id": key_id, "key": key, "role": args.role}))
+        print(json.dumps({"id": key_id, "key": key, "role": args.role, "rpm": args.rpm, "tpm": args.tpm, "max_live": args.max_live}))
     else:
         print(f"key id {key_id} ({args.role}); the key, shown only now:\n{key}")
     return 0
+
+
+def _limit(value: int | None) -> str:
+    return "default" if value is None else "none" if value == 0 else str(value)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
@@ -83,12 +87,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
     records = apikeys.list_keys(Layout.at(args.root))
     if args.json:
-        print(json.dumps([{"id": r.id, "role": r.role, "created_at": r.created_at, "revoked_at": r.revoked_at} for r in records]))
+        print(json.dumps([{"id": r.id, "role": r.role, "created_at": r.created_at, "revoked_at": r.revoked_at,
+                            "rpm": r.rpm, "tpm": r.tpm, "max_live": r.max_live} for r in records]))
         return 0
     if not records:
         print("no keys; make one with `appliance keys create --role admin`")
     for r in records:
-        print(f"{r.id}  {r.role:<5}  created {r.created_at}" + (f"  revoked {r.revoked_at}" if r.revoked_at else ""))
+        limits = f"rpm {_limit(r.rpm)}, tpm {_limit(r.tpm)}, live {_limit(r.max_live)}"
+        print(f"{r.id}  {r.role:<5}  created {r.created_at}  {limits}" + (f"  revoked {r.revoked_at}" if r.revoked_at else ""))
     return 0
 
 
@@ -136,7 +142,10 @@ def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentPa
     ks = k.add_subparsers(dest="keys_verb", required=True, metavar="ACTION")
     c = ks.add_parser("create", help="make a key; it is printed once and only its hash is stored", parents=[root_parent])
     c.add_argument("--role", required=True, choices=("admin", "user"))
-    c.add_argument("--json", action="store_true", help='print {"id", "key", "role"}')
+    c.add_argument("--json", action="store_true", help='print {"id", "key", "role", "rpm", "tpm", "max_live"}')
+    for flag, what in (("--rpm", "generation requests per minute"), ("--tpm", "prompt + answer tokens per minute"),
+                       ("--max-live", "requests queued or decoding at once")):
+        c.add_argument(flag, type=int, metavar="N", help=f"{what} this key may use (0: no limit; default: [server] key_{flag[2:].replace('-', '_')})")
     c.set_defaults(func=cmd_keys_create)
     ls = ks.add_parser("list", help="key ids, roles, creation and revocation times", parents=[root_parent])
     ls.add_argument("--json", action="store_true")

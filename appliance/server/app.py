@@ -23,6 +23,7 @@ from appliance.engines.scheduler import Engine, warm_up
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
 from appliance.server import chat_page, routes, sd_notify
+from appliance.server.limits import Limiter
 from appliance.server.metrics import Metrics
 from appliance.server.middleware import Gate
 from appliance.server.serving import ApiError, Serving
@@ -155,6 +156,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.keys = KeyCache(settings.layout)
+    app.state.limiter = Limiter(settings.server)  # per-key rate limits; tests set its clock
     app.state.serving = Serving(engine, settings.model_id, metrics, None)
     app.state.watcher = AdapterWatcher(settings.layout, engine, adapters.active_id(settings.layout))
     app.state.ready = False

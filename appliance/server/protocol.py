@@ -209,6 +209,20 @@ class ModelList(BaseModel):
 class FeedbackAck(BaseModel):
     request_id: str
     stored: bool
+    status: Literal["accepted", "held"] = Field(description="held: a correction waits for an admin before the trainer uses it")
+
+
+class FeedbackItem(BaseModel):
+    """One rating as an admin reviews it: `id` is what `appliance feedback accept ID` takes."""
+
+    id: int
+    request_id: str
+    key_id: str | None
+    rating: int
+    status: Literal["accepted", "held", "rejected"]
+    question: str = Field(description="the exchange's last user message")
+    answer: str
+    corrected: str | None
 
 
 class GenerateResponse(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -9,8 +11,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from appliance import adapters, apikeys
+from appliance import adapters, apikeys, audit
 from appliance.server import protocol as P
+from appliance.server.limits import Refused
 from appliance.server.serving import ApiError
 
 _bearer = HTTPBearer(auto_error=False, description="an API key from `appliance keys create`")
@@ -41,11 +44,27 @@ def require(role: str) -> Any:
         if record is None:
             raise ApiError(401, "The API key is not valid (unknown or revoked).", "authentication_error", code="invalid_api_key")
         request.state.key_id = record.id
+        request.state.key = record
         if role == "admin" and record.role != "admin":
             raise ApiError(403, "This route needs an admin key.", "permission_error", code="admin_required")
         return record
 
     return check
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: Request) -> AsyncIterator[None]:
+    """Hold one of the key's rate-limit slots for a generating request (429 with Retry-After when over
+    a limit); the sequence's end frees it once submitted, this block's end otherwise."""
+    lease = request.app.state.limiter.admit(request.state.key)
+    if isinstance(lease, Refused):
+        raise ApiError(429, lease.message, "rate_limit_error", code=lease.code, headers={"Retry-After": str(lease.retry_after)})
+    request.state.lease = lease
+    try:
+        yield
+    finally:
+        if not lease.handed_over:
+            lease.release()
 
 
 user = APIRouter(dependencies=[Depends(require("user"))], responses=API_ERRORS)
@@ -56,14 +75,16 @@ health = APIRouter(prefix="/health")
 @user.post("/v1/chat/completions", responses={200: {"model": P.ChatCompletion, "content": STREAMED}})
 async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Any:
     request.state.prompt = [m.model_dump() for m in body.messages]
-    out = await request.app.state.serving.chat(body, request)
+    async with admitted(request):
+        out = await request.app.state.serving.chat(body, request)
     return out if isinstance(out, Response) else JSONResponse(out, headers={"X-Request-Id": out["id"]})
 
 
 @user.post("/v1/completions", responses={200: {"model": P.Completion, "content": STREAMED}})
 async def completions(body: P.CompletionRequest, request: Request) -> Any:
     request.state.prompt = body.text()
-    out = await request.app.state.serving.completion(body, request)
+    async with admitted(request):
+        out = await request.app.state.serving.completion(body, request)
     return out if isinstance(out, Response) else JSONResponse(out)
 
 
@@ -71,7 +92,8 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
 async def generate(body: P.GenerateRequest, request: Request) -> Any:
     """The seed's endpoint, kept for old clients: a one-message chat, greedy."""
     request.state.prompt = body.prompt
-    return JSONResponse(await request.app.state.serving.generate(body, request))
+    async with admitted(request):
+        return JSONResponse(await request.app.state.serving.generate(body, request))
 
 
 @user.get("/v1/models", response_model=P.ModelList)
@@ -84,10 +106,14 @@ async def models(request: Request) -> Any:
     return {"object": "list", "data": cards}
 
 
-@user.post("/v1/feedback", response_model=P.FeedbackAck, responses=_errors(404))
+@user.post("/v1/feedback", response_model=P.FeedbackAck, responses=_errors(403, 404, 409))
 async def feedback(body: P.FeedbackRequest, request: Request) -> Any:
+    """The key's one rating of its own exchange; a `user` key's correction is held for an admin
+    unless [server] accept_corrections."""
     request.state.request_id = body.request_id
-    return await request.app.state.serving.feedback(body)
+    server, key = request.app.state.settings.server, request.state.key
+    hold = key.role != "admin" and not server.accept_corrections
+    return await request.app.state.serving.feedback(body, key.id, hold, server.corrections_per_day)
 
 
 @user.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -118,15 +144,64 @@ async def list_keys(request: Request) -> Any:
     return [{"id": r.id, "role": r.role, "created_at": r.created_at, "revoked_at": r.revoked_at} for r in records]
 
 
+def feedback_item(ex: Any) -> dict[str, Any]:
+    """A store example (appliance.feedback_store.FeedbackExample) as the admin API and the CLI show it."""
+    question = next((m.get("content", "") for m in reversed(ex.messages) if m.get("role") == "user"), "")
+    return {"id": ex.row, "request_id": ex.request_id, "key_id": ex.key_id, "rating": ex.rating, "status": ex.status,
+            "question": question, "answer": ex.answer, "corrected": ex.corrected}
+
+
+def _store(request: Request) -> Any:
+    store = request.app.state.serving.store
+    if store is None:
+        raise ApiError(503, "The feedback store is not available.", "server_error")
+    return store
+
+
+@admin.get("/feedback", response_model=list[P.FeedbackItem])
+async def list_feedback(request: Request, status: str = "held") -> Any:
+    """Ratings with `status` (held, accepted, rejected); held by default: what waits for an admin."""
+    if status not in ("held", "accepted", "rejected"):
+        raise ApiError(400, f"status must be held, accepted or rejected, not {status!r}.", param="status")
+    return [feedback_item(ex) for ex in await anyio.to_thread.run_sync(_store(request).feedback, status)]
+
+
+@admin.post("/feedback/{row}/{decision}", response_model=P.FeedbackItem, responses=_errors(404))
+async def decide_feedback(row: int, decision: str, request: Request) -> Any:
+    """Accept (the trainer will use it) or reject a held correction."""
+    if decision not in ("accept", "reject"):
+        raise ApiError(404, f"There is no feedback action {decision!r}; use accept or reject.", code="not_found")
+    try:
+        ex = await anyio.to_thread.run_sync(_store(request).decide, row, decision == "accept")
+    except KeyError:
+        raise ApiError(404, f"There is no held correction {row}; GET /admin/feedback lists them.", code="not_held") from None
+    await anyio.to_thread.run_sync(audit.append, request.app.state.settings.layout, {
+        "event": f"correction_{decision}ed", "feedback": row, "request_id": ex.request_id, "by": request.state.key_id})
+    return feedback_item(ex)
+
+
 @health.get("/live", response_model=P.Health)
 async def live() -> Any:
     return {"status": "live"}
 
 
 @health.get("/ready", response_model=P.Health, responses={503: {"model": P.Health}})
-async def ready(request: Request) -> Any:
+async def ready(request: Request, cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Any:  # noqa: B008
+    """A bare status for anyone (probes, load balancers); the model, adapter and why an adapter failed
+    only for an admin key, since that text can name paths on this host."""
     st = request.app.state
-    if not st.ready:
-        return JSONResponse({"status": "loading", "model": st.settings.model_id, "adapter": None}, status_code=503)
-    return {"status": "ready", "model": st.settings.model_id, "adapter": st.engine.adapter_id,
-            "adapter_error": st.engine.adapter_error}
+    body: dict[str, Any] = {"status": "ready" if st.ready else "loading"}
+    if _is_admin(request, cred):
+        body.update(model=st.settings.model_id, adapter=st.engine.adapter_id if st.ready else None,
+                    adapter_error=st.engine.adapter_error if st.ready else None)
+    return JSONResponse(body, status_code=200 if st.ready else 503)
+
+
+def _is_admin(request: Request, cred: HTTPAuthorizationCredentials | None) -> bool:
+    if cred is None:
+        return False
+    try:
+        record = request.app.state.keys.verify(cred.credentials)
+    except apikeys.ApiKeyError:
+        return False
+    return record is not None and record.role == "admin"

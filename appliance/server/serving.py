@@ -19,7 +19,9 @@ from fastapi.responses import StreamingResponse
 from appliance.engines.chat_template import ChatTemplateError
 from appliance.engines.scheduler import Delta, Engine, Finished, QueueFull, SamplingParams, Sequence
 from appliance.errors import EngineError
+from appliance.feedback_store import FeedbackRefused
 from appliance.server import protocol as P
+from appliance.server.limits import Lease
 from appliance.server.metrics import Metrics
 
 log = logging.getLogger("appliance.server")
@@ -111,7 +113,7 @@ class Serving:
             return True, default
         return True, default
 
-    def _submit(self, prefix: str, tokens: list[int], req: P._Sampling, max_tokens: int | None) -> Job:
+    def _submit(self, prefix: str, tokens: list[int], req: P._Sampling, max_tokens: int | None, lease: Lease | None = None) -> Job:
         use_adapter, model_name = self._choose(req.model)
         ctx = self.engine.context_length
         if len(tokens) >= ctx:
@@ -136,6 +138,9 @@ class Serving:
                 if text_sent[0]:
                     return
                 text_sent[0] = True
+            if isinstance(ev, Finished) and lease is not None:  # every sequence ends with one, cancelled ones too
+                lease.charge(ev.completion_tokens)
+                lease.release()
             relay.put(events, ev)
 
         try:
@@ -147,6 +152,9 @@ class Serving:
         except EngineError as e:
             raise ApiError(503, e.message, type_="server_error", code="engine_unavailable") from None
         self.metrics.tokens_in.inc(len(tokens))
+        if lease is not None:
+            lease.handed_over = True
+            lease.charge(len(tokens))
         return Job(f"{prefix}-{uuid.uuid4().hex}", seq, events, time.monotonic(), len(tokens), model_name)
 
     def _observe(self, job: Job, ev: Delta | Finished) -> None:
@@ -203,11 +211,11 @@ class Serving:
         return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
                 "total_tokens": fin.prompt_tokens + fin.completion_tokens}
 
-    async def _record(self, job_id: str, messages: list[dict[str, Any]], fin: Finished) -> None:
+    async def _record(self, job_id: str, messages: list[dict[str, Any]], fin: Finished, key_id: str | None) -> None:
         if self.store is None or fin.reason not in ("stop", "length"):
             return
         try:
-            await anyio.to_thread.run_sync(self.store.record_exchange, job_id, messages, fin.text, self.model_id, fin.adapter)
+            await anyio.to_thread.run_sync(self.store.record_exchange, job_id, messages, fin.text, self.model_id, fin.adapter, key_id)
         except Exception:  # the answer was given; losing its feedback record is logged, not fatal
             log.exception("could not record exchange %s", job_id)
 
@@ -219,13 +227,13 @@ class Serving:
     async def chat(self, req: P.ChatCompletionRequest, request: Request) -> Any:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         tokens = await self._prompt_tokens(lambda: self.engine.render_chat(messages))
-        job = self._submit("chatcmpl", tokens, req, req.max_completion_tokens or req.max_tokens)
+        job = self._submit("chatcmpl", tokens, req, req.max_completion_tokens or req.max_tokens, _lease(request))
         request.state.request_id = job.id
         created = int(time.time())
         if not req.stream:
             fin = await self._collect(job, request)
             self._note(request, fin)
-            await self._record(job.id, messages, fin)
+            await self._record(job.id, messages, fin, getattr(request.state, "key_id", None))
             return {"id": job.id, "object": "chat.completion", "created": created, "model": self._answered_by(fin),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
                                  "finish_reason": fin.reason, "logprobs": None}],
@@ -248,7 +256,7 @@ class Serving:
                 if ev.reason == "error":
                     yield _sse(ApiError(500, f"The engine failed: {ev.error}", "server_error").body())
                     return
-                await self._record(job.id, messages, ev)
+                await self._record(job.id, messages, ev, getattr(request.state, "key_id", None))
                 yield chunk({}, ev.reason)
                 if include_usage:
                     yield _sse({"id": job.id, "object": "chat.completion.chunk", "created": created,
@@ -259,7 +267,7 @@ class Serving:
 
     async def completion(self, req: P.CompletionRequest, request: Request) -> Any:
         tokens = await self._prompt_tokens(req.text())
-        job = self._submit("cmpl", tokens, req, req.max_tokens)
+        job = self._submit("cmpl", tokens, req, req.max_tokens, _lease(request))
         request.state.request_id = job.id
         created = int(time.time())
         if not req.stream:
@@ -298,16 +306,30 @@ class Serving:
         return {"id": out["id"], "text": out["choices"][0]["message"]["content"],
                 "finish_reason": out["choices"][0]["finish_reason"], "usage": out["usage"]}
 
-    async def feedback(self, req: P.FeedbackRequest) -> dict[str, Any]:
+    async def feedback(self, req: P.FeedbackRequest, key_id: str, hold: bool, cap: int) -> dict[str, Any]:
+        """`key_id`'s one rating of its own exchange; a correction is held for an admin when `hold`."""
         if self.store is None:
             raise ApiError(503, "The feedback store is not available.", "server_error")
+
+        def add() -> str:
+            return str(self.store.add_feedback(req.request_id, req.rating, req.corrected, key_id=key_id, hold=hold, cap=cap))
+
         try:
             # Committed (WAL, synchronous=FULL) before this returns, so a 200 survives kill -9.
-            await anyio.to_thread.run_sync(self.store.add_feedback, req.request_id, req.rating, req.corrected)
+            status = await anyio.to_thread.run_sync(add)
         except KeyError:
             raise ApiError(404, f"There is no answered chat completion with id {req.request_id!r}.",
                            param="request_id", code="unknown_request_id") from None
-        return {"request_id": req.request_id, "stored": True}
+        except FeedbackRefused as e:
+            headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+            type_ = {403: "permission_error", 429: "rate_limit_error"}.get(e.status, "invalid_request_error")
+            raise ApiError(e.status, e.message, type_, param="request_id", code=e.code, headers=headers) from None
+        return {"request_id": req.request_id, "stored": True, "status": status}
+
+
+def _lease(request: Request) -> Lease | None:
+    """The rate-limit lease the route took for this request (none for requests that skip the limits)."""
+    return getattr(request.state, "lease", None)
 
 
 def _sse(obj: dict[str, Any]) -> str:
