@@ -79,6 +79,12 @@ class FeedbackExample:
         """Worth training on: rated good, or a user wrote the answer it should have given."""
         return bool(self.corrected) or self.rating > 0
 
+    def item(self) -> dict[str, object]:
+        """What an admin reviews (the admin API, `appliance feedback list`, the console): `id` is the row."""
+        question = next((str(m.get("content", "")) for m in reversed(self.messages) if m.get("role") == "user"), "")
+        return {"id": self.row, "request_id": self.request_id, "key_id": self.key_id, "rating": self.rating,
+                "status": self.status, "question": question, "answer": self.answer, "corrected": self.corrected}
+
     def to_chat(self) -> list[dict]:
         """The conversation with the answer to learn: the correction when there is one."""
         return [*self.messages, {"role": "assistant", "content": self.corrected or self.answer}]

@@ -77,7 +77,7 @@ def test_ready_watchdog_and_feedback_survives_kill9(tmp_path, smollm2_gguf, noti
             proc.wait()
         log.close()
     with FeedbackStore(root.layout.data / "feedback.sqlite3") as store:
-        rows = [e for e in store.examples_since(0) if e.request_id == rid]
+        rows = [e for e in store.feedback("held") if e.request_id == rid]  # a user key's correction waits for an admin
     assert len(rows) == 1 and rows[0].rating == 1 and rows[0].corrected == "Hi!"
 
 

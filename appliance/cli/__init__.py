@@ -20,6 +20,7 @@ VERB_MODULES = (
     "appliance.cli.hw",
     "appliance.cli.lifecycle",
     "appliance.cli.server",
+    "appliance.cli.feedback",
     "appliance.cli.trainer",
     "appliance.cli.console",
 )

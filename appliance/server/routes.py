@@ -144,13 +144,6 @@ async def list_keys(request: Request) -> Any:
     return [{"id": r.id, "role": r.role, "created_at": r.created_at, "revoked_at": r.revoked_at} for r in records]
 
 
-def feedback_item(ex: Any) -> dict[str, Any]:
-    """A store example (appliance.feedback_store.FeedbackExample) as the admin API and the CLI show it."""
-    question = next((m.get("content", "") for m in reversed(ex.messages) if m.get("role") == "user"), "")
-    return {"id": ex.row, "request_id": ex.request_id, "key_id": ex.key_id, "rating": ex.rating, "status": ex.status,
-            "question": question, "answer": ex.answer, "corrected": ex.corrected}
-
-
 def _store(request: Request) -> Any:
     store = request.app.state.serving.store
     if store is None:
@@ -163,7 +156,7 @@ async def list_feedback(request: Request, status: str = "held") -> Any:
     """Ratings with `status` (held, accepted, rejected); held by default: what waits for an admin."""
     if status not in ("held", "accepted", "rejected"):
         raise ApiError(400, f"status must be held, accepted or rejected, not {status!r}.", param="status")
-    return [feedback_item(ex) for ex in await anyio.to_thread.run_sync(_store(request).feedback, status)]
+    return [ex.item() for ex in await anyio.to_thread.run_sync(_store(request).feedback, status)]
 
 
 @admin.post("/feedback/{row}/{decision}", response_model=P.FeedbackItem, responses=_errors(404))
@@ -177,7 +170,7 @@ async def decide_feedback(row: int, decision: str, request: Request) -> Any:
         raise ApiError(404, f"There is no held correction {row}; GET /admin/feedback lists them.", code="not_held") from None
     await anyio.to_thread.run_sync(audit.append, request.app.state.settings.layout, {
         "event": f"correction_{decision}ed", "feedback": row, "request_id": ex.request_id, "by": request.state.key_id})
-    return feedback_item(ex)
+    return ex.item()
 
 
 @health.get("/live", response_model=P.Health)

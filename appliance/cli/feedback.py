@@ -1,0 +1,87 @@
+"""The `feedback` verbs: list ratings, accept or reject the corrections held for an admin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+from typing import Any
+
+from appliance.errors import ApplianceError
+from appliance.paths import Layout
+
+
+def _store(layout: Layout) -> Any:
+    """The feedback store, opened as the user who owns the data directory (the service user).
+
+    The store is the service's file: root opening it would follow a link the service planted and
+    leave root-owned -wal/-shm files the server could not open. So a root caller becomes the owner of
+    <var>/data first (this process does nothing else as root).
+    """
+    from appliance.feedback_store import FeedbackStore
+
+    path = layout.data / "feedback.sqlite3"
+    try:
+        st = os.lstat(layout.data)
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISDIR(st.st_mode) or not path.is_file():
+        raise ApplianceError(f"There is no feedback store at {path}.", "The server makes it when it first answers; is the appliance installed here?")
+    if os.geteuid() == 0 and st.st_uid != 0:
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
+    return FeedbackStore(path)
+
+
+def _line(item: dict[str, Any]) -> str:
+    def short(text: Any) -> str:
+        text = " ".join(str(text or "").split())
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    rating = "+1" if item["rating"] > 0 else "-1"
+    return (f"{item['id']:>6}  {item['status']:<8}  key {item['key_id'] or '-':<8}  {rating}  "
+            f"Q: {short(item['question'])!r}  correction: {short(item['corrected'])!r}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _store(Layout.at(args.root)) as store:
+        items = [ex.item() for ex in store.feedback("held" if args.held else None)]
+    if args.json:
+        print(json.dumps(items, ensure_ascii=False))
+        return 0
+    if not items:
+        print("no corrections wait for an admin" if args.held else "no feedback yet")
+    for item in items:
+        print(_line(item))
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    from appliance import audit
+
+    layout = Layout.at(args.root)
+    accept = args.feedback_verb == "accept"
+    with _store(layout) as store:
+        try:
+            ex = store.decide(args.id, accept)
+        except KeyError:
+            raise ApplianceError(f"There is no held correction {args.id}.",
+                                 "Run `appliance feedback list --held` to see their ids.") from None
+    audit.append(layout, {"event": f"correction_{args.feedback_verb}ed", "feedback": args.id, "request_id": ex.request_id, "by": "cli"})
+    print(f"{args.feedback_verb}ed correction {args.id}" + (f" (now feedback {ex.row}; the next training run uses it)" if accept else ""))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentParser) -> None:
+    f = sub.add_parser("feedback", help="review ratings; accept or reject corrections held for an admin", parents=[root_parent])
+    fs = f.add_subparsers(dest="feedback_verb", required=True, metavar="ACTION")
+    ls = fs.add_parser("list", help="ratings and corrections, newest last", parents=[root_parent])
+    ls.add_argument("--held", action="store_true", help="only corrections waiting for an admin")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    for verb, what in (("accept", "the trainer uses it from its next run"), ("reject", "the trainer never uses it")):
+        d = fs.add_parser(verb, help=f"{verb} a held correction: {what}", parents=[root_parent])
+        d.add_argument("id", type=int, help="its id, from `appliance feedback list --held`")
+        d.set_defaults(func=cmd_decide)
