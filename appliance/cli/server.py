@@ -99,11 +99,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from appliance import apikeys, audit
+    from appliance import apikeys
 
-    layout = Layout.at(args.root)
-    r = apikeys.revoke(layout, args.id)
-    audit.append(layout, {"event": "key_revoked", "key_id": r.id})
+    r = apikeys.revoke(Layout.at(args.root), args.id)  # which writes the audit line
     print(f"revoked {r.id} ({r.role})")
     return 0
 
@@ -113,12 +111,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
     layout = Layout.at(args.root)
     path = Path(args.file) if args.file else layout.audit_log
-    ok, bad = audit.verify(layout, path)
-    if ok:
-        n = sum(1 for _ in path.open("rb")) if path.exists() else 0
-        print(f"{path}: {n} lines, chain intact")
-        return 0
-    raise AuditBroken(f"{path}: the hash chain breaks at line {bad}: that line or the one before it was edited, deleted or inserted.")
+    result = audit.verify_log(layout, path)  # run as root, it also anchors the head it checked
+    if not result.ok:
+        raise AuditBroken(str(result.problem))
+    anchor = audit.read_anchor(layout)
+    where = f"the chain passes through the anchor: {anchor.describe()}" if anchor else "not anchored yet (root's commands anchor it)"
+    print(f"{path}: {result.lines} lines, chain intact ({len(result.files)} file(s)); {where}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
 
 
 class AuditBroken(ApplianceError):
