@@ -167,8 +167,8 @@
   function feedbackControls(answer) {
     const box = el("div", "feedback");
     const actions = el("div", "actions");
-    const up = el("button", "rate-up", "👍");
-    const down = el("button", "rate-down", "👎");
+    const up = el("button", "rate-up", "👍 Good");
+    const down = el("button", "rate-down", "👎 Bad");
     const correct = el("button", "correct", "Correct this answer");
     up.title = "A good answer";
     down.title = "A bad answer";
@@ -195,11 +195,11 @@
       const message = await postFeedback(answer.id, rating, corrected);
       status.textContent = message.text;
       status.classList.toggle("failed", !message.ok);
+      // The server takes one rating (or correction) per answer: after it, this reply's buttons are done.
+      buttons.forEach((b) => { b.disabled = message.ok; });
       if (message.ok) {
         chosen.classList.add("chosen");
         form.hidden = true;
-      } else {
-        buttons.forEach((b) => { b.disabled = false; });
       }
     }
     up.addEventListener("click", () => send(1, null, up));
@@ -235,10 +235,9 @@
     }
     if (!response.ok) return { ok: false, text: await errorText(response) };
     const ack = await response.json().catch(() => ({}));
-    const held = typeof ack.status === "string" && ack.status !== "stored";
     return {
       ok: true,
-      text: held ? "Thank you: an administrator reviews it before the nightly training uses it."
+      text: ack.status === "held" ? "Thank you: an administrator checks corrections before the nightly training uses them."
         : "Thank you: it goes to the nightly training.",
     };
   }
