@@ -75,7 +75,17 @@ class Layout:
 
     @property
     def state_file(self) -> Path:
+        """Installed releases, the highest bundle sequence and the clock floor: root's alone."""
+        return self.installer_state / "state.json"
+
+    @property
+    def legacy_state_file(self) -> Path:
+        """Where releases before the move kept state.json (service-owned): read once, to migrate."""
         return self.var / "state.json"
+
+    @property
+    def install_lock(self) -> Path:
+        return self.installer_state / "install.lock"
 
     @property
     def log_dir(self) -> Path:

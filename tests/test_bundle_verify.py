@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.cli import main
+from appliance.paths import Layout
 from installer.bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE
 from tests.bundle_fixtures import SlimBundle
 
@@ -200,8 +201,9 @@ def test_expired_bundle(slim: SlimBundle, capsys: pytest.CaptureFixture[str]) ->
 
 def _root_with_state(tmp_path: Path, state: dict) -> Path:
     root = tmp_path / "root"
-    (root / "var/lib/appliance").mkdir(parents=True)
-    (root / "var/lib/appliance/state.json").write_text(json.dumps(state))
+    state_file = Layout.at(root).state_file
+    state_file.parent.mkdir(parents=True)
+    state_file.write_text(json.dumps(state))
     return root
 
 

@@ -12,6 +12,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import DecryptError, KeyMaterialError, PolicyError
+from appliance.nofollow import open_file, why
 
 KEY_SIZE = 32
 WRAP_LABEL = b"appliance-wrap-v1\x00"
@@ -117,11 +118,28 @@ def derive_kek(kdf: KdfParams, passphrase: bytes) -> bytes:
     raise KeyMaterialError("This bundle is opened with a key file, not a passphrase.", "Pass --key-file.")
 
 
-def read_key_file(path: Path) -> bytes:
+MAX_PASSPHRASE_BYTES = 4096
+
+
+def _read_secret(path: Path, cap: int, what: str, refuse_owner: int | None) -> bytes:
+    """A key or passphrase file: opened without following a link or waiting on a FIFO, a regular file,
+    read at most to `cap` + 1 bytes, and not owned by `refuse_owner` (the service user)."""
     try:
-        data = Path(path).read_bytes()
+        fd = open_file(path)
     except OSError as e:
-        raise KeyMaterialError(f"Cannot read the key file {path}: {e.strerror}.", "Check the path to the key stick.") from None
+        raise KeyMaterialError(f"Cannot read the {what} {path}: {why(e)}.", "Name the file itself on the key stick, not a link to it.") from None
+    with os.fdopen(fd, "rb") as f:
+        if refuse_owner is not None and os.fstat(fd).st_uid == refuse_owner:
+            raise KeyMaterialError(f"The {what} {path} is owned by the service user, who could have read or replaced it; refusing to use it.",
+                                   "Keep the site's key on its own stick, or in a file owned by root, and pass that.")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise KeyMaterialError(f"The {what} {path} is larger than {cap} bytes; it is not a {what}.")
+    return data
+
+
+def read_key_file(path: Path, refuse_owner: int | None = None) -> bytes:
+    data = _read_secret(path, KEY_SIZE, "key file", refuse_owner)
     if len(data) != KEY_SIZE:
         raise KeyMaterialError(
             f"The key file {path} holds {len(data)} bytes, not the {KEY_SIZE} of a model key.",
@@ -130,26 +148,24 @@ def read_key_file(path: Path) -> bytes:
     return data
 
 
-def read_passphrase_file(path: Path) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise KeyMaterialError(f"Cannot read the passphrase file {path}: {e.strerror}.") from None
+def read_passphrase_file(path: Path, refuse_owner: int | None = None) -> bytes:
+    data = _read_secret(path, MAX_PASSPHRASE_BYTES, "passphrase file", refuse_owner)
     data = data[:-1] if data.endswith(b"\n") else data
     if not data:
         raise KeyMaterialError(f"The passphrase file {path} is empty.", "Write the passphrase into it, one line.")
     return data
 
 
-def site_kek(kdf: KdfParams, key_file: Path | None, passphrase_file: Path | None) -> bytes:
-    """The key-encryption key for this bundle from whichever secret the administrator supplied."""
+def site_kek(kdf: KdfParams, key_file: Path | None, passphrase_file: Path | None, refuse_owner: int | None = None) -> bytes:
+    """The key-encryption key for this bundle from whichever secret the administrator supplied.
+    A file owned by `refuse_owner` (the service user's uid) is refused."""
     if kdf.kind == "key-file":
         if key_file is None:
             raise KeyMaterialError("This bundle's model files are opened with a key file.", "Pass --key-file PATH (model.key from the key stick).")
-        return read_key_file(key_file)
+        return read_key_file(key_file, refuse_owner)
     if passphrase_file is None:
         raise KeyMaterialError("This bundle's model files are opened with a passphrase.", "Pass --passphrase-file PATH.")
-    return derive_kek(kdf, read_passphrase_file(passphrase_file))
+    return derive_kek(kdf, read_passphrase_file(passphrase_file, refuse_owner))
 
 
 def wrap_key(kek: bytes, data_key: bytes, context: str) -> str:

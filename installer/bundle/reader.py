@@ -1,11 +1,14 @@
 """A bundle directory on disk: read the signed manifest, check the tree, stream-verify and decrypt files.
 
-Every file is opened with O_NOFOLLOW and read at most to its declared size, so a link swapped in
-after the tree check, or a file that keeps growing, cannot make us read anything undeclared.
+Every file is opened with O_NOFOLLOW and O_NONBLOCK and read at most to its declared size, so a link,
+FIFO or device swapped in after the tree check, or a file that keeps growing, cannot make us read
+anything undeclared or wait forever. Decrypted model files are written through a directory
+descriptor the caller holds (a directory only root can enter), never through a path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -14,8 +17,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from appliance.atomic import atomic_file
+from appliance.atomic import PARTIAL_SUFFIX, atomic_file
 from appliance.errors import BundleError, DecryptError
+from appliance.nofollow import open_file, why
 from installer.bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, FileEntry, Manifest, ModelFile
 from installer.bundle.stream import Readable, decrypt_stream
 from installer.bundle.trust import SIGNATURE_SIZE, Policy, verify_manifest
@@ -25,15 +29,14 @@ Progress = Callable[[str, int, int], None]
 
 
 def _open(path: Path) -> Readable:
+    """O_NOFOLLOW and O_NONBLOCK: a file swapped for a link, a FIFO or a device after the tree check is
+    refused at once, never followed or waited on (a FIFO with no writer would block the open forever)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fd = open_file(path)
     except FileNotFoundError:
         raise BundleError(f"{path.name} is missing from the bundle at {path.parent}.") from None
     except OSError as e:
-        raise BundleError(f"Cannot open {path}: {e.strerror} (links are not allowed in a bundle).") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise BundleError(f"{path} is not a regular file.")
+        raise BundleError(f"Cannot open {path}: {why(e)}; only regular files are allowed in a bundle.") from None
     return os.fdopen(fd, "rb", buffering=0)
 
 
@@ -139,9 +142,18 @@ def verify_bundle(
 
 def decrypt_model_file(
     bundle: Path, manifest: Manifest, mf: ModelFile, data_key: bytes, dest: Path,
-    progress: Progress | None = None,
+    progress: Progress | None = None, dir_fd: int | None = None,
 ) -> None:
-    """Hash the ciphertext and decrypt it in one pass into a temp file; rename only if both check out."""
+    """Hash the ciphertext and decrypt it in one pass into `dest` (0600), relative to the directory
+    `dir_fd` when given (as os functions take it); the file keeps a `.partial` name until both check
+    out and it is fsynced."""
+    if dir_fd is None:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        parent = os.open(Path(dest).parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return decrypt_model_file(bundle, manifest, mf, data_key, Path(Path(dest).name), progress, parent)
+        finally:
+            os.close(parent)
     entry = manifest.file(mf.path)
     h = hashlib.sha256()
     done = 0
@@ -153,9 +165,22 @@ def decrypt_model_file(
         if progress:
             progress(entry.path, done, entry.size)
 
-    with _open(Path(bundle) / entry.path) as src, atomic_file(dest, mode=0o600) as out:
-        size = decrypt_stream(src, entry.size, data_key, out.write, observe, what=entry.path)
-        if h.hexdigest() != entry.sha256:
-            raise BundleError(f"{entry.path} does not match its SHA-256 in the manifest: the file was altered or damaged.")
-        if size != mf.plain_size:
-            raise DecryptError(f"{entry.path} decrypted to {size} bytes, not the declared {mf.plain_size}.")
+    name, tmp = str(dest), f".{Path(dest).name}{PARTIAL_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)  # a crashed run's
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+    try:
+        with _open(Path(bundle) / entry.path) as src, os.fdopen(fd, "wb") as out:
+            size = decrypt_stream(src, entry.size, data_key, out.write, observe, what=entry.path)
+            if h.hexdigest() != entry.sha256:
+                raise BundleError(f"{entry.path} does not match its SHA-256 in the manifest: the file was altered or damaged.")
+            if size != mf.plain_size:
+                raise DecryptError(f"{entry.path} decrypted to {size} bytes, not the declared {mf.plain_size}.")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    return None

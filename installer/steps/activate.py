@@ -52,33 +52,41 @@ def service_ids(root: Path, user: str = SERVICE_USER) -> tuple[int, int] | None:
     return None
 
 
+def _service_user(ctx: Context) -> tuple[tuple[int, int] | None, str]:
+    """The service user's uid and gid (created when missing), and what was done."""
+    root = ctx.layout.root
+    ids = service_ids(root)
+    if ids is not None:
+        return ids, ""
+    if not (root / "etc/passwd").is_file():
+        ctx.notices.append(f"{root} has no /etc/passwd: the service user {SERVICE_USER!r} was not created")
+        return None, "no /etc/passwd under the root, so no service user; "
+    argv = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/appliance",
+            "--shell", "/usr/sbin/nologin", "--comment", "appliance LLM service", SERVICE_USER]
+    ctx.runner.run(argv if root == Path("/") else argv[:1] + ["--root", str(root)] + argv[1:])
+    return service_ids(root), f"created system user {SERVICE_USER}; "
+
+
 @step("user", "create the service user and state directories")
 def step_user(ctx: Context, progress: Progress) -> str:
+    """Each state directory is made or fixed on its own, through its descriptor; nothing under them is
+    chowned, except the model root itself just decrypted (a 0700 tree only root could enter)."""
     layout, t = ctx.layout, ctx.target
+    ids, made = _service_user(ctx) if ctx.uses_systemd else (None, "")
     for name, mode in STATE_DIRS:
-        t.mkdir(getattr(layout, name), mode)
-    t.mkdir(layout.data / "inbox", 0o750)
-    t.mkdir(layout.log_dir, 0o750)
+        t.mkdir(getattr(layout, name), mode, ids)
+    t.mkdir(layout.data / "inbox", 0o750, ids)
+    t.mkdir(layout.log_dir, 0o750, ids)
     if not ctx.uses_systemd:
         return "state directories ready (no service user without systemd: the server runs as you)"
-    root = layout.root
-    ids = service_ids(root)
-    made = ""
     if ids is None:
-        if not (root / "etc/passwd").is_file():
-            ctx.notices.append(f"{root} has no /etc/passwd: the service user {SERVICE_USER!r} was not created")
-            return "state directories ready; no /etc/passwd under the root, so no service user"
-        argv = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/appliance",
-                "--shell", "/usr/sbin/nologin", "--comment", "appliance LLM service", SERVICE_USER]
-        ctx.runner.run(argv if root == Path("/") else argv[:1] + ["--root", str(root)] + argv[1:])
-        ids, made = service_ids(root), f"created system user {SERVICE_USER}; "
-    if ids is not None:
-        t.chown_tree(layout.var, *ids)
-        t.chown_tree(layout.log_dir, *ids)
-        # /etc/appliance: root's, readable by the service's group only; setgid so that files root adds
-        # later (api-keys.json) belong to that group too.
-        t.mkdir(layout.etc, 0o2750)
-        t.chown_tree(layout.etc, 0, ids[1])
+        return f"state directories ready; {made.rstrip('; ')}"
+    if ctx.plan is not None:
+        t.chown_tree(layout.models / ctx.planned().model.key, *ids)
+    # /etc/appliance: root's (the service user cannot write there), readable by the service's group
+    # only; setgid so that files root adds later (api-keys.json) belong to that group too.
+    t.mkdir(layout.etc, 0o2750)
+    t.chown_tree(layout.etc, 0, ids[1])
     return f"{made}state directories owned by {SERVICE_USER}"
 
 
@@ -232,16 +240,13 @@ def step_ready(ctx: Context, progress: Progress) -> str:
 
 
 def audit(layout: Layout, record: dict[str, Any], ctx: Any) -> None:
-    """An audit line, then the file handed to the service user so the server can keep appending."""
+    """An audit line (appliance.audit hands a file it creates to the log directory's owner, the service user)."""
     if ctx.target.dry_run:
         ctx.target.call(f"audit {json.dumps(record, sort_keys=True)}", lambda: None)
         return
     from appliance import audit as audit_log
 
-    audit_log.append(layout, {"actor": "installer", **record})
-    ids = service_ids(layout.root) if ctx.uses_systemd else None
-    if ids is not None:
-        ctx.target.chown_tree(layout.log_dir, *ids)
+    audit_log.append(layout, {"actor": "installer", **record})  # a file root creates there goes to the directory's owner
 
 
 def record(ctx: Context, action: str) -> None:

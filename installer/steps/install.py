@@ -17,12 +17,13 @@ from pathlib import Path
 
 from appliance.atomic import PARTIAL_SUFFIX
 from appliance.errors import StateError, TierError, UsageError
+from appliance.nofollow import open_dir, open_file
 from appliance.paths import Layout
 from installer.bundle.keywrap import site_kek, unwrap_key
 from installer.bundle.manifest import MANIFEST, WHEELS, Model, canonical_json
 from installer.bundle.reader import decrypt_model_file
 from installer.planning.preflight import bundle_python, preflight, venv_estimate
-from installer.steps.activate import ACTIVATE_STEPS, REFRESH_STEPS
+from installer.steps.activate import ACTIVATE_STEPS, REFRESH_STEPS, service_ids
 from installer.steps.configure import step_config
 from installer.steps.context import Context
 from installer.steps.engine import step_engine
@@ -38,7 +39,7 @@ Progress = Callable[[str, float | None], None]
 def clean_partials(layout: Layout, target: Target) -> list[str]:
     """Leftovers of an interrupted run: `.partial` files and directories, and links to them. Never used."""
     removed: list[str] = []
-    for d in (layout.releases, layout.models, layout.opt, layout.etc, layout.trust_dir, layout.var, layout.systemd_units):
+    for d in (layout.releases, layout.models, layout.opt, layout.etc, layout.trust_dir, layout.var, layout.installer_state, layout.systemd_units):
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):
@@ -112,13 +113,17 @@ def step_stage(ctx: Context, progress: Progress) -> str:
     return f"release {ctx.release_id} staged: appliance" + (f"[{','.join(extras)}]" if extras else "") + " and its dependencies"
 
 
-def _verified(directory: Path, model: Model) -> bool:
+def _verified(dir_fd: int, model: Model) -> bool:
+    """Every file of `model` is in the directory `dir_fd`, a regular file of its size and plaintext SHA-256."""
     for f in model.files:
-        p = directory / f.name
-        if not p.is_file() or p.stat().st_size != f.plain_size:
+        try:
+            fd = open_file(f.name, dir_fd=dir_fd)
+        except OSError:
             return False
-        h = hashlib.sha256()
-        with p.open("rb") as fh:
+        with os.fdopen(fd, "rb") as fh:
+            if os.fstat(fd).st_size != f.plain_size:
+                return False
+            h = hashlib.sha256()
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
         if h.hexdigest() != f.plain_sha256:
@@ -126,20 +131,35 @@ def _verified(directory: Path, model: Model) -> bool:
     return True
 
 
+def _present(directory: Path, model: Model) -> bool:
+    try:
+        fd = open_dir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        return _verified(fd, model)
+    finally:
+        os.close(fd)
+
+
 def _decrypt_all(ctx: Context, model: Model, partial: Path, progress: Progress) -> None:
+    """Decrypt into `partial`, a directory only root can enter, through its descriptor: the service user,
+    who owns the models directory, can neither write there nor redirect a write with a link."""
     m = ctx.manifest
     assert ctx.opts.bundle is not None
-    kek = site_kek(m.key_wrap, ctx.opts.key_file, ctx.opts.passphrase_file)
+    ids = service_ids(ctx.layout.root)
+    kek = site_kek(m.key_wrap, ctx.opts.key_file, ctx.opts.passphrase_file, refuse_owner=ids[0] if ids else None)
     keys = {f.path: unwrap_key(kek, f.wrapped_key, f"{m.name}:{f.path}") for f in model.files}
     if ctx.dry_run:
         ctx.target.call(f"decrypt {', '.join(keys)} into {partial}", lambda: None)
         return
-    for f in model.files:
-        decrypt_model_file(ctx.opts.bundle, m, f, keys[f.path], partial / f.name,
-                           lambda path, done, size: progress(f"decrypting {path}", done / size if size else 1.0))
-    if not _verified(partial, model):
-        raise StateError(f"The decrypted model {model.id} does not match its plaintext SHA-256 in the manifest.",
-                         "The bundle was built from a different file than it declares; ask the vendor for a new bundle.")
+    with ctx.target.private_dir(partial) as dir_fd:
+        for f in model.files:
+            decrypt_model_file(ctx.opts.bundle, m, f, keys[f.path], Path(f.name),
+                               lambda path, done, size: progress(f"decrypting {path}", done / size if size else 1.0), dir_fd=dir_fd)
+        if not _verified(dir_fd, model):
+            raise StateError(f"The decrypted model {model.id} does not match its plaintext SHA-256 in the manifest.",
+                             "The bundle was built from a different file than it declares; ask the vendor for a new bundle.")
 
 
 @step("model", "decrypt the tier's model files")
@@ -147,16 +167,14 @@ def step_model(ctx: Context, progress: Progress) -> str:
     ref = ctx.planned().model
     model = find_model(ctx.manifest, ref.id)
     final = ctx.layout.models / ref.key
-    if final.is_dir() and _verified(final, model):
+    if _present(final, model):
         raise Skip(f"{model.id} is present in {final} and verified")
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     ctx.target.mkdir(ctx.layout.models, 0o700)
     ctx.target.remove_tree(partial)
-    ctx.target.mkdir(partial, 0o700)
     _decrypt_all(ctx, model, partial, progress)
-    ctx.target.call(f"fsync {partial}", fsync_tree, partial)
     ctx.target.remove_tree(final)  # present but damaged
-    ctx.target.rename(partial, final)
+    ctx.target.rename(partial, final)  # root's until the user step hands it to the service user
     return f"{model.id} decrypted into {final} ({sum(f.plain_size for f in model.files) / 2**20:.1f} MiB)"
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, StateError, UsageError
+from appliance.nofollow import open_file, why
 from appliance.paths import Layout
-from appliance.state import highest_sequence, load_install_state
+from appliance.state import highest_sequence, installer_dir, load_install_state
 from installer.steps.activate import audit, record, service_ids, step_enable, step_ready, step_start, step_switch, step_units
 from installer.steps.configure import step_config
 from installer.steps.context import Context
@@ -21,8 +22,6 @@ from installer.steps.install import clean_partials
 from installer.system.release import Release, current_release, list_releases, previous_release
 from installer.system.units import ENABLE, SERVER, SERVICE_USER, TIMER, TRAINER, UNITS
 
-LOCK_PATH = "run/lock/appliance-install.lock"
-
 
 class LockedError(ApplianceError):
     default_hint = "Wait for it to finish (see its terminal), then run the command again."
@@ -30,16 +29,20 @@ class LockedError(ApplianceError):
 
 @contextlib.contextmanager
 def install_lock(layout: Layout) -> Iterator[None]:
-    """An exclusive, non-blocking flock; the kernel drops it when the holder dies, even by SIGKILL."""
-    path = layout.root / LOCK_PATH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """An exclusive, non-blocking flock on a file in root's own directory (Layout.install_lock), so no
+    other user can hold it to block installs; the kernel drops it when the holder dies, even by SIGKILL."""
+    path = layout.install_lock
+    installer_dir(layout)
+    try:
+        fd = open_file(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StateError(f"The install lock {path} cannot be opened: {why(e)}.", "Move it aside and run the command again.") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             written = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            holder = written if written.isdigit() else "unknown"  # anyone may write the file: print only a pid
+            holder = written if written.isdigit() else "unknown"  # print only a pid, whatever the file holds
             raise LockedError(f"Another install, upgrade, rollback or uninstall is running under {layout.root} (pid {holder}).") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -116,13 +119,16 @@ def uninstall(ctx: Context, purge: bool) -> None:
     def remove_data(c: Context, p: Any) -> str:
         if not purge:
             audit(layout, {"event": "uninstall", "purge": False}, c) if layout.log_dir.is_dir() else None
-            raise Skip(f"kept {layout.etc}, {layout.var} and {layout.log_dir} (use --purge to delete them)")
+            raise Skip(f"kept {layout.etc}, {layout.var}, {layout.log_dir} and {layout.installer_state} (use --purge to delete them)")
         for d in (layout.etc, layout.var, layout.log_dir):
             t.remove_tree(d)
+        for p in sorted(layout.installer_state.glob("*")):  # not the directory: the lock held now is in it
+            if p != layout.install_lock:
+                t.remove_tree(p)
         if service_ids(layout.root) is not None and c.uses_systemd:
             argv = ["userdel", SERVICE_USER]
             r.run(argv if layout.root == Path("/") else ["userdel", "--root", str(layout.root), SERVICE_USER], check=False)
-        return f"deleted configuration, keys, models, adapters, data and logs under {layout.root}"
+        return f"deleted configuration, keys, models, adapters, data, logs and install state under {layout.root}"
 
     run_steps((Step("units", "stop and remove the systemd units", stop),
                Step("code", "remove the releases", remove_code),
