@@ -152,7 +152,7 @@ def test_server_client_polls_over_http_with_the_key_and_reports_down() -> None:
             h = client.health()
             assert (h.status, h.adapter) == ("ready", "20261121-030009")
             assert prom.parse(client.metrics())[("appliance_queue_depth", ())] == 2
-            assert seen == [("/health/ready", None), ("/metrics", "Bearer good")]  # health without a key, metrics with
+            assert seen == [("/health/ready", "Bearer good"), ("/metrics", "Bearer good")]  # the admin key: health with details
             key[0] = "revoked"
             with pytest.raises(ServerRefused, match="401"):
                 client.metrics()

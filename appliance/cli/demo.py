@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from appliance.atomic import atomic_write_bytes
 from appliance.errors import ApplianceError, UsageError
@@ -91,15 +92,23 @@ def _api_key(layout: Layout, path: Path) -> str:
 
 
 def _base_url(layout: Layout) -> str:
+    from appliance import tls
     from appliance.config import load_config
 
-    server = load_config(layout).server
-    return f"http://{server.host}:{server.port}"
+    return tls.local_url(load_config(layout).server)
 
 
-def _ready(base: str) -> bool:
+def _trust(layout: Layout) -> Any:
+    """None for plain HTTP; with [server] tls_cert, an SSL context that trusts exactly that certificate."""
+    from appliance import tls
+    from appliance.config import load_config
+
+    return tls.client_context(load_config(layout).server, layout)
+
+
+def _ready(base: str, layout: Layout) -> bool:
     try:
-        with urllib.request.urlopen(f"{base}/health/ready", timeout=2) as r:
+        with urllib.request.urlopen(f"{base}/health/ready", timeout=2, context=_trust(layout)) as r:
             return bool(r.status == 200)
     except OSError:
         return False
@@ -117,10 +126,10 @@ def _pid(pidfile: Path) -> int | None:
 def _serve(layout: Layout, work: Path) -> str:
     base = _base_url(layout)
     pidfile, log = work / "server.pid", work / "server.log"
-    if _pid(pidfile) and _ready(base):
+    if _pid(pidfile) and _ready(base, layout):
         _say(f"reusing the server already running at {base} (pid {_pid(pidfile)})")
         return base
-    if _ready(base):
+    if _ready(base, layout):
         raise UsageError(f"Something else already answers at {base}.", "Stop it, or change [server] port in the demo's appliance.toml.")
     exe = layout.current / "venv/bin/appliance"
     _say(f"starting the server in the background: {exe} --root {layout.root} serve (log: {log})")
@@ -129,7 +138,7 @@ def _serve(layout: Layout, work: Path) -> str:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     atomic_write_bytes(pidfile, f"{proc.pid}\n".encode())
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while not _ready(base):
+    while not _ready(base, layout):
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").splitlines()[-8:]
             raise UsageError(f"The server exited with {proc.returncode} before it was ready: {' / '.join(tail)}", f"See {log}.")
@@ -140,17 +149,25 @@ def _serve(layout: Layout, work: Path) -> str:
     return base
 
 
-def _ask(base: str, key: str) -> None:
+def _ask(base: str, key: str, layout: Layout) -> None:
+    import httpx
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=300)
+    trust = _trust(layout)
+    client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=300,
+                    http_client=httpx.Client(verify=trust) if trust else None)
     model = client.models.list().data[0].id
     _say(f"asking {model} through the official openai client: {QUESTION!r}")
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0)
     print(f"\n   {reply.choices[0].message.content!s}\n")
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
     print("Ask another, with curl:\n")
-    print(f"  curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n"
+    from appliance import tls
+    from appliance.config import load_config
+
+    cert = load_config(layout).server.tls_cert
+    cacert = f" --cacert {shlex.quote(str(tls.on_target(layout, cert)))}" if trust and cert else ""
+    print(f"  curl -s{cacert} {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\\n"
           f"       -H 'Content-Type: application/json' -d {shlex.quote(body)}\n")
     print("or with Python:\n")
     print("  from openai import OpenAI")
@@ -187,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     layout = Layout.at(root)
     key = _api_key(layout, work / "api-key")
     base = _serve(layout, work)
-    _ask(base, key)
+    _ask(base, key, layout)
     exe = Path(sys.executable).with_name("appliance")
     console = [str(exe), "--root", str(root), "console"] if exe.exists() else [sys.executable, "-m", "appliance.cli", "--root", str(root), "console"]
     print(f"Stop the server with `make demo-stop`. The console: {shlex.join(console)}")

@@ -15,11 +15,12 @@ from appliance.paths import Layout
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from appliance import adapters
+    from appliance import adapters, tls
     from appliance.config import load_config, use_devices
 
     layout = Layout.at(args.root)
     config = load_config(layout, Path(args.config) if args.config else None)
+    tls_files = tls.server_files(config.server, layout)  # before the model loads: a bad key fails in a second
     use_devices(config.model)  # before the self-test and the engine touch CUDA
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
@@ -46,8 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if engine.adapter_error:
         log.warning("serving the base model: the active adapter could not be loaded: %s", engine.adapter_error)
     app = create_app(Settings(layout, config.server, config.model.id), engine)
+    cert, key = tls_files or (None, None)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
-                                           timeout_graceful_shutdown=10, lifespan="on"))
+                                           timeout_graceful_shutdown=10, lifespan="on", ssl_certfile=cert, ssl_keyfile=key))
 
     async def main() -> None:
         task = asyncio.create_task(server.serve())
@@ -57,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server.started:
             sd_notify.notify("READY=1")
             sd_notify.notify(f"STATUS=serving {config.model.id} on {host}:{port}")
-            log.info("ready on http://%s:%d", host, port)
+            log.info("ready on %s://%s:%d", "https" if tls_files else "http", host, port)
         await task
         sd_notify.notify("STOPPING=1")
 

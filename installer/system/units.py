@@ -15,6 +15,7 @@ from pathlib import Path
 
 from appliance.errors import StateError
 from appliance.paths import SERVER_UNIT, TIMER_UNIT, TRAINER_UNIT, UNITS
+from appliance.tls import CERT_CREDENTIAL, KEY_CREDENTIAL
 
 SERVER, TRAINER, TIMER = SERVER_UNIT, TRAINER_UNIT, TIMER_UNIT
 ENABLE = (SERVER, TIMER)  # the trainer service runs only from its timer
@@ -30,6 +31,7 @@ DeviceAllow=char-nvidia-caps r"""
 CPU_DEVICES = "PrivateDevices=yes\nDevicePolicy=closed"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 _SCHEDULE = re.compile(r"^[A-Za-z0-9*:/,.~ -]{1,100}$")
+_CREDENTIAL_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,250}\Z")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class UnitSettings:
     schedule: str = "*-*-* 03:00:00"
     user: str = SERVICE_USER
     prefix: str = PREFIX
+    tls: tuple[str, str] | None = None  # [server] tls_cert, tls_key (absolute paths), passed as credentials
 
 
 def templates_dir() -> Path:
@@ -82,7 +85,8 @@ def render_units(s: UnitSettings, templates: dict[str, str]) -> dict[str, str]:
         network = "IPAddressDeny=any\nIPAddressAllow=localhost"
     else:
         network = f"# Listening on {s.host}: clients from the network may connect (see [server] host)."
-    values = {"PREFIX": s.prefix, "USER": s.user, "DEVICES": devices, "NETWORK": network, "SCHEDULE": s.schedule}
+    values = {"PREFIX": s.prefix, "USER": s.user, "DEVICES": devices, "NETWORK": network, "SCHEDULE": s.schedule,
+              "CREDENTIALS": _credentials(s.tls)}
     out = {}
     for name in UNITS:
         text = fill(templates[name], values)
@@ -90,6 +94,18 @@ def render_units(s: UnitSettings, templates: dict[str, str]) -> dict[str, str]:
             text = text.replace("\nMemoryDenyWriteExecute=yes", "")
         out[name] = text
     return out
+
+
+def _credentials(tls: tuple[str, str] | None) -> str:
+    """The TLS files as systemd credentials: systemd reads them as root, the service (never root) gets a
+    copy only it can read under $CREDENTIALS_DIRECTORY (appliance/tls.py)."""
+    if tls is None:
+        return "# HTTPS: set [server] tls_cert and tls_key; the files then come in as credentials here."
+    for path in tls:
+        if not _CREDENTIAL_PATH.match(path):
+            raise StateError(f"The TLS file {path!r} in appliance.toml is not a plain absolute path.",
+                             "Use a path such as /etc/appliance/tls/server.key (letters, digits, . _ - /).")
+    return f"LoadCredential={CERT_CREDENTIAL}:{tls[0]}\nLoadCredential={KEY_CREDENTIAL}:{tls[1]}"
 
 
 def load_templates(directory: Path | None = None) -> dict[str, str]:

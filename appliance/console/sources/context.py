@@ -48,15 +48,18 @@ class Sources:
             self.systemd_flag = systemd_running(self.layout.root)
         return self.systemd_flag
 
-    def server_url(self) -> str:
+    def server_config(self) -> Any:
         from appliance.config import ConfigError, ServerConfig, load_config
 
         try:
-            server = load_config(self.layout).server
+            return load_config(self.layout).server
         except ConfigError:
-            server = ServerConfig()
-        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
-        return f"http://{'[' + host + ']' if ':' in host else host}:{server.port}"
+            return ServerConfig()
+
+    def server_url(self) -> str:
+        from appliance import tls
+
+        return tls.local_url(self.server_config())
 
     def key(self) -> str | None:
         if self.api_key is None:
@@ -70,9 +73,12 @@ class Sources:
 
     def server(self) -> Any:
         if self._server is None:
+            from appliance import tls
             from appliance.console.sources.server import ServerClient
 
-            self._server = ServerClient(self.server_url(), self.key, self.transport)
+            # HTTPS when [server] tls_cert is set, trusting exactly that certificate.
+            ctx = tls.client_context(self.server_config(), self.layout)
+            self._server = ServerClient(self.server_url(), self.key, self.transport, ssl_context=ctx)
         return self._server
 
     def trainer(self) -> Any:

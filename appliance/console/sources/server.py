@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,11 @@ class Health:
 
 
 class ServerClient:
-    def __init__(self, base_url: str, key: Callable[[], str | None], transport: Any = None, timeout: float = 2.0) -> None:
+    def __init__(self, base_url: str, key: Callable[[], str | None], transport: Any = None, timeout: float = 2.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context` (appliance.tls.client_context) for an https `base_url`: it trusts the configured certificate."""
         self.base_url = base_url
+        self._ssl = ssl_context
         self._key = key
         self._transport = transport
         self._timeout = timeout
@@ -47,7 +51,8 @@ class ServerClient:
             import httpx  # here, not at module level: ~0.2 s that the first paint does not need
 
             self._httpx = httpx
-            self._hx = httpx.Client(base_url=self.base_url, transport=self._transport, timeout=self._timeout, trust_env=False)
+            self._hx = httpx.Client(base_url=self.base_url, transport=self._transport, timeout=self._timeout, trust_env=False,
+                                    verify=self._ssl or True)
         return self._hx
 
     def close(self) -> None:
@@ -65,7 +70,9 @@ class ServerClient:
         url = urlsplit(self.base_url)
         for attempt in (1, 2):  # a kept-alive connection the server closed is retried once on a new one
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=self._timeout)
+                host = url.hostname or "127.0.0.1"
+                self._conn = (http.client.HTTPSConnection(host, url.port or 443, timeout=self._timeout, context=self._ssl)
+                              if url.scheme == "https" else http.client.HTTPConnection(host, url.port or 80, timeout=self._timeout))
             try:
                 self._conn.request("GET", path, headers=headers)
                 resp = self._conn.getresponse()
@@ -105,7 +112,7 @@ class ServerClient:
 
     def health(self) -> Health:
         try:
-            code, text = self._get("/health/ready", auth=False)
+            code, text = self._get("/health/ready", auth=True)  # the console's admin key: the model and adapter too
         except ServerDown as e:
             return Health("down", detail=e.message)
         try:
