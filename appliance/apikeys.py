@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from appliance import audit
 from appliance.atomic import atomic_file
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
@@ -107,6 +108,7 @@ def create(layout: Layout, role: str, *, rpm: int | None = None, tpm: int | None
     key = f"{PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     _write(layout, [*records, KeyRecord(key_id, role, _hash(key), now, None, rpm, tpm, max_live)])
+    audit.append(layout, {"event": "key_created", "key_id": key_id, "role": role, "rpm": rpm, "tpm": tpm, "max_live": max_live})
     return key_id, key
 
 
@@ -121,6 +123,7 @@ def revoke(layout: Layout, key_id: str) -> KeyRecord:
             if r.active:
                 records[i] = replace(r, revoked_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
                 _write(layout, records)
+                audit.append(layout, {"event": "key_revoked", "key_id": r.id, "role": r.role})
             return records[i]
     raise ApiKeyError(f"There is no key with id {key_id!r}.", "Run `appliance keys list` to see the key ids.")
 

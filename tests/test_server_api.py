@@ -214,7 +214,7 @@ def test_audit_line_per_request_without_prompt_text(client, root):
     chat = [x for x in rows if x.get("request_id") == r.json()["id"]][0]
     assert chat["route"] == CHAT and chat["status"] == 200 and chat["key_id"] and chat["completion_tokens"] <= 2
     assert chat["prompt_tokens"] > 0 and chat["latency_ms"] > 0 and "prompt" not in chat
-    assert any(x["status"] == 401 and x["key_id"] is None for x in rows)
+    assert not any(x["event"] == "request" and x["key_id"] is None for x in rows)  # sampled: tests/test_audit_requests.py
     assert "secret-token-xyz" not in root.layout.audit_log.read_text()
     assert audit.verify(root.layout) == (True, None)
 

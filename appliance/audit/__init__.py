@@ -68,8 +68,9 @@ def _continue(f: Any, path: Path, now: datetime) -> str:
     return str(header["hash"])
 
 
-def _write(path: Path, rec: dict[str, Any], rotate_bytes: int, retention_days: int, now: datetime) -> dict[str, Any]:
+def _write(path: Path, rec: dict[str, Any], rotate_bytes: int, retention_days: int) -> dict[str, Any]:
     """Under the lock: rotate when due, then append one line."""
+    now = _now()  # taken under the lock, so rotated names follow the order of rotations
     try:
         size = os.lstat(path).st_size
     except FileNotFoundError:
@@ -115,9 +116,11 @@ def append(layout: Layout, record: dict[str, Any], path: Path | None = None, *, 
     rec = {k: v for k, v in record.items() if k not in ("prev", "hash")}
     rec.setdefault("time", _stamp(now))
     rec.setdefault("uid", os.getuid())
+    if (sudo := os.environ.get("SUDO_UID", "")).isdigit():  # root's command, run through sudo by this user
+        rec.setdefault("sudo_uid", int(sudo))
     rotate_bytes, retention_days = limits(layout)
     with locked(path.parent):
-        line = _write(path, rec, rotate_bytes, retention_days, now)
+        line = _write(path, rec, rotate_bytes, retention_days)
         if path == layout.audit_log and (may_anchor(layout) if anchor is None else anchor):
             _move_anchor(layout, retention_days, now)
     return line

@@ -124,12 +124,17 @@ def last_line(f: IO[bytes], end: int | None = None) -> bytes:
 
 
 def rotation_name(log_dir: Path, now: datetime) -> Path:
-    """A free name for the file being closed now."""
-    base = now.astimezone(timezone.utc).strftime(STAMP)
-    path, n = log_dir / f"audit-{base}.jsonl", 1
+    """A name for the file being closed now that sorts after every rotated file already there (even
+    when the clock went back, or two rotations fall in one second)."""
+    stamp, n = now.astimezone(timezone.utc).strftime(STAMP), 0
+    existing = [p for p in chain_files(log_dir / "audit.jsonl") if ROTATED.match(p.name)]
+    newest = _order(existing[-1]) if existing else None
+    if newest is not None and newest[0] >= stamp:
+        stamp, n = newest[0], newest[1] + 1
+    path = log_dir / (f"audit-{stamp}.jsonl" if n <= 1 else f"audit-{stamp}-{n}.jsonl")
     while os.path.lexists(path):
-        n += 1
-        path = log_dir / f"audit-{base}-{n}.jsonl"
+        n = max(n, 1) + 1
+        path = log_dir / f"audit-{stamp}-{n}.jsonl"
     return path
 
 

@@ -1,10 +1,12 @@
-"""ASGI middleware around every request: body cap (413), metrics, and one audit line per request.
+"""ASGI middleware around every request: body cap (413), metrics, and one audit line per request
+(requests no key took, sampled: at most one line a minute per reason, with the count).
 
 Pure ASGI rather than BaseHTTPMiddleware, so streamed answers pass through without buffering.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -30,6 +32,7 @@ class Gate:
     def __init__(self, app: Any, *, layout: Layout, metrics: Metrics, body_limit: int, audit_prompts: bool) -> None:
         self.app, self.layout, self.metrics = app, layout, metrics
         self.body_limit, self.audit_prompts = body_limit, audit_prompts
+        self.sampler = audit.Sampler()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -102,6 +105,13 @@ class Gate:
         if path in UNAUDITED:
             return
         state = scope.get("state", {})
+        reason = "unknown_path" if path == "unmatched" else "unauthenticated" if state.get("key_id") is None else None
+        if reason is not None:  # no key took it: counted, and sampled into the log, since a flood must not fsync a line each
+            self.metrics.rejected.labels(reason).inc()
+            sampled = self.sampler.note(reason, method=scope.get("method"), status=status)
+            if sampled is not None:
+                await self._append(sampled)
+            return
         tokens = state.get("tokens") or (0, 0)
         record: dict[str, Any] = {
             "event": "request", "key_id": state.get("key_id"), "method": scope.get("method"), "route": path,
@@ -110,7 +120,11 @@ class Gate:
         }
         if self.audit_prompts and state.get("prompt") is not None:
             record["prompt"] = state["prompt"]
+        await self._append(record)
+
+    async def _append(self, record: dict[str, Any]) -> None:
         try:
-            await anyio.to_thread.run_sync(audit.append, self.layout, record)
+            # The server never moves the anchor, whoever runs it: what it writes is what the anchor guards.
+            await anyio.to_thread.run_sync(functools.partial(audit.append, self.layout, record, anchor=False))
         except Exception:  # an unwritable audit log is loud in the journal, but the answer was already sent
             log.exception("could not append to the audit log")
