@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance import audit
 from appliance.atomic import PARTIAL_SUFFIX, atomic_symlink, atomic_write_json, fsync_dir
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
@@ -114,6 +115,7 @@ def promote(layout: Layout, adapter_id: str) -> Adapter:
     # many, which rollback skips, never a link that history does not know about.
     atomic_write_json(layout.adapters / HISTORY, [*history, adapter_id])
     atomic_symlink(adapter_id, layout.adapters / ACTIVE)
+    audit.append(layout, {"event": "adapter_promoted", "adapter": adapter_id, "previous": current})
     return adapter
 
 
@@ -128,10 +130,12 @@ def rollback(layout: Layout) -> Adapter | None:
     if history:
         atomic_write_json(layout.adapters / HISTORY, history)
         atomic_symlink(history[-1], layout.adapters / ACTIVE)
+        audit.append(layout, {"event": "adapter_rolled_back", "from": current, "to": history[-1]})
         return get_adapter(layout, history[-1])
     atomic_write_json(layout.adapters / HISTORY, [])
     (layout.adapters / ACTIVE).unlink(missing_ok=True)
     fsync_dir(layout.adapters)
+    audit.append(layout, {"event": "adapter_rolled_back", "from": current, "to": None})
     return None
 
 

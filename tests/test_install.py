@@ -88,8 +88,10 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
 
     from appliance import audit
     assert audit.verify(Layout.at(root)) == (True, None)
-    events = [json.loads(line)["event"] for line in Layout.at(root).audit_log.read_text().splitlines()]
-    assert events == ["install", "upgrade", "rollback"]
+    events = [json.loads(line) for line in Layout.at(root).audit_log.read_text().splitlines()]
+    assert [(e["event"], e["outcome"]) for e in events] == [("install", "done"), ("upgrade", "done"), ("upgrade", "failed"), ("rollback", "done")]
+    assert "lower than the installed sequence 2" in events[2]["reason"] and events[2]["bundle"] == str(b.b1)
+    assert all(e["uid"] == os.getuid() and e["actor"] == "installer" for e in events)
 
     code, out, err = cli(capsys, "uninstall", "--root", str(root), "--yes", "--no-systemd")
     assert code == 0, err
@@ -203,14 +205,14 @@ def test_not_ready_switches_back_to_the_previous_release(install_bundles: Instal
 
 
 def test_the_lock_holder_is_printed_only_as_a_pid(tmp_path: Path) -> None:
-    """The lock file sits in world-writable /run/lock: what is in it reaches root's terminal only as digits."""
+    """Whatever the lock file holds reaches root's terminal only as digits."""
     import fcntl
     import os
 
-    from installer.steps.lifecycle import LOCK_PATH, LockedError, install_lock
+    from installer.steps.lifecycle import LockedError, install_lock
 
     layout = Layout.at(tmp_path)
-    path = layout.root / LOCK_PATH
+    path = layout.install_lock
     path.parent.mkdir(parents=True)
     path.write_text("\x1b]0;owned\x07 rm -rf /")
     fd = os.open(path, os.O_RDWR)

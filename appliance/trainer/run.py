@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from appliance import adapters as registry
+from appliance import audit
 from appliance.errors import ApplianceError
 from appliance.feedback_store import FeedbackStore
 from appliance.paths import Layout
@@ -62,6 +63,7 @@ def run_training(layout: Layout, options: RunOptions | None = None) -> dict[str,
         st.clean_leftovers(paths)
         run_id = new_run_id()
         report: dict[str, Any] = {"id": run_id, "started_at": datetime.now(timezone.utc).isoformat(), "status": "running", "stages": {}}
+        audit.append(layout, {"event": "training_started", "run": run_id, "now": opts.now})
         t0 = time.perf_counter()
         try:
             _pipeline(layout, paths, opts, run_id, report)
@@ -75,6 +77,8 @@ def run_training(layout: Layout, options: RunOptions | None = None) -> dict[str,
             report["finished_at"] = datetime.now(timezone.utc).isoformat()
             report["seconds"] = round(time.perf_counter() - t0, 2)
             write_report(paths.runs, report)
+            audit.append(layout, {"event": "training_finished", "run": run_id, "outcome": report["status"],
+                                  "reason": report.get("reason"), "adapter": report.get("adapter"), "seconds": report["seconds"]})
         return report
 
 

@@ -7,12 +7,13 @@ its units are restored and it is restarted; the error says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -249,11 +250,25 @@ def audit(layout: Layout, record: dict[str, Any], ctx: Any) -> None:
     audit_log.append(layout, {"actor": "installer", **record})  # a file root creates there goes to the directory's owner
 
 
+@contextlib.contextmanager
+def audited(ctx: Context, verb: str) -> Iterator[None]:
+    """An audit line when `verb` fails (one that completes writes its own in its record step)."""
+    try:
+        yield
+    except BaseException as e:
+        if not ctx.target.dry_run and ctx.layout.log_dir.is_dir():
+            reason = e.message if isinstance(e, ApplianceError) else type(e).__name__
+            bundle = getattr(ctx.opts, "bundle", None)
+            with contextlib.suppress(Exception):  # the failure itself is what the administrator must see
+                audit(ctx.layout, {"event": verb, "outcome": "failed", "reason": reason, "bundle": str(bundle) if bundle else None}, ctx)
+        raise
+
+
 def record(ctx: Context, action: str) -> None:
     plan = ctx.planned()
     issued = datetime.fromisoformat(plan.issued_at.replace("Z", "+00:00"))
     now = datetime.now(timezone.utc)
-    audit(ctx.layout, {"event": action, "release": ctx.release_id, "version": plan.version,
+    audit(ctx.layout, {"event": action, "outcome": "done", "release": ctx.release_id, "version": plan.version,
                        "sequence": plan.sequence, "tier": plan.tier, "model": plan.model.id}, ctx)
     state = with_release(load_install_state(ctx.layout), release=ctx.release_id, sequence=plan.sequence, issued_at=issued,
                          action=action, at=now, info={"version": plan.version, "tier": plan.tier})

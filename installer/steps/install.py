@@ -23,7 +23,7 @@ from installer.bundle.keywrap import site_kek, unwrap_key
 from installer.bundle.manifest import MANIFEST, WHEELS, Model, canonical_json
 from installer.bundle.reader import decrypt_model_file
 from installer.planning.preflight import bundle_python, preflight, venv_estimate
-from installer.steps.activate import ACTIVATE_STEPS, REFRESH_STEPS, service_ids
+from installer.steps.activate import ACTIVATE_STEPS, REFRESH_STEPS, audited, service_ids
 from installer.steps.configure import step_config
 from installer.steps.context import Context
 from installer.steps.engine import step_engine
@@ -183,7 +183,13 @@ INSTALL_STEPS = (step_plan, step_preflight, step_confirm, step_stage, step_model
 
 
 def install(ctx: Context) -> None:
-    """The whole install or upgrade. Raises an ApplianceError on the first failure, after its event."""
+    """The whole install or upgrade. Raises an ApplianceError on the first failure, after its event
+    (and its audit line)."""
+    with audited(ctx, "upgrade" if ctx.opts.upgrade else "install"):
+        _install(ctx)
+
+
+def _install(ctx: Context) -> None:
     if ctx.opts.upgrade and current_or_none(ctx.layout) is None:
         raise UsageError(f"Nothing is installed under {ctx.layout.root} to upgrade.", "Use `appliance install DIR`.")
     removed = clean_partials(ctx.layout, ctx.target)

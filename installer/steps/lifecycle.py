@@ -14,7 +14,17 @@ from appliance.errors import ApplianceError, StateError, UsageError
 from appliance.nofollow import open_file, why
 from appliance.paths import Layout
 from appliance.state import highest_sequence, installer_dir, load_install_state
-from installer.steps.activate import audit, record, service_ids, step_enable, step_ready, step_start, step_switch, step_units
+from installer.steps.activate import (
+    audit,
+    audited,
+    record,
+    service_ids,
+    step_enable,
+    step_ready,
+    step_start,
+    step_switch,
+    step_units,
+)
 from installer.steps.configure import step_config
 from installer.steps.context import Context
 from installer.steps.framework import Skip, Step, run_steps, step
@@ -59,6 +69,11 @@ def _record_rollback(ctx: Context, progress: Any) -> str:
 
 def rollback(ctx: Context, to: str | None = None) -> str:
     """Make the previous release (or `to`) current again; returns its id."""
+    with audited(ctx, "rollback"):
+        return _rollback(ctx, to)
+
+
+def _rollback(ctx: Context, to: str | None) -> str:
     cur = current_release(ctx.layout)
     if to is not None:
         target = next((r for r in list_releases(ctx.layout) if r.id == to), None)
@@ -89,6 +104,12 @@ def rollback(ctx: Context, to: str | None = None) -> str:
 
 
 def uninstall(ctx: Context, purge: bool) -> None:
+    """Stop and remove the units and the releases; with `purge`, the data, keys, logs and install state too."""
+    with audited(ctx, "uninstall"):
+        _uninstall(ctx, purge)
+
+
+def _uninstall(ctx: Context, purge: bool) -> None:
     layout, t, r = ctx.layout, ctx.target, ctx.runner
 
     def stop(c: Context, p: Any) -> str:
@@ -118,7 +139,7 @@ def uninstall(ctx: Context, purge: bool) -> None:
 
     def remove_data(c: Context, p: Any) -> str:
         if not purge:
-            audit(layout, {"event": "uninstall", "purge": False}, c) if layout.log_dir.is_dir() else None
+            audit(layout, {"event": "uninstall", "outcome": "done", "purge": False}, c) if layout.log_dir.is_dir() else None
             raise Skip(f"kept {layout.etc}, {layout.var}, {layout.log_dir} and {layout.installer_state} (use --purge to delete them)")
         for d in (layout.etc, layout.var, layout.log_dir):
             t.remove_tree(d)
