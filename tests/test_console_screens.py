@@ -193,6 +193,7 @@ async def test_digits_switch_screens(tmp_path: Path) -> None:
 
 async def test_a_damaged_state_file_is_shown_on_the_dashboard(tmp_path: Path) -> None:
     app = make_app(tmp_path)
+    app.sources.layout.state_file.parent.mkdir(parents=True, exist_ok=True)
     app.sources.layout.state_file.write_text("{damaged")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: "cannot be read" in shown(app, "#summary"), "the problem line")

@@ -29,6 +29,7 @@ def make_root(tmp_path: Path) -> tuple[Layout, str, bytes]:
     model_key = os.urandom(32)
     (layout.etc / "model.key").write_bytes(model_key)  # a careless copy left on the host
     (layout.etc / "passphrase.txt").write_text(PASSPHRASE)
+    layout.state_file.parent.mkdir(parents=True, exist_ok=True)
     layout.state_file.write_text(json.dumps({"highest_sequence": 2, "releases": [{"version": "0.1.0", "sequence": 2}]}))
     audit.append(layout, {"event": "install", "version": "0.1.0"})
     audit.append(layout, {"event": "upgrade", "version": "0.1.1"})
