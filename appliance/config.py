@@ -48,9 +48,9 @@ class ServerConfig:
         "help": "corrections one key may send in 24 hours (one nightly run's worth); more get 429", "min": 0})
     accept_corrections: bool = field(default=False, metadata={
         "help": "use corrections from user keys without an admin's acceptance (`appliance feedback accept`)"})
-    tls_cert: str | None = field(default=None, metadata={
-        "help": "PEM certificate (chain) to serve HTTPS with; absent: plain HTTP"})
-    tls_key: str | None = field(default=None, metadata={
+    tls_cert: str = field(default="", metadata={
+        "help": "PEM certificate (chain) to serve HTTPS with, absolute as seen on the target; empty: plain HTTP"})
+    tls_key: str = field(default="", metadata={
         "help": "PEM private key of tls_cert: owned by root, mode 0600 (the server unit passes it as a credential)"})
 
 

@@ -52,7 +52,6 @@ def server_files(server: ServerConfig, layout: Layout, environ: Mapping[str, str
     when there are any, else the configured files. The configured key is checked either way."""
     if not enabled(server):
         return None
-    assert server.tls_cert and server.tls_key
     cert, key = on_target(layout, server.tls_cert), on_target(layout, server.tls_key)
     check_key(key)
     creds = (environ if environ is not None else os.environ).get("CREDENTIALS_DIRECTORY")
@@ -76,7 +75,6 @@ def client_context(server: ServerConfig, layout: Layout) -> ssl.SSLContext | Non
     file: any certificate in it is an anchor); None for plain HTTP."""
     if not enabled(server):
         return None
-    assert server.tls_cert
     ctx = ssl.create_default_context(cafile=str(on_target(layout, server.tls_cert)))
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return ctx
