@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -201,3 +202,10 @@ def test_the_anchor_goes_to_the_journal_only_for_the_host_root(tmp_path, monkeyp
     assert not seen.exists()
     anchor_mod._journal(Layout(Path("/")), a)
     assert seen.read_text() == f"-t appliance-audit -p notice\naudit anchor: file=audit.jsonl lines=7 offset=900 hash={'e' * 64} first={'f' * 64}\n"
+
+
+def test_an_anchor_directory_the_service_took_over_is_not_written(layout, caplog):
+    os.chown(layout.installer_state, 4321, 4321)
+    audit.append(layout, {"event": "key_revoked", "key_id": "k"})  # the line is written, the anchor is not moved
+    assert "must be a directory owned by root" in caplog.text and audit.read_anchor(layout).lines == 5
+    assert len(lines(layout)) == 6

@@ -23,7 +23,16 @@ from typing import Any
 from appliance.atomic import fsync_dir
 from appliance.audit.anchor import Anchor, may_anchor, read_anchor, write_anchor
 from appliance.audit.chain import GENESIS, ROTATED_EVENT, encode, seal, tail_hash
-from appliance.audit.files import chain_files, hand_to_directory_owner, last_line, line_count, locked, open_file, prune, rotation_name
+from appliance.audit.files import (
+    chain_files,
+    hand_to_directory_owner,
+    last_line,
+    line_count,
+    locked,
+    open_file,
+    prune,
+    rotation_name,
+)
 from appliance.audit.sampler import Sampler
 from appliance.audit.verify import Result, check, check_since
 from appliance.config import ConfigError, ServerConfig, validate_section
@@ -101,7 +110,11 @@ def _move_anchor(layout: Layout, retention_days: int, now: datetime, since: Anch
     except ApplianceError as e:
         return Result(False, problem=e.message)
     if result.ok and result.head is not None:
-        write_anchor(layout, replace(result.head, time=_stamp(now)))
+        try:
+            write_anchor(layout, replace(result.head, time=_stamp(now)))
+        except ApplianceError as e:  # the line is written; the command it records goes on, loudly
+            log.warning("The audit anchor was not moved: %s", e.message)
+            return Result(False, problem=e.message)
     elif not result.ok:
         log.warning("The audit chain is broken, so its anchor stays where it was: %s Run `appliance audit verify`.", result.problem)
     return result

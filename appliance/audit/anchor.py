@@ -18,9 +18,12 @@ from typing import Any
 
 from appliance.atomic import atomic_write_json
 from appliance.errors import StateError
+from appliance.nofollow import read_capped
 from appliance.paths import Layout
+from appliance.state import installer_dir
 
 JOURNAL_TAG = "appliance-audit"
+MAX_ANCHOR_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ def read_anchor(layout: Layout) -> Anchor | None:
     """The recorded anchor, or None when root never anchored this chain."""
     path = layout.audit_anchor
     try:
-        raw: Any = json.loads(path.read_bytes())
+        raw: Any = json.loads(read_capped(path, MAX_ANCHOR_BYTES))
         return Anchor(**raw)
     except FileNotFoundError:
         return None
@@ -62,10 +65,7 @@ def may_anchor(layout: Layout) -> bool:
 
 def write_anchor(layout: Layout, anchor: Anchor) -> None:
     """Record `anchor` atomically in root's directory, then (best effort) in the journal."""
-    d = layout.installer_state
-    d.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if d.is_symlink() or not d.is_dir():
-        raise StateError(f"{d} is not a directory; the audit anchor was not written.", "Move it aside and run the command again.")
+    installer_dir(layout)  # root's, and writable by no one else, or an error
     atomic_write_json(layout.audit_anchor, asdict(anchor), 0o644)
     _journal(layout, anchor)
 

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import os
 import re
-import stat
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -21,6 +20,8 @@ from typing import IO
 
 from appliance.atomic import fsync_dir
 from appliance.errors import StateError
+from appliance.nofollow import open_file as open_regular
+from appliance.nofollow import why
 
 LOCK_NAME = "audit.lock"
 ROTATED = re.compile(r"audit-(\d{8}T\d{6}Z)(?:-(\d+))?\.jsonl\Z")
@@ -54,17 +55,14 @@ def chain_files(current: Path) -> list[Path]:
 def open_file(path: Path, flags: int = os.O_RDONLY) -> int:
     """A descriptor on `path`, which must be a regular file with one name, never followed through a link."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o640)
+        fd = open_regular(path, flags, 0o640)
     except OSError as e:
-        if path.is_symlink():
-            raise StateError(f"The audit file {path} is a symbolic link; nothing was read or written through it.",
-                             "Someone replaced the file: keep the link for the investigation, move it aside, and run the command again.") from None
-        raise StateError(f"The audit file {path} cannot be opened: {e.strerror}.") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        raise StateError(f"The audit file {path} cannot be opened: {why(e)}; nothing was read or written through it.",
+                         "If someone replaced it, keep it for the investigation, move it aside, and run the command again.") from None
+    if os.fstat(fd).st_nlink != 1:
         os.close(fd)
-        what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else f"has {st.st_nlink} names (a hard link)"
-        raise StateError(f"The audit file {path} {what}; nothing was read or written.", "Move it aside and run the command again.")
+        raise StateError(f"The audit file {path} has more than one name (a hard link); nothing was read or written.",
+                         "Move it aside and run the command again.")
     return fd
 
 
