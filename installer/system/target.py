@@ -120,7 +120,11 @@ class Target:
         """A fresh directory only root can enter (0700), as a descriptor: what is written there through it
         is out of the service user's reach even though the directory holding it is the service's."""
         with _parent(path) as parent:
-            os.mkdir(path.name, 0o700, dir_fd=parent)
+            try:
+                os.mkdir(path.name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                raise StateError(f"{path} appeared while the installer was about to make it; nothing was written there.",
+                                 "Something under that directory is interfering with the install: find it, then run the command again.") from None
             fd = open_child(parent, os.fstat(parent), path.name, path)
             try:
                 st = os.fstat(fd)
