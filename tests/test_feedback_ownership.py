@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -160,3 +161,54 @@ def test_a_store_from_before_ownership_opens_and_keeps_its_feedback(tmp_path):
     with FeedbackStore(path) as store:
         (ex,) = store.examples_since(0)
         assert (ex.status, ex.key_id, ex.corrected) == ("accepted", None, "b")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_console_screen_lists_held_corrections_and_accepts_one(client, root, engine, tmp_path):
+    from appliance.console.app import ConsoleApp
+    from appliance.console.screens.feedback import FeedbackScreen
+    from appliance.console.sources.recorded import recorded_sources
+    from appliance.console.sources.server import ServerClient
+    from tests.server_fixtures import live_server
+
+    first = exchange(client, root.user_key, "Where is the [bold]manual[/bold]?")
+    rate(client, root.user_key, first, -1, "On the shelf.")
+    second = exchange(client, root.user_key, "Second question")
+    rate(client, root.user_key, second, -1, "Not this one.")
+    cfg = root.config
+    app_under_test = create_app(Settings(root.layout, cfg.server, cfg.model.id, own_engine=False, watch_adapters=False), engine)
+    with live_server(app_under_test) as url:
+        sources = recorded_sources(Path(__file__).parent / "fixtures" / "console", tmp_path / "croot")
+        sources._server = ServerClient(url, lambda: root.admin_key, timeout=30)
+        console = ConsoleApp(sources)
+        async with console.run_test(size=(100, 30)) as pilot:
+            screen = FeedbackScreen()
+            await console.push_screen(screen)
+            table = screen.query_one("DataTable")
+            for _ in range(200):
+                if table.row_count >= 2:
+                    break
+                await pilot.pause(0.05)
+            held = {e.request_id: e.row for e in FeedbackStore(root.layout.data / "feedback.sqlite3").feedback("held")}
+            assert table.row_count == len(held) >= 2
+            footer = {(k.key, k.description) for k in screen.query("FooterKey")}
+            assert {("a", "Accept"), ("x", "Reject")} <= footer
+            row_of_first = [str(k.value) for k in table.rows].index(str(held[first]))
+            table.move_cursor(row=row_of_first)
+            await pilot.press("a")
+            for _ in range(200):
+                if table.row_count == len(held) - 1:
+                    break
+                await pilot.pause(0.05)
+            assert table.row_count == len(held) - 1
+            assert any("Accepted" in str(n.message) for n in console._notifications)
+        sources._server.close()
+    with FeedbackStore(root.layout.data / "feedback.sqlite3") as store:
+        accepted = [e for e in store.examples_since(0) if e.request_id == first]
+        still_held = {e.request_id for e in store.feedback("held")}
+    assert accepted and accepted[0].corrected == "On the shelf." and first not in still_held and second in still_held

@@ -139,6 +139,17 @@ class ServerClient:
         self._raise_for(r, "the adapter reload")
         return r.json().get("adapter")
 
+    def held_feedback(self) -> list[dict[str, Any]]:
+        """Corrections from `user` keys that wait for an admin (GET /admin/feedback)."""
+        r = self._request("GET", "/admin/feedback", params={"status": "held"})
+        self._raise_for(r, "the list of held corrections")
+        return list(r.json())
+
+    def decide_feedback(self, feedback_id: int, accept: bool) -> dict[str, Any]:
+        r = self._request("POST", f"/admin/feedback/{int(feedback_id)}/{'accept' if accept else 'reject'}")
+        self._raise_for(r, f"the decision on correction {feedback_id}")
+        return dict(r.json())
+
     def chat_stream(self, messages: list[dict[str, str]], model: str | None, max_tokens: int = 256,
                     temperature: float = 1.0) -> Iterator[str]:
         """Yield the answer's text as the server streams it (SSE chunks until `data: [DONE]`)."""
