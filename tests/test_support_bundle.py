@@ -84,7 +84,9 @@ def test_support_bundle_has_every_section_and_no_secret(tmp_path: Path) -> None:
 def test_support_bundle_reports_a_broken_audit_chain(tmp_path: Path) -> None:
     layout, api_key, _ = make_root(tmp_path)
     lines = layout.audit_log.read_text().splitlines(keepends=True)
-    layout.audit_log.write_text(lines[0].replace("install", "instal1") + "".join(lines[1:]))
+    i = next(n for n, x in enumerate(lines) if '"event": "install"' in x)  # after the key's creation
+    lines[i] = lines[i].replace("install", "instal1")
+    layout.audit_log.write_text("".join(lines))
     files = collect(layout, recorded_runner(api_key))
     result = json.loads(files["audit.json"])
     assert result["ok"] is False and result["first_bad_line"] is not None
