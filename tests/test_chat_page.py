@@ -29,7 +29,7 @@ from appliance.cli.demo import QUESTION
 from appliance.server import chat_page
 from appliance.server.app import Settings, create_app
 from tests import scripted_engine as scripted
-from tests.server_fixtures import REPO, Root, free_port, live_server, make_root
+from tests.server_fixtures import REPO, Root, free_port, install_adapter, live_server, make_root
 from tests.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,6 +38,7 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chro
 STATIC = REPO / "appliance" / "server" / "chat_page"
 HOSTILE = '<script>alert("from the model")</script><img src=x onerror="alert(2)"> <b>bold</b> &amp; done'
 CORRECTION = "The Seine flows through Paris."
+ADAPTER = "site-1"
 
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -75,6 +76,14 @@ class Watched:
         self.page.fill("#question", question)
         self.page.press("#question", "Enter")
 
+    def answer(self, n: int, timeout_s: float) -> Any:
+        """The n-th reply, once it is complete; a failure if the page shows an error there instead."""
+        reply = self.page.locator(".message.assistant").nth(n)
+        reply.locator(".meta, .error").first.wait_for(timeout=timeout_s * 1000)
+        errors = reply.locator(".error")
+        assert errors.count() == 0, errors.first.text_content()
+        return reply
+
     def close(self) -> None:
         self.context.close()
 
@@ -108,10 +117,11 @@ def hostile_server(scripted_root: Root) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Iterator[tuple[str, Root]]:
-    """`appliance serve` as the server unit runs it, on SmolLM2, on loopback."""
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, random_lora: Path) -> Iterator[tuple[str, Root]]:
+    """`appliance serve` as the server unit runs it, on SmolLM2 with an active adapter (ADAPTER), on loopback."""
     tmp = tmp_path_factory.mktemp("chat-smollm2")
-    root = make_root(tmp / "root", smollm2_gguf)
+    root = make_root(tmp / "root", smollm2_gguf, context=2048)  # room for two questions and their answers
+    install_adapter(root.layout, ADAPTER, random_lora)
     port = free_port()
     log_path = tmp / "serve.log"
     with log_path.open("wb") as log:
@@ -155,13 +165,12 @@ def test_staff_member_asks_rates_and_corrects_the_real_model(browser, smollm2_se
                 if (t) window.seen.push(t.textContent.length); })
             .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
         w.ask(QUESTION)
-        first = page.locator(".message.assistant").nth(0)
-        first.locator(".meta").wait_for(timeout=240_000)
+        first = w.answer(0, timeout_s=240)
         answer = first.locator(".text").text_content() or ""
         lengths = [n for n in page.evaluate("window.seen") if n]
         assert answer.strip(), "no answer was shown"
         assert len(set(lengths)) >= 3 and lengths == sorted(lengths), f"the answer did not grow piece by piece: {lengths}"
-        assert first.locator(".meta").text_content() == f"Answered by {root.config.model.id} (base model, no adapter)"
+        assert first.locator(".meta").text_content() == f"Answered by {root.config.model.id} with adapter {ADAPTER}"
 
         first.locator(".rate-up").click()
         first.locator(".rate-up.chosen").wait_for(timeout=30_000)
@@ -169,8 +178,7 @@ def test_staff_member_asks_rates_and_corrects_the_real_model(browser, smollm2_se
         assert first.locator("button:enabled").count() == 0  # one rating an answer, as the server takes them
 
         w.ask("And which river flows through it?")  # the conversation goes on: the page sends what came before
-        second = page.locator(".message.assistant").nth(1)
-        second.locator(".meta").wait_for(timeout=240_000)
+        second = w.answer(1, timeout_s=240)
         second.locator(".correct").click()
         box = second.locator(".correction textarea")
         assert box.input_value() == second.locator(".text").text_content()  # starts from the answer given
@@ -178,17 +186,18 @@ def test_staff_member_asks_rates_and_corrects_the_real_model(browser, smollm2_se
         second.locator(".correction button[type=submit]").click()
         second.locator(".correct.chosen").wait_for(timeout=30_000)
         assert (second.locator(".status").text_content() or "").startswith("Thank you")
+        assert second.locator(".sent-correction").text_content() == f"Your correction: {CORRECTION}"
         if shot := os.environ.get("APPLIANCE_CHAT_SCREENSHOT"):
             page.mouse.move(0, 0)
             page.screenshot(path=shot, full_page=True)
 
     db = sqlite3.connect(root.layout.data / "feedback.sqlite3")
     try:  # held for an admin or accepted (`[server] accept_corrections`): in the store either way
-        rows = db.execute("SELECT f.rating, f.corrected, e.model, e.messages FROM feedback f "
+        rows = db.execute("SELECT f.rating, f.corrected, e.adapter, e.messages FROM feedback f "
                           "JOIN exchanges e ON e.request_id = f.request_id ORDER BY f.row").fetchall()
     finally:
         db.close()
-    assert [(r[0], r[1], r[2]) for r in rows] == [(1, None, root.config.model.id), (-1, CORRECTION, root.config.model.id)]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(1, None, ADAPTER), (-1, CORRECTION, ADAPTER)]
     assert [[m["role"] for m in json.loads(r[3])] for r in rows] == [["user"], ["user", "assistant", "user"]]
 
 
@@ -198,8 +207,7 @@ def test_markup_in_an_answer_shows_as_text_and_never_runs(browser, hostile_serve
         page = w.page
         w.log_in(hostile_server, scripted_root.user_key)
         w.ask("Say something dangerous.")
-        reply = page.locator(".message.assistant")
-        reply.locator(".meta").wait_for(timeout=60_000)
+        reply = w.answer(0, timeout_s=60)
         assert reply.locator(".text").text_content() == HOSTILE
         assert reply.locator(".text *").count() == 0  # not one element made from the model's text
         assert page.evaluate("[...document.scripts].map(s => s.getAttribute('src'))") == ["chat.js"]
@@ -219,6 +227,22 @@ def test_a_wrong_key_is_refused_with_a_clear_message(browser, hostile_server):
                                         "Ask your administrator for a key (appliance keys create --role user).")
         assert page.locator("#chat").is_hidden()
         assert page.evaluate("sessionStorage.getItem('appliance.apiKey')") is None
+
+
+@needs_chromium
+def test_a_conversation_too_long_for_the_model_says_to_start_a_new_one(browser, hostile_server, scripted_root):
+    with watched(browser) as w:
+        page = w.page
+        w.log_in(hostile_server, scripted_root.user_key)
+        w.ask("x" * (scripted_root.config.model.context_length + 1))  # one token a character
+        error = page.locator(".message.assistant .error")
+        error.wait_for(timeout=30_000)
+        assert error.text_content() == ("This conversation is now longer than the model can read at once. "
+                                        "Start a new conversation (the button at the top) and ask again.")
+        page.click("#new-chat")
+        assert page.locator("#messages > li").count() == 0
+        w.ask("Hello?")  # what was too long is not sent again
+        assert w.answer(0, timeout_s=60).locator(".text").text_content() == HOSTILE
 
 
 # --- the page's responses and files ----------------------------------------------------------------

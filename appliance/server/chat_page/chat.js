@@ -10,6 +10,9 @@
   const REFUSED = "That key was not accepted: it is unknown or has been revoked. " +
     "Ask your administrator for a key (appliance keys create --role user).";
 
+  const TOO_LONG = "This conversation is now longer than the model can read at once. " +
+    "Start a new conversation (the button at the top) and ask again.";
+
   const $ = (id) => document.getElementById(id);
   const state = { base: null, history: [], busy: false };
 
@@ -31,18 +34,24 @@
     return fetch(API + path, { ...options, headers, credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer" });
   }
 
-  async function errorText(response) {
+  // The server's error ({message, code}) from a response that is not ok.
+  async function apiError(response) {
     try {
       const body = await response.json();
-      if (body && body.error && typeof body.error.message === "string") return body.error.message;
+      if (body && body.error && typeof body.error.message === "string") return body.error;
     } catch (_) { /* not JSON: fall through */ }
-    return `The server answered ${response.status} ${response.statusText}.`;
+    return { message: `The server answered ${response.status} ${response.statusText}.`, code: null };
+  }
+
+  async function errorText(response) {
+    return (await apiError(response)).message;
   }
 
   // --- the key ---------------------------------------------------------------------------------
   function showLogin(message) {
     $("chat").hidden = true;
     $("logout").hidden = true;
+    $("new-chat").hidden = true;
     $("login").hidden = false;
     say($("login-error"), message);
     $("key").focus();
@@ -52,6 +61,7 @@
     $("login").hidden = true;
     $("chat").hidden = false;
     $("logout").hidden = false;
+    $("new-chat").hidden = false;
     say($("login-error"), "");
     $("question").focus();
   }
@@ -137,7 +147,10 @@
         forget(REFUSED);
         return;
       }
-      if (!response.ok) throw new Error(await errorText(response));
+      if (!response.ok) {
+        const error = await apiError(response);
+        throw new Error(error.code === "context_length_exceeded" ? TOO_LONG : error.message);
+      }
       complete = await readEvents(response, (chunk) => {
         if (chunk.error) throw new Error(chunk.error.message);
         answer.id = chunk.id || answer.id;
@@ -200,6 +213,7 @@
       if (message.ok) {
         chosen.classList.add("chosen");
         form.hidden = true;
+        if (corrected) box.append(el("div", "sent-correction", `Your correction: ${corrected}`));
       }
     }
     up.addEventListener("click", () => send(1, null, up));
@@ -257,10 +271,17 @@
         input.value = "";
       }
     });
-    $("logout").addEventListener("click", () => {
+    const newConversation = () => {
       state.history = [];
       $("messages").replaceChildren();
+    };
+    $("logout").addEventListener("click", () => {
+      newConversation();
       forget("");
+    });
+    $("new-chat").addEventListener("click", () => {
+      newConversation();
+      $("question").focus();
     });
     $("ask-form").addEventListener("submit", async (event) => {
       event.preventDefault();
