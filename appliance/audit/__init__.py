@@ -46,13 +46,25 @@ __all__ = ["GENESIS", "Anchor", "Result", "Sampler", "append", "limits", "read_a
 def limits(layout: Layout) -> tuple[int, int]:
     """(audit_rotate_bytes, audit_retention_days) from [server] of appliance.toml; the defaults
     when there is no config (or it is broken: the audit line matters more than the setting)."""
-    defaults = ServerConfig()
+    try:
+        st = os.stat(layout.config_file)
+        stamp: tuple[Any, ...] = (str(layout.config_file), st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        stamp = (str(layout.config_file),)
+    cached = _limits_cache.get("entry")
+    if cached is not None and cached[0] == stamp:  # the server appends per request: parse the file when it changes
+        return cached[1]
     try:
         raw = tomllib.loads(layout.config_file.read_text())
         server = validate_section(ServerConfig, "server", raw.get("server"))
     except (OSError, ValueError, ConfigError):
-        server = defaults
-    return server.audit_rotate_bytes, server.audit_retention_days
+        server = ServerConfig()
+    value = (server.audit_rotate_bytes, server.audit_retention_days)
+    _limits_cache["entry"] = (stamp, value)
+    return value
+
+
+_limits_cache: dict[str, tuple[tuple[Any, ...], tuple[int, int]]] = {}
 
 
 def _now() -> datetime:
