@@ -209,3 +209,13 @@ def test_an_anchor_directory_the_service_took_over_is_not_written(layout, caplog
     audit.append(layout, {"event": "key_revoked", "key_id": "k"})  # the line is written, the anchor is not moved
     assert "must be a directory owned by root" in caplog.text and audit.read_anchor(layout).lines == 5
     assert len(lines(layout)) == 6
+
+
+def test_a_torn_last_line_is_ended_and_reported_not_merged_into_the_next(layout):
+    with layout.audit_log.open("ab") as f:
+        f.write(b'{"event": "request", "n": 5, "pr')  # power lost mid-write
+    audit.append(layout, {"event": "request", "n": 6}, anchor=False)
+    ls = lines(layout)
+    assert ls[5] == '{"event": "request", "n": 5, "pr' and json.loads(ls[6])["n"] == 6
+    r = audit.verify_log(layout, anchor=False)
+    assert not r.ok and r.bad_line == 6 and "line 6 is not a line the writer produced: it is not JSON" in r.problem

@@ -106,7 +106,10 @@ def _write(path: Path, rec: dict[str, Any], rotate_bytes: int, retention_days: i
             hand_to_directory_owner(fd, path.parent)
             prev = _continue(f, path, now)
         else:
-            prev = tail_hash(last_line(f))
+            tail = last_line(f)
+            if not tail.endswith(b"\n"):  # a write torn by power loss: end it, so the next line stands on its own
+                f.write(b"\n")
+            prev = tail_hash(tail)
         line = seal(prev, rec)
         f.write(encode(line))
         f.flush()
