@@ -91,7 +91,8 @@ def test_the_real_server_speaks_https_to_the_openai_client_and_refuses_plain_htt
                 return False
 
         wait_until(ready, "the server answered over HTTPS", 240, every=0.5)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=root.user_key, max_retries=0, http_client=trusting)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=root.user_key, max_retries=0,
+                               http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(cert))))
         reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4,
                                                temperature=0)
         assert reply.choices[0].message.content and reply.usage.completion_tokens <= 4

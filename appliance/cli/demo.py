@@ -150,12 +150,11 @@ def _serve(layout: Layout, work: Path) -> str:
 
 
 def _ask(base: str, key: str, layout: Layout) -> None:
-    import httpx
-    from openai import OpenAI
+    from openai import DefaultHttpxClient, OpenAI
 
     trust = _trust(layout)
     client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=300,
-                    http_client=httpx.Client(verify=trust) if trust else None)
+                    http_client=DefaultHttpxClient(verify=trust) if trust else None)
     model = client.models.list().data[0].id
     _say(f"asking {model} through the official openai client: {QUESTION!r}")
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0)

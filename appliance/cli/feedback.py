@@ -63,13 +63,16 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
     layout = Layout.at(args.root)
     accept = args.feedback_verb == "accept"
+    if not args.id.isdecimal():
+        raise ApplianceError(f"{args.id!r} is not a feedback id; ids are numbers.", "Run `appliance feedback list --held` to see them.")
+    feedback_id = int(args.id)
     with _store(layout) as store:
         try:
-            ex = store.decide(args.id, accept)
+            ex = store.decide(feedback_id, accept)
         except KeyError:
             raise ApplianceError(f"There is no held correction {args.id}.",
                                  "Run `appliance feedback list --held` to see their ids.") from None
-    audit.append(layout, {"event": f"correction_{args.feedback_verb}ed", "feedback": args.id, "request_id": ex.request_id, "by": "cli"})
+    audit.append(layout, {"event": f"correction_{args.feedback_verb}ed", "feedback": feedback_id, "request_id": ex.request_id, "by": "cli"})
     print(f"{args.feedback_verb}ed correction {args.id}" + (f" (now feedback {ex.row}; the next training run uses it)" if accept else ""))
     return 0
 
@@ -83,5 +86,5 @@ def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentPa
     ls.set_defaults(func=cmd_list)
     for verb, what in (("accept", "the trainer uses it from its next run"), ("reject", "the trainer never uses it")):
         d = fs.add_parser(verb, help=f"{verb} a held correction: {what}", parents=[root_parent])
-        d.add_argument("id", type=int, help="its id, from `appliance feedback list --held`")
+        d.add_argument("id", help="its id (a number), from `appliance feedback list --held`")
         d.set_defaults(func=cmd_decide)
