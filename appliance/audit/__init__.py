@@ -117,21 +117,24 @@ def _write(path: Path, rec: dict[str, Any], rotate_bytes: int, retention_days: i
     return line
 
 
-def _move_anchor(layout: Layout, retention_days: int, now: datetime, since: Anchor | None = None) -> Result:
-    """Under the lock: check from the anchored line (or `since`) to the head; when intact, anchor the head."""
+def _move_anchor(layout: Layout, retention_days: int, now: datetime, since: Anchor | None = None) -> Result | None:
+    """Under the lock: check from the anchored line (or `since`, a head just checked) to the head;
+    when intact, anchor the head. None when there is no anchored line to start from: only a check
+    of the whole chain, outside the lock, can start the anchor (`verify_log`)."""
     try:
-        old = read_anchor(layout)
-        result = check_since(layout.audit_log, since or old, retention_days, now=now)
+        start = since or read_anchor(layout)
+        result = check_since(layout.audit_log, start, retention_days, now=now) if start else None
     except ApplianceError as e:
         return Result(False, problem=e.message)
+    if result is None:
+        return None
     if result.ok and result.head is not None:
         try:
             write_anchor(layout, replace(result.head, time=_stamp(now)))
         except ApplianceError as e:  # the line is written; the command it records goes on, loudly
-            log.warning("The audit anchor was not moved: %s", e.message)
-            return Result(False, problem=e.message)
-    elif not result.ok:
-        log.warning("The audit chain is broken, so its anchor stays where it was: %s Run `appliance audit verify`.", result.problem)
+            result = Result(False, problem=e.message)
+    if not result.ok:
+        log.warning("The audit anchor stays where it was: %s Run `appliance audit verify`.", result.problem)
     return result
 
 
@@ -147,10 +150,12 @@ def append(layout: Layout, record: dict[str, Any], path: Path | None = None, *, 
     if (sudo := os.environ.get("SUDO_UID", "")).isdigit():  # root's command, run through sudo by this user
         rec.setdefault("sudo_uid", int(sudo))
     rotate_bytes, retention_days = limits(layout)
+    anchoring = path == layout.audit_log and (may_anchor(layout) if anchor is None else anchor)
     with locked(path.parent):
         line = _write(path, rec, rotate_bytes, retention_days)
-        if path == layout.audit_log and (may_anchor(layout) if anchor is None else anchor):
-            _move_anchor(layout, retention_days, now)
+        moved = _move_anchor(layout, retention_days, now) if anchoring else False
+    if moved is None:  # no anchored line to start from: check the whole chain without holding up the server
+        verify_log(layout, anchor=True)
     return line
 
 
@@ -161,10 +166,14 @@ def verify_log(layout: Layout, path: Path | None = None, *, anchor: bool | None 
     if path is not None and Path(path) != layout.audit_log:
         return check(Path(path), read_anchor(layout), retention_days, only=[Path(path)])
     result = check(layout.audit_log, read_anchor(layout), retention_days)
-    if result.ok and result.head is not None and (may_anchor(layout) if anchor is None else anchor):
+    if not result.ok:
+        if anchor is not False and may_anchor(layout):
+            log.warning("The audit anchor stays where it was: %s", result.problem)
+        return result
+    if result.head is not None and (may_anchor(layout) if anchor is None else anchor):
         with locked(layout.log_dir):  # only the lines appended since the check are read under the lock
             moved = _move_anchor(layout, retention_days, _now(), since=replace(result.head, time=_now().isoformat()))
-        if not moved.ok:
+        if moved is not None and not moved.ok:
             return moved
     return result
 

@@ -149,25 +149,27 @@ def _first_hash(path: Path) -> str | None:
         return None
 
 
-def check_since(current: Path, anchor: Anchor | None, retention_days: int, *, now: datetime | None = None) -> Result:
-    """What root checks before moving the anchor: from the anchored line to the end, when that line
-    is where the anchor says; otherwise the whole chain (which then names what is wrong)."""
+def _anchored_file(files: list[Path], anchor: Anchor) -> int | None:
+    """The index of the file whose line `anchor.lines` is the anchored line, if that is still so."""
+    try:
+        at = next((i for i in reversed(range(len(files))) if _first_hash(files[i]) == anchor.first), None)
+        if at is None:
+            return None
+        with _open(files[at]) as f:
+            size = f.seek(0, os.SEEK_END)
+            raw = last_line(f, anchor.offset) if size >= anchor.offset else b""
+        return at if parse(raw)["hash"] == anchor.hash else None
+    except (StateError, BadLine):
+        return None
+
+
+def check_since(current: Path, anchor: Anchor, retention_days: int, *, now: datetime | None = None) -> Result | None:
+    """What root checks before moving the anchor: from the anchored line to the end; None when that
+    line is not where the anchor says (then only the whole chain, `check`, can say what is wrong)."""
     files = chain_files(current)
-    try:
-        at = next((i for i in reversed(range(len(files))) if anchor and _first_hash(files[i]) == anchor.first), None)
-    except StateError:
-        at = None
-    if anchor is None or at is None:
-        return check(current, anchor, retention_days, now=now)
-    with _open(files[at]) as f:
-        size = f.seek(0, os.SEEK_END)
-        raw = last_line(f, anchor.offset) if size >= anchor.offset else b""
-    try:
-        intact = parse(raw)["hash"] == anchor.hash
-    except BadLine:
-        intact = False
-    if not intact:
-        return check(current, anchor, retention_days, now=now)
+    at = _anchored_file(files, anchor)
+    if at is None:
+        return None
     walk = _Walk(anchor, retention_days, now or datetime.now(timezone.utc), relaxed=False)
     walk.anchor_seen = True
     walk.head = replace(anchor, time="")
