@@ -101,7 +101,8 @@ async def test_install_screen_plans_on_a_recorded_machine_and_every_no_changes_n
         await until(pilot, lambda: dialog(app) is not None, "the fingerprint question")
         await pilot.press("n")  # not the vendor's key: nothing happens, the reason is shown
         await until(pilot, lambda: any("not confirmed" in str(n.message) for n in app._notifications), "the refusal")
-        screen.action_back()
+        await pilot.press("escape")  # back to the bundle list
+        await until(pilot, lambda: str(screen.query_one("ContentSwitcher").current) == "pick", "the bundle list again")
         screen.query_one("#bundles").focus()
         await pilot.press("enter")
         await until(pilot, lambda: dialog(app) is not None, "the fingerprint question again")

@@ -172,11 +172,11 @@ def test_quoted_error_messages_are_the_codes() -> None:
 
 
 def test_console_screens_are_the_apps() -> None:
-    from appliance.console.widgets.nav import SCREENS
+    from appliance.console.app import PAGES
 
     text = re.sub(r"\s+", " ", DOC.read_text())
-    for key, _mode, label in SCREENS:
-        assert f"{key} {label}" in text, f"the console section does not list screen {key} {label}"
+    for key, page in enumerate(PAGES, 1):
+        assert f"{key} {page.label}" in text, f"the console section does not list screen {key} {page.label}"
 
 
 # --- the run ------------------------------------------------------------------------------------

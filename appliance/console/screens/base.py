@@ -23,6 +23,13 @@ class ConsoleScreen(Screen[None]):
         if event.state == WorkerState.ERROR and event.worker.error is not None:
             self.app.show_error(event.worker.error)  # type: ignore[attr-defined]
 
+    def can_step_back(self) -> bool:
+        """A screen of several steps (Install) goes back a step on Escape before the app goes back a screen."""
+        return False
+
+    def step_back(self) -> None:
+        """The step before; called only when can_step_back() says there is one."""
+
     def busy(self, group: str) -> bool:
         """A poll still running (e.g. a slow server) is not started again on top of itself."""
         return any(w.group == group and w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in self.workers)

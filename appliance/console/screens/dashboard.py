@@ -163,11 +163,12 @@ class DashboardScreen(ConsoleScreen):
             t.append("\n").append_text(text(o.problem, "bold red"))
         self.query_one("#summary", Static).update(t)
         table = Table.grid(padding=(0, 1))
-        for u in o.units:
-            table.add_row(text(u.name.removeprefix("appliance-").removesuffix(".service")),
-                          text(u.state, STATE_STYLE.get(u.state.split(" ")[0], "")))
+        table.add_column(no_wrap=True)
+        table.add_column()
+        for u in o.units:  # named as systemctl and journalctl take them
+            table.add_row(text(u.name), text(u.state, STATE_STYLE.get(u.state.split(" ")[0], "")))
             if u.detail:
-                table.add_row(Text(""), text(_short_time(u.detail), "dim"))
+                table.add_row(text("  " + _short_time(u.detail), "dim"), Text(""))
         self.query_one("#units", Static).update(table)
         self.query_one("#last-run", Static).update(self._run_panel(m.last_run))
         self.complete = True
@@ -203,10 +204,10 @@ class DashboardScreen(ConsoleScreen):
         t.append(f"\nqueue {_fmt(s.queue_depth, digits=0):>7}   decoding {_fmt(s.active, digits=0):>4}")
         return t
 
-    @staticmethod
-    def _run_panel(r: RunRow | None) -> Text:
+    def _run_panel(self, r: RunRow | None) -> Text:
         if r is None:
-            return Text("none yet; the trainer timer runs nightly, or press 3 then t to train now", style="dim")
+            key = self.app.digit("training")  # type: ignore[attr-defined]
+            return Text(f"none yet; the trainer timer runs nightly, or press {key} then t to train now", style="dim")
         style = {"promoted": "green", "kept": "yellow", "failed": "bold red", "running": "cyan"}.get(r.status, "")
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append_text(text(r.date or r.id)).append("  ").append_text(text(r.status or "?", style))

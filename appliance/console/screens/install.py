@@ -80,7 +80,7 @@ class ProgressRow(Horizontal):
 
 class InstallScreen(ConsoleScreen):
     NAV = "install"
-    BINDINGS = [Binding("ctrl+r", "rescan", "Rescan"), Binding("escape", "back", "Back")]
+    BINDINGS = [Binding("ctrl+r", "rescan", "Rescan")]  # Escape: the app's Back, which asks can_step_back()
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,9 +146,21 @@ class InstallScreen(ConsoleScreen):
         elif event.input.id in ("key-file", "passphrase"):
             self.query_one("#go", Button).press()
 
-    def action_back(self) -> None:
-        if not self.running:
-            self.query_one(ContentSwitcher).current = "pick"
+    def show_step(self, step: str) -> None:
+        self.query_one(ContentSwitcher).current = step
+        focused = self.focused
+        if focused is not None and step not in {node.id for node in focused.ancestors}:
+            self.set_focus(None)  # not to a hidden input of another step, where keys would go unseen
+        self.refresh_bindings()  # whether Escape goes back a step or a screen
+
+    def can_step_back(self) -> bool:
+        return not self.running and self.query_one(ContentSwitcher).current != "pick"
+
+    def step_back(self) -> None:
+        self.show_step("pick")
+        bundles = self.query_one("#bundles", DataTable)
+        if bundles.row_count:
+            bundles.focus()
 
     # -- verify -------------------------------------------------------------------------------
     def confirm(self, question: str) -> bool:
@@ -176,7 +188,7 @@ class InstallScreen(ConsoleScreen):
         self.query_one("#files", VerticalScroll).remove_children()
         self.rows.clear()
         self.query_one("#verify-title", Static).update(text(f"Verifying {bundle}: signature, then every file's size and SHA-256"))
-        self.query_one(ContentSwitcher).current = "verify"
+        self.show_step("verify")
         self.check(bundle)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="install")
@@ -223,7 +235,7 @@ class InstallScreen(ConsoleScreen):
             table.move_cursor(row=list(p.tiers).index(p.chosen))
         if m.key_file:
             self.query_one("#key-file", Input).value = str(m.key_file)
-        self.query_one(ContentSwitcher).current = "plan"
+        self.show_step("plan")
         self.query_one("#key-file", Input).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
@@ -239,8 +251,8 @@ class InstallScreen(ConsoleScreen):
         self.query_one("#steps", VerticalScroll).remove_children()
         self.rows.clear()
         self.query_one("#install-result", Static).update("")
-        self.query_one(ContentSwitcher).current = "run"
         self.running = True
+        self.show_step("run")
         self.run_install(tier if tier != (self.checked.plan.chosen.name if self.checked.plan.chosen else None) else None,
                          Path(key).expanduser() if key else None, passphrase or None)
 
@@ -282,10 +294,11 @@ class InstallScreen(ConsoleScreen):
 
     def on_finished(self, m: Finished) -> None:
         self.running = False
+        self.refresh_bindings()
         out = self.query_one("#install-result", Static)
         if m.error is None:
             out.update(Text(m.summary, style="bold green"))
-            self.notify("Install finished. The Dashboard (1) shows the server.", markup=False)
+            self.notify(f"Install finished. The Dashboard ({self.app.digit('dashboard')}) shows the server.", markup=False)  # type: ignore[attr-defined]
         else:
             out.update(error_text(m.error, "Install failed: "))
             self.app.show_error(m.error)  # type: ignore[attr-defined]

@@ -30,7 +30,8 @@ class LogLines(Message):
 
 class LogsScreen(ConsoleScreen):
     NAV = "logs"
-    BINDINGS = [Binding("slash", "focus_filter", "Filter"), Binding("escape", "clear_filter", "Clear filter", show=False),
+    # Escape in the filter clears it and leaves it; elsewhere it is the app's Back.
+    BINDINGS = [Binding("slash", "focus_filter", "Filter"), Binding("escape", "clear_filter", "Clear filter"),
                 Binding("f", "toggle_follow", "Follow")]
 
     def __init__(self) -> None:
@@ -90,6 +91,11 @@ class LogsScreen(ConsoleScreen):
 
     def action_focus_filter(self) -> None:
         self.query_one("#filter", Input).focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "clear_filter":
+            return self.focused is self.query_one("#filter", Input)
+        return True
 
     def action_clear_filter(self) -> None:
         self.query_one("#filter", Input).value = ""

@@ -36,8 +36,7 @@ class AnswerDone(Message):
 
 class PlaygroundScreen(ConsoleScreen):
     NAV = "playground"
-    BINDINGS = [Binding("ctrl+l", "clear", "Clear chat"), Binding("ctrl+t", "toggle_adapter", "Adapter on/off"),
-                Binding("escape", "leave_input", "Leave the prompt", show=False)]
+    BINDINGS = [Binding("ctrl+l", "clear", "Clear chat"), Binding("ctrl+t", "toggle_adapter", "Adapter on/off")]
     TEMPERATURE = 0.2  # small models ramble at the API default of 1.0
 
     def __init__(self) -> None:
@@ -66,9 +65,6 @@ class PlaygroundScreen(ConsoleScreen):
     def action_clear(self) -> None:
         self.history.clear()
         self.query_one("#chat", VerticalScroll).remove_children()
-
-    def action_leave_input(self) -> None:
-        self.query_one("#chat", VerticalScroll).focus()  # so digits switch screens again
 
     def say(self, who: str, style: str, body: str) -> Static:
         msg = Static(Text(f"{who}: ", style=style).append_text(text(body)), classes="msg")
