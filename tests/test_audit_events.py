@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from appliance import adapters as reg
 from appliance import apikeys, audit
 from appliance.cli import main
@@ -85,3 +87,30 @@ def test_training_runs_are_audited_with_their_outcome(trainer_root: TrainerRoot)
     assert [(e["event"], e["run"]) for e in ev] == [("training_started", report["id"]), ("training_finished", report["id"])]
     assert ev[1]["outcome"] == "skipped" and "min_new_examples = 5" in ev[1]["reason"] and ev[1]["adapter"] is None
     assert ev[0]["uid"] == os.getuid() and ev[1]["seconds"] >= 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_key_made_and_revoked_in_the_console_is_audited(tmp_path, anyio_backend):
+    from tests.test_console_screens import make_app, until
+
+    app = make_app(tmp_path, first="keys")
+    layout = app.sources.layout
+    before = len(events(layout))
+    async with app.run_test(size=(80, 24)) as pilot:
+        table = app.screen.query_one("DataTable")
+        await until(pilot, lambda: table.row_count == 3, "the key list")
+        await pilot.press("u")
+        await until(pilot, lambda: type(app.screen).__name__ == "SecretDialog", "the new key")
+        key_id = apikeys.verify(layout, app.screen.secret).id
+        await pilot.press("c")
+        await pilot.press("escape")
+        keys_screen = app.screen
+        await until(pilot, lambda: keys_screen.query_one("DataTable").row_count == 4, "the list with the new key")
+        keys_screen.query_one("DataTable").move_cursor(row=3)
+        await pilot.press("r")
+        await until(pilot, lambda: type(app.screen).__name__ == "ConfirmDialog", "the confirmation")
+        await pilot.press("y")
+        await until(pilot, lambda: len(events(layout)) == before + 2, "the revocation's audit line")
+    assert [(e["event"], e["key_id"], e["role"]) for e in events(layout, before)] == [
+        ("key_created", key_id, "user"), ("key_revoked", key_id, "user")]
