@@ -42,6 +42,9 @@ def _read(path: Path) -> dict[str, Any] | None:
     except OSError as e:
         raise StateError(f"The state file {path} cannot be read: {why(e)}.",
                          "Restore it from backup; it records which bundle sequence is installed.") from None
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(f"The state file {path} is larger than {MAX_STATE_BYTES >> 20} MiB; it is not the installer's.",
+                         "Restore it from backup; it records which bundle sequence is installed.")
     try:
         data = json.loads(raw)
     except ValueError as e:
