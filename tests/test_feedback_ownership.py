@@ -135,6 +135,8 @@ def test_admins_review_held_corrections_over_the_api(client, root):
     rid = exchange(client, root.user_key, "How do I reset?")
     rate(client, root.user_key, rid, -1, "Hold the button.")
     assert client.get("/admin/feedback", headers=auth(root.user_key)).status_code == 403
+    typo = client.get("/admin/feedback?statu=held", headers=auth(root.admin_key))
+    assert typo.status_code == 400 and typo.json()["error"]["param"] == "statu"
     items = client.get("/admin/feedback", headers=auth(root.admin_key)).json()
     item = next(i for i in items if i["request_id"] == rid)
     assert item["question"] == "How do I reset?" and item["corrected"] == "Hold the button." and item["status"] == "held"
