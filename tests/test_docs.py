@@ -151,6 +151,7 @@ def test_metrics_table_names_real_metrics() -> None:
     m = Metrics()
     m.show_adapter(None)
     m.requests.labels("/x", "200").inc()
+    m.rejected.labels("rate_limited").inc()
     exported = {s.name for fam in m.registry.collect() for s in fam.samples}
     exported |= {fam.name for fam in m.registry.collect()}
     documented = set(re.findall(r"`(appliance_[a-z_]+)", DOC.read_text()))

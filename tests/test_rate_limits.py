@@ -86,6 +86,20 @@ def test_requests_per_minute_429_with_retry_after_from_the_window(app_clock, roo
     assert ask(client, other).status_code == 200
 
 
+def test_a_flood_over_the_limit_is_counted_not_audited_line_by_line(app_clock, root):
+    client, _ = app_clock
+    key_id, key = apikeys.create(root.layout, "user", rpm=1)
+    before = len(root.layout.audit_log.read_text().splitlines()) if root.layout.audit_log.exists() else 0
+    assert ask(client, key).status_code == 200
+    for _ in range(20):
+        assert ask(client, key).status_code == 429
+    scrape = client.get("/metrics", headers={"Authorization": f"Bearer {root.admin_key}"}).text
+    assert 'appliance_rejected_requests_total{reason="rate_limited"} 20.0' in scrape
+    lines = [json.loads(x) for x in root.layout.audit_log.read_text().splitlines()[before:] if x.strip()]
+    assert [x["status"] for x in lines if x.get("event") == "request" and x.get("key_id") == key_id] == [200]
+    assert sum(1 for x in lines if x.get("event") == "requests_rejected" and x.get("reason") == "rate_limited") == 1
+
+
 def test_tokens_per_minute_count_prompt_and_answer(app_clock, root):
     client, clock = app_clock
     _, key = apikeys.create(root.layout, "user", tpm=60)

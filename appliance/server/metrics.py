@@ -18,7 +18,7 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("appliance_time_to_first_token_seconds", "time from request to first answer text",
                               buckets=TTFT_BUCKETS, registry=r)
-        self.rejected = Counter("appliance_rejected_requests", "requests no key took (unauthenticated, unknown path), by reason",
+        self.rejected = Counter("appliance_rejected_requests", "requests refused before any work (unauthenticated, unknown path, rate_limited), by reason",
                                 ["reason"], registry=r)
         self.tokens_in = Counter("appliance_prompt_tokens", "prompt tokens accepted", registry=r)
         self.tokens_out = Counter("appliance_completion_tokens", "answer tokens generated", registry=r)

@@ -106,6 +106,8 @@ class Gate:
             return
         state = scope.get("state", {})
         reason = "unknown_path" if path == "unmatched" else "unauthenticated" if state.get("key_id") is None else None
+        if reason is None and state.get("rate_limited"):
+            reason = "rate_limited"  # a key over its limits (server/limits.py): a flood of 429s is counted, not logged each
         if reason is not None:  # no key took it: counted, and sampled into the log, since a flood must not fsync a line each
             self.metrics.rejected.labels(reason).inc()
             sampled = self.sampler.note(reason, method=scope.get("method"), status=status)

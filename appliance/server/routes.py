@@ -58,6 +58,7 @@ async def admitted(request: Request) -> AsyncIterator[None]:
     a limit); the sequence's end frees it once submitted, this block's end otherwise."""
     lease = request.app.state.limiter.admit(request.state.key)
     if isinstance(lease, Refused):
+        request.state.rate_limited = True
         raise ApiError(429, lease.message, "rate_limit_error", code=lease.code, headers={"Retry-After": str(lease.retry_after)})
     request.state.lease = lease
     try:
