@@ -186,3 +186,16 @@ def test_health_ready_without_an_admin_key_shows_no_paths_or_error_texts(tmp_pat
             assert str(root.layout.root) not in seen.text and "GGUF" not in seen.text
         admin = client.get("/health/ready", headers={"Authorization": f"Bearer {root.admin_key}"}).json()
         assert admin["adapter_error"] == error and admin["model"] == "smollm2-135m-instruct"
+
+
+def test_the_installer_renders_the_credentials_and_checks_readiness_over_https():
+    from types import SimpleNamespace
+
+    from installer.steps.activate import ready_url, unit_settings
+
+    plan = SimpleNamespace(backend="llama.cpp", uses_gpu=False)
+    tls_on = {"server": {"host": "0.0.0.0", "port": 9000, "tls_cert": CERT, "tls_key": KEY}}
+    assert unit_settings(SimpleNamespace(config=tls_on), plan).tls == (CERT, KEY)  # type: ignore[arg-type]
+    assert unit_settings(SimpleNamespace(config={"server": {"tls_cert": "", "tls_key": ""}}), plan).tls is None  # type: ignore[arg-type]
+    assert ready_url(tls_on) == "https://127.0.0.1:9000/health/ready"
+    assert ready_url({"server": {"host": "::", "port": 9000}}) == "http://[::1]:9000/health/ready"

@@ -93,7 +93,8 @@ def step_user(ctx: Context, progress: Progress) -> str:
 
 def unit_settings(ctx: Context, plan: ReleasePlan) -> UnitSettings:
     server, trainer = ctx.config.get("server", {}), ctx.config.get("trainer", {})
-    return UnitSettings(backend=plan.backend, uses_gpu=plan.uses_gpu,
+    tls = (str(server["tls_cert"]), str(server["tls_key"])) if server.get("tls_cert") and server.get("tls_key") else None
+    return UnitSettings(backend=plan.backend, uses_gpu=plan.uses_gpu, tls=tls,
                         host=str(server.get("host", "127.0.0.1")), schedule=str(trainer.get("schedule", "*-*-* 03:00:00")))
 
 
@@ -176,20 +177,28 @@ def step_start(ctx: Context, progress: Progress) -> str:
     return f"restarted {SERVER}, started {TIMER}"
 
 
+def _server(config: dict[str, Any]) -> Any:
+    from appliance.config import ServerConfig, validate_section
+
+    return validate_section(ServerConfig, "server", config.get("server", {}))
+
+
 def ready_url(config: dict[str, Any]) -> str:
-    server = config.get("server", {})
-    host = str(server.get("host", "127.0.0.1"))
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "localhost": "127.0.0.1"}.get(host, host)
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{int(server.get('port', 8088))}/health/ready"
+    """https when [server] tls_cert is set (appliance.tls: the one definition for local clients)."""
+    from appliance import tls
+
+    return f"{tls.local_url(_server(config))}/health/ready"
 
 
 def wait_ready(ctx: Context, timeout: float, progress: Progress) -> None:
     """Poll /health/ready until it answers 200; give up early when systemd has given up on the unit."""
+    from appliance import tls
+
     url, deadline, last = ready_url(ctx.config), time.monotonic() + timeout, "no answer"
+    trust = tls.client_context(_server(ctx.config), ctx.layout)  # the configured certificate, nothing else
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (a URL we built)
+            with urllib.request.urlopen(url, timeout=5, context=trust) as r:  # noqa: S310 (a URL we built)
                 if r.status == 200:
                     return
                 last = f"HTTP {r.status}"
