@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from appliance import adapters, apikeys
 from appliance.console.app import ConsoleApp
 from appliance.console.sources.recorded import recorded_sources
+from appliance.paths import UNITS
 
 FIX = Path(__file__).parent / "fixtures" / "console"
 pytestmark = pytest.mark.anyio
@@ -53,6 +55,9 @@ async def test_dashboard_shows_units_metrics_and_host(tmp_path: Path) -> None:
         assert "ready" in server and "4.50" in server and "792.0" in server
         assert "NVIDIA L4" in shown(app, "#host")
         assert "20261121-030009" in shown(app, "#summary")
+        units = shown(app, "#units")
+        for unit in UNITS:  # named as systemctl and journalctl take them
+            assert re.search(rf"│ {re.escape(unit)} +(active|inactive)", units), units
 
 
 async def test_dashboard_shows_a_down_server_as_down(tmp_path: Path) -> None:
@@ -174,21 +179,6 @@ async def test_an_error_in_an_action_is_a_notification_not_a_crash(tmp_path: Pat
         await pilot.press(*"hello", "enter")
         await until(pilot, lambda: any("does not answer" in n for n in notes(app)), "the error notification")
         assert app.is_running
-
-
-async def test_digits_switch_screens(tmp_path: Path) -> None:
-    app = make_app(tmp_path)
-    async with app.run_test(size=(80, 24)) as pilot:
-        for key, name in (("4", "AdaptersScreen"), ("5", "KeysScreen"), ("6", "LogsScreen"), ("1", "DashboardScreen"),
-                          ("7", "PlaygroundScreen")):
-            await pilot.press(key)
-            await until(pilot, lambda name=name: type(app.screen).__name__ == name, name)
-        await pilot.press("3")  # the prompt has the focus: a digit is text there ...
-        assert app.screen.query_one("#prompt").value == "3"
-        await pilot.press("f5")  # ... and F1..F7 still switch
-        await until(pilot, lambda: type(app.screen).__name__ == "KeysScreen", "F5")
-        await pilot.press("7", "escape", "1")  # Esc leaves the prompt, then digits switch again
-        await until(pilot, lambda: type(app.screen).__name__ == "DashboardScreen", "1 after Esc")
 
 
 async def test_a_damaged_state_file_is_shown_on_the_dashboard(tmp_path: Path) -> None:

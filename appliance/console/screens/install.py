@@ -24,6 +24,7 @@ from textual.worker import get_current_worker
 from appliance.console.screens.base import ConsoleScreen
 from appliance.console.widgets.dialogs import ConfirmDialog
 from appliance.console.widgets.errors import error_text
+from appliance.console.widgets.inputs import TextInput
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
 from appliance.errors import UsageError
@@ -95,15 +96,15 @@ class InstallScreen(ConsoleScreen):
             with Vertical(id="pick"):
                 yield Static(Text("Choose the bundle (USB sticks first), or type its directory and press Enter."), classes="hint")
                 yield DataTable(id="bundles", cursor_type="row")
-                yield Input(placeholder="/media/usb/appliance-bundle", id="bundle-path")
+                yield TextInput(placeholder="/media/usb/appliance-bundle", id="bundle-path")
             with Vertical(id="verify"):
                 yield Static(id="verify-title", classes="hint")
                 yield VerticalScroll(id="files")
             with Vertical(id="plan"):
                 yield Static(id="machine", classes="hint")
                 yield DataTable(id="tiers", cursor_type="row")
-                yield Input(placeholder="model key file (model.key, from the second stick)", id="key-file")
-                yield Input(placeholder="…or the passphrase", password=True, id="passphrase")
+                yield TextInput(placeholder="model key file (model.key, from the second stick)", id="key-file")
+                yield TextInput(placeholder="…or the passphrase", password=True, id="passphrase")
                 yield Button("Install", variant="success", id="go")
             with Vertical(id="run"):
                 yield VerticalScroll(id="steps")

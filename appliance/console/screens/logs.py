@@ -16,6 +16,7 @@ from textual.widgets import Footer, Input, Log, Static
 
 from appliance.console.screens.base import ConsoleScreen
 from appliance.console.sources.journal import Files, Journal, log_source
+from appliance.console.widgets.inputs import TextInput
 from appliance.console.widgets.literal import literal, text
 from appliance.console.widgets.nav import NavBar
 
@@ -43,7 +44,7 @@ class LogsScreen(ConsoleScreen):
     def compose(self) -> ComposeResult:
         yield NavBar(self.NAV)
         yield Static(id="log-title", classes="hint")
-        yield Input(placeholder="filter (/): show only lines containing this text", id="filter")
+        yield TextInput(placeholder="filter (/): show only lines containing this text", id="filter")
         yield Log(id="log", max_lines=KEEP, auto_scroll=True)
         yield Footer()
 

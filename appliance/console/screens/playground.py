@@ -19,6 +19,7 @@ from textual.widgets import Footer, Input, Label, Static, Switch
 from textual.worker import WorkerState
 
 from appliance.console.screens.base import ConsoleScreen
+from appliance.console.widgets.inputs import TextInput
 from appliance.console.widgets.literal import text
 from appliance.console.widgets.nav import NavBar
 
@@ -52,7 +53,7 @@ class PlaygroundScreen(ConsoleScreen):
             yield Switch(value=True, id="adapter")
             yield Label("", id="model-label")
         yield VerticalScroll(id="chat")
-        yield Input(placeholder="ask the model; Enter sends", id="prompt")
+        yield TextInput(placeholder="ask the model; Enter sends", id="prompt")
         yield Footer()
 
     def on_mount(self) -> None:

@@ -2,8 +2,8 @@
 
 The keys follow the order of the app's list of pages (appliance.console.app.PAGES): the n-th page has
 the digit n, F<n> and alt+<n>. A digit is text in an input, so the digits work while no input has the
-focus; F<n> and alt+<n> are priority keys and work everywhere, also while typing. The bar shows the
-keys that work in the state it is in: digits, or F-keys while the focus is in an input.
+focus; F<n> and alt+<n> are priority keys and work everywhere, also while typing (in a TextInput). The
+bar shows the keys that work in the state it is in: digits, or F-keys while the focus is in an input.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
+from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
 from textual.binding import Binding
+from textual.keys import _character_to_key
 from textual.widget import Widget
 
 if TYPE_CHECKING:
@@ -43,6 +45,19 @@ def digit(pages: Sequence[Page], mode: str) -> str:
     return str(next(n for n, p in enumerate(pages, 1) if p.mode == mode))
 
 
+def alt_keys(n: int) -> list[str]:
+    """alt+<n>, and the key Textual reads when a terminal sends alt+<n> as ESC <n> (tmux, xterm, most
+    terminals over SSH): Textual takes that for macOS's Option+<n> and names the character (¡ for 1)."""
+    keys = [f"alt+{n}"]
+    char = ANSI_SEQUENCES_KEYS.get(f"\x1b{n}")
+    if isinstance(char, str):
+        keys.append(_character_to_key(char))
+    return keys
+
+
+ALT_KEYS = frozenset(k for n in range(1, MAX_PAGES + 1) for k in alt_keys(n))
+
+
 def screen_bindings(pages: Sequence[Page]) -> list[Binding]:
     """For the n-th page: the digit n, and F<n> / alt+<n> as priority keys (they work while typing)."""
     if len(pages) > MAX_PAGES:
@@ -50,7 +65,7 @@ def screen_bindings(pages: Sequence[Page]) -> list[Binding]:
     out: list[Binding] = []
     for n, p in enumerate(pages, 1):
         out.append(Binding(str(n), f"show('{p.mode}')", p.label, show=False))
-        out.append(Binding(f"f{n},alt+{n}", f"show('{p.mode}')", p.label, show=False, priority=True))
+        out.append(Binding(",".join([f"f{n}", *alt_keys(n)]), f"show('{p.mode}')", p.label, show=False, priority=True))
     return out
 
 
