@@ -72,6 +72,15 @@ def test_a_flood_without_a_key_writes_one_sampled_line_per_reason_a_minute(serve
     assert audit.verify(root.layout) == (True, None)
 
 
+def test_loading_the_chat_page_is_neither_logged_nor_counted_as_rejected(served):
+    root, client, _ = served
+    before = len(rows(root.layout))
+    for url in ("/", "/chat", "/chat/", "/chat/chat.js", "/chat/chat.css"):
+        assert client.get(url).status_code == 200, url
+    assert rows(root.layout, before) == []
+    assert metric(client, root, "unauthenticated") == 0
+
+
 def test_a_request_with_a_key_still_gets_its_own_line(served):
     root, client, _ = served
     before = len(rows(root.layout))

@@ -70,7 +70,7 @@ def hand_to_directory_owner(fd: int, directory: Path) -> None:
     """Root created this file in the service's directory: give it to the directory's owner, so the
     server can keep appending after a rotation that a root command did."""
     if os.geteuid() == 0:
-        st = os.stat(directory)
+        st = os.stat(directory, follow_symlinks=False)
         os.fchown(fd, st.st_uid, st.st_gid)
 
 

@@ -33,6 +33,8 @@ FILES = {
     "chat.js": ("chat.js", "text/javascript; charset=utf-8"),
     "chat.css": ("chat.css", "text/css; charset=utf-8"),
 }
+# Every route the page adds: served to anyone, so not audited as requests (server/middleware.py).
+ROUTES = (*(PATH + url for url in FILES), "/", PATH.rstrip("/"))
 
 
 def read(name: str) -> bytes:
@@ -56,6 +58,6 @@ def mount(app: FastAPI) -> None:
     router = APIRouter(include_in_schema=False)
     for url, (name, media_type) in FILES.items():
         router.add_api_route(PATH + url, _static(read(name), media_type), methods=["GET"])
-    for url in ("/", PATH.rstrip("/")):
+    for url in ROUTES[len(FILES):]:
         router.add_api_route(url, _to_page, methods=["GET"])
     app.include_router(router)

@@ -16,12 +16,13 @@ import anyio
 
 from appliance import audit
 from appliance.paths import Layout
+from appliance.server import chat_page
 from appliance.server.metrics import Metrics
 
 log = logging.getLogger("appliance.server")
 Scope = dict[str, Any]
 # Probes poll these every few seconds; auditing them would bury the requests that matter.
-UNAUDITED = ("/health/live", "/health/ready")
+UNAUDITED = ("/health/live", "/health/ready", *chat_page.ROUTES)  # open to anyone: counted in metrics, not logged
 
 
 def _error_body(status: int, message: str, type_: str, code: str) -> bytes:
