@@ -4,34 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import stat
 from typing import Any
 
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
+from appliance.privileges import become_owner_of
 
 
 def _store(layout: Layout) -> Any:
-    """The feedback store, opened as the user who owns the data directory (the service user).
-
-    The store is the service's file: root opening it would follow a link the service planted and
-    leave root-owned -wal/-shm files the server could not open. So a root caller becomes the owner of
-    <var>/data first (this process does nothing else as root).
-    """
+    """The feedback store, opened as the user who owns the data directory (the service user):
+    a root caller becomes that user first (appliance/privileges.py)."""
     from appliance.feedback_store import FeedbackStore
 
     path = layout.data / "feedback.sqlite3"
-    try:
-        st = os.lstat(layout.data)
-    except FileNotFoundError:
-        st = None
-    if st is None or not stat.S_ISDIR(st.st_mode) or not path.is_file():
+    become_owner_of(layout.data)
+    if not path.is_file():
         raise ApplianceError(f"There is no feedback store at {path}.", "The server makes it when it first answers; is the appliance installed here?")
-    if os.geteuid() == 0 and st.st_uid != 0:
-        os.setgroups([])
-        os.setgid(st.st_gid)
-        os.setuid(st.st_uid)
     return FeedbackStore(path)
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from appliance.paths import Layout
+from appliance.privileges import become_owner_of
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -22,8 +23,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             os.nice(10 - os.nice(0))
     except OSError:
         pass
+    layout = Layout.at(args.root)
+    become_owner_of(layout.var)  # by hand as root: the run's files still belong to the service user
     opts = RunOptions(now=args.now, max_steps=args.max_steps, log=lambda s: print(s, flush=True))
-    report = run_training(Layout.at(args.root), opts)
+    report = run_training(layout, opts)
     print(summary_line(report))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -34,6 +37,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     from appliance import adapters as reg
 
     layout = Layout.at(args.root)
+    if args.action in ("promote", "rollback"):
+        become_owner_of(layout.var)  # root changes the service's adapters/ as the service user
     if args.action == "promote":
         a = reg.promote(layout, args.id)
         print(f"active adapter: {a.id}")
