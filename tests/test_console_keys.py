@@ -178,8 +178,7 @@ async def test_q_quits_when_not_typing(tmp_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: "q Quit" in footer(app), "the footer")
         await pilot.press("q")
-        await until(pilot, lambda: app._exit, "the console to quit")  # App.exit() sets it; run_test then ends the app
-    assert app.return_code == 0
+        await until(pilot, lambda: app.return_code == 0, "the console to quit")  # App.exit() sets it
 
 
 async def test_screen_keys_wait_while_a_dialog_asks(tmp_path: Path) -> None:
@@ -192,3 +191,17 @@ async def test_screen_keys_wait_while_a_dialog_asks(tmp_path: Path) -> None:
         await pilot.press("n")
         await pilot.press("1")
         await until(pilot, lambda: app.current_mode == "dashboard", "the Dashboard once answered")
+
+
+@pytest.mark.parametrize("width", [60, 80, 100])
+@pytest.mark.parametrize("typing", [False, True])
+def test_the_nav_bar_fits_its_width_with_every_key(width: int, typing: bool) -> None:
+    from appliance.console.widgets.nav import nav_text
+
+    pages = ConsoleApp.PAGES
+    bar = nav_text(pages, "keys", typing, width).plain
+    assert len(bar) <= width, bar
+    keys = re.findall(r"(F?\d) ?[A-Z]", bar)  # each key is followed by its label, with or without a space
+    assert keys == [f"F{n}" if typing else str(n) for n in range(1, len(pages) + 1)], bar
+    if width >= 100:
+        assert all(f"{'F' if typing else ''}{n} {p.label}" in bar for n, p in enumerate(pages, 1)), bar
