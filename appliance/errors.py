@@ -18,7 +18,7 @@ EXIT_CODES = {
     # the machine
     "HardwareError": 20, "TierError": 21,
     # serving
-    "EngineError": 30, "ChatTemplateError": 31, "QueueFull": 32,
+    "EngineError": 30, "ChatTemplateError": 31, "QueueFull": 32, "ConstraintError": 33,
     # training and adapters
     "AdapterError": 40, "TrainerConfigError": 41, "BaseModelError": 42, "TrainingError": 43, "ExportError": 44,
     "TrainerBusy": 45,
