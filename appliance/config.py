@@ -1,4 +1,4 @@
-"""The [server] and [model] sections of /etc/appliance/appliance.toml as typed, validated values.
+"""The [server], [model] and [embeddings] sections of /etc/appliance/appliance.toml as typed, validated values.
 
 The dataclasses below are the one definition of each key and its default: the installer writes
 from them (installer/system/config_file.py) and the server reads with them. A key no section knows (a
@@ -77,13 +77,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddingsConfig:
+    path: str = field(metadata={"help": "the embedding model's directory (safetensors, tokenizer), absolute as seen on the target"})
+    id: str = field(default="embeddings", metadata={"help": "embedding model name the API reports"})
+    context_length: int = field(default=256, metadata={
+        "help": "tokens one input may have, the model's own two included; a longer input is a 400", "min": 8})
+    device: str = field(default="cpu", metadata={"help": "where the embedding model runs", "choices": ("cpu", "cuda")})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": DTYPES})
+    threads: int = field(default=2, metadata={"help": "CPU threads torch computes with on device cpu", "min": 1})
+    max_inputs: int = field(default=256, metadata={"help": "inputs one request may send; more is a 400", "min": 1})
+    max_request_tokens: int = field(default=32768, metadata={
+        "help": "tokens of all of one request's inputs together; more is a 400", "min": 8})
+    max_batch: int = field(default=32, metadata={"help": "inputs embedded together, from one request or several", "min": 1, "max": 1024})
+    batch_wait_ms: int = field(default=5, metadata={
+        "help": "how long the first input waits for others to share its batch", "min": 0, "max": 10000})
+    max_queue: int = field(default=1024, metadata={"help": "inputs waiting for a batch; a request that would pass it gets 429", "min": 1})
+
+    def resolve_path(self, layout: Layout) -> Path:
+        return layout.root / self.path.lstrip("/")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     model: ModelConfig
     source: Path | None = None
+    embeddings: EmbeddingsConfig | None = None  # absent: the bundle carries no embedding model
 
 
-SECTIONS = ("server", "model", "trainer")
+SECTIONS = ("server", "model", "trainer", "embeddings")
 _KINDS = {"str": "a string", "str | None": "a string", "int": "a whole number", "float": "a number",
           "bool": "true or false", "tuple[int, ...]": "a list of GPU indices (whole numbers)",
           "list[str]": "a non-empty list of names"}
@@ -174,7 +196,9 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         raise ConfigError(f"The config {source or ''} has a section [{stray[0]}] the appliance does not read; "
                           f"its sections are {', '.join(f'[{s}]' for s in SECTIONS)}.".replace("  ", " "),
                           "Correct or remove it and start again.")
-    return Config(validate_section(ServerConfig, "server", raw.get("server")), validate_section(ModelConfig, "model", raw["model"]), source)
+    embeddings = validate_section(EmbeddingsConfig, "embeddings", raw["embeddings"]) if "embeddings" in raw else None
+    return Config(validate_section(ServerConfig, "server", raw.get("server")), validate_section(ModelConfig, "model", raw["model"]),
+                  source, embeddings)
 
 
 def load_config(layout: Layout, path: Path | None = None) -> Config:

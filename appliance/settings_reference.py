@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from appliance.config import ModelConfig, ServerConfig
+from appliance.config import EmbeddingsConfig, ModelConfig, ServerConfig
 from appliance.trainer.settings import TrainerSettings
 
 SECTIONS: tuple[tuple[str, type, str], ...] = (
@@ -16,6 +16,8 @@ SECTIONS: tuple[tuple[str, type, str], ...] = (
     ("model", ModelConfig, "Written by the installer from the tier it chose; an upgrade rewrites the keys "
                            "you did not change. `path` is the only key without a default."),
     ("trainer", TrainerSettings, "The nightly LoRA run and the gate that decides whether its adapter is promoted."),
+    ("embeddings", EmbeddingsConfig, "Present when the tier names an embedding model (`POST /v1/embeddings`); written by the "
+                                     "installer like [model]. Without it, /v1/embeddings answers 404."),
 )
 
 
@@ -50,7 +52,7 @@ def _allowed(f: dataclasses.Field[Any]) -> str:
 def markdown() -> str:
     out = ["# Settings of /etc/appliance/appliance.toml", "",
            "Every key the appliance reads, its default and what it may be. A key not listed here, or a",
-           "section other than these three, is an error that names it (a misspelt key is never ignored).",
+           "section other than these, is an error that names it (a misspelt key is never ignored).",
            "This page is written from the code (`make docs`); a test fails when the two differ.", ""]
     for name, cls, intro in SECTIONS:
         out += [f"## [{name}]", "", intro, "", "| key | default | allowed | what it is |", "|---|---|---|---|"]

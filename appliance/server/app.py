@@ -18,11 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import adapters
 from appliance.apikeys import KeyCache
-from appliance.config import ServerConfig
+from appliance.config import EmbeddingsConfig, ServerConfig
 from appliance.engines.scheduler import Engine, warm_up
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
-from appliance.server import chat_page, routes, sd_notify
+from appliance.server import chat_page, embeddings_route, routes, sd_notify
 from appliance.server.limits import Limiter
 from appliance.server.metrics import Metrics
 from appliance.server.middleware import Gate
@@ -39,6 +39,7 @@ class Settings:
     own_engine: bool = True  # close the engine at shutdown (tests share one engine between apps)
     watch_adapters: bool = True  # follow adapters/active by itself, about once a second
     feedback_db: Path | None = None  # default: <var>/data/feedback.sqlite3
+    embeddings: EmbeddingsConfig | None = None  # [embeddings]: the bundle's embedding model, loaded at start
 
     @property
     def feedback_path(self) -> Path:
@@ -121,6 +122,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "The server failed on this request; the journal has the details.", "server_error")
 
 
+def _embeddings(settings: Settings, metrics: Metrics) -> embeddings_route.EmbeddingService | None:
+    """The embedding model of [embeddings] behind its batcher (started by the lifespan), or None without one."""
+    if settings.embeddings is None:
+        return None
+    from appliance.engines.embeddings import load_embedder
+
+    embedder = load_embedder(settings.embeddings, settings.layout, metrics.embedded)
+    metrics.bind_embedder(embedder)
+    return embeddings_route.EmbeddingService(settings.embeddings, embedder, settings.model_id)
+
+
 def create_app(settings: Settings, engine: Engine) -> FastAPI:
     metrics = Metrics()
 
@@ -136,6 +148,9 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             log.info("warm-up: %s", await anyio.to_thread.run_sync(warm_up, engine))
             st.ready = True
         metrics.show_adapter(engine.adapter_id)
+        if st.embeddings is not None:
+            st.embeddings.embedder.start()
+            log.info("embedding model warm-up: %s", await anyio.to_thread.run_sync(st.embeddings.embedder.warm_up))
         st.serving.store = await anyio.to_thread.run_sync(FeedbackStore, settings.feedback_path)
         tasks = []
         if settings.watch_adapters:
@@ -148,6 +163,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             for t in tasks:
                 t.cancel()
             st.serving.store.close()
+            if st.embeddings is not None:
+                await anyio.to_thread.run_sync(st.embeddings.embedder.close)
             if settings.own_engine:
                 await anyio.to_thread.run_sync(engine.close)
 
@@ -159,9 +176,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.limiter = Limiter(settings.server)  # per-key rate limits; tests set its clock
     app.state.serving = Serving(engine, settings.model_id, metrics, None)
     app.state.watcher = AdapterWatcher(settings.layout, engine, adapters.active_id(settings.layout))
+    app.state.embeddings = _embeddings(settings, metrics)
     app.state.ready = False
     app.state.started_at = int(time.time())
-    for r in (routes.user, routes.admin, routes.health):
+    for r in (routes.user, embeddings_route.router, routes.admin, routes.health):
         app.include_router(r)
     chat_page.mount(app)  # /chat/: the staff chat page (its API calls need a key like any client's)
 

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
@@ -26,11 +27,29 @@ class Metrics:
         self.active = Gauge("appliance_active_sequences", "sequences being decoded", registry=r)
         self.adapter = Gauge("appliance_adapter_info", "the LoRA adapter in use (1 for the current one)", ["adapter"], registry=r)
         self._adapter_shown: str | None = None
+        # /v1/embeddings (its requests and latency are in the two per-route series above)
+        self.embed_batches = Counter("appliance_embedding_batches", "batches the embedding model ran; concurrent requests share one",
+                                     registry=r)
+        self.embed_inputs = Counter("appliance_embedding_inputs", "inputs embedded", registry=r)
+        self.embed_tokens = Counter("appliance_embedding_tokens", "tokens of the inputs embedded", registry=r)
+        self.embed_batch_inputs = Histogram("appliance_embedding_batch_inputs", "inputs per embedding batch",
+                                            buckets=BATCH_BUCKETS, registry=r)
+        self.embed_queue = Gauge("appliance_embedding_queue_depth", "inputs waiting for an embedding batch", registry=r)
 
     def bind_engine(self, engine: Any) -> None:
         """Read queue depth and live sequences from the engine when scraped."""
         self.queue_depth.set_function(lambda: engine.waiting)
         self.active.set_function(lambda: engine.live)
+
+    def bind_embedder(self, embedder: Any) -> None:
+        self.embed_queue.set_function(lambda: embedder.waiting)
+
+    def embedded(self, inputs: int, tokens: int) -> None:
+        """One embedding batch ran (called on the embedder's thread; prometheus_client is thread-safe)."""
+        self.embed_batches.inc()
+        self.embed_inputs.inc(inputs)
+        self.embed_tokens.inc(tokens)
+        self.embed_batch_inputs.observe(inputs)
 
     def show_adapter(self, adapter_id: str | None) -> None:
         label = adapter_id or "base"

@@ -104,6 +104,8 @@ async def models(request: Request) -> Any:
     if st.engine.adapter_id:
         cards.append({"id": f"{st.settings.model_id}:{st.engine.adapter_id}", "object": "model", "created": st.started_at,
                       "owned_by": "appliance", "parent": st.settings.model_id})
+    if st.embeddings is not None:  # POST /v1/embeddings
+        cards.append({"id": st.embeddings.config.id, "object": "model", "created": st.started_at, "owned_by": "appliance", "parent": None})
     return {"object": "list", "data": cards}
 
 
