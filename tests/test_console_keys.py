@@ -76,6 +76,7 @@ async def press_as_shown(pilot, app: ConsoleApp, label: str) -> None:
     await pilot.press(key.lower())
 
 
+@pytest.mark.slow
 async def test_every_screen_key_works_from_every_screen_in_every_focus(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     pages = ConsoleApp.PAGES
