@@ -9,6 +9,8 @@ A tier in the spec (TOML) or manifest (JSON), most preferred first:
     dtype = "bfloat16"                       # transformers: bfloat16 | float16 | float32
     replicas = 1                             # or "per-gpu": one replica on each GPU that qualifies
     context_length = 8192
+    runtime = "cuda"                         # the bundle's wheelhouse variant (default: cuda with GPUs, else cpu)
+    embeddings = "all-minilm-l6-v2"          # optional: a transformers model of the bundle for /v1/embeddings
     lora = { rank = 16, alpha = 32, targets = ["q_proj", "v_proj"] }
     trainer = { batch_size = 16 }
     needs = { gpu_count = 1, gpu_memory_mib = 8192, compute_capability = "8.0", cuda = "12.1" }
@@ -25,6 +27,7 @@ from typing import Any
 
 from appliance.config import BACKENDS, DTYPES
 from appliance.errors import TierError
+from installer.bundle.manifest import RUNTIMES
 from installer.hardware.machine import version_tuple
 
 PER_GPU = "per-gpu"
@@ -35,7 +38,7 @@ _VERSION = re.compile(r"^\d+(\.\d+)*\Z")
 _PCI_ID = re.compile(r"^0x[0-9A-Fa-f]{8}\Z")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\Z")
 _TOP_KEYS = {"name", "description", "model", "backend", "dtype", "quantization", "gpu_layers", "replicas",
-             "tensor_parallel", "threads", "context_length", "lora", "trainer", "needs"}
+             "tensor_parallel", "threads", "context_length", "embeddings", "lora", "trainer", "needs", "runtime"}
 _NEED_KEYS = {"gpu_count", "gpu_memory_mib", "compute_capability", "driver", "cuda", "ram_mib", "disk_mib", "pci_device_ids"}
 
 
@@ -73,6 +76,8 @@ class Tier:
     lora_targets: tuple[str, ...]
     batch_size: int  # trainer batch size
     needs: Needs
+    embeddings: str | None = None  # the model id of the bundle's embedding model this tier serves, if any
+    runtime: str = "cpu"  # the wheelhouse variant its venv is built from (wheels/<runtime>/)
 
     @property
     def uses_gpu(self) -> bool:
@@ -105,6 +110,17 @@ class Tier:
         if self.quantization is not None:
             out["quantization"] = self.quantization
         return out
+
+    def embedding_settings(self, threads: int) -> dict[str, Any]:
+        """The [embeddings] keys of appliance.toml for this tier (the installer adds `path` and `context_length`);
+        `threads` are the chat model's, as model_settings resolved them.
+
+        On the GPU only beside a transformers chat model, whose CUDA torch it shares; else on the CPU
+        (a llama.cpp tier's wheelhouse may carry a CPU-only torch)."""
+        if self.embeddings is None:
+            return {}
+        on_gpu = self.uses_gpu and self.backend == "transformers"
+        return {"id": self.embeddings, "device": "cuda" if on_gpu else "cpu", "threads": threads}
 
     def trainer_settings(self) -> dict[str, Any]:
         """The [trainer] keys of appliance.toml that come from the tier."""
@@ -183,6 +199,34 @@ def _placement(t: _Table, where: str, needs: Needs) -> tuple[int, int | str, int
     return layers, replicas, tp, threads
 
 
+def _embeddings(t: _Table, where: str, model: str, models: Mapping[str, tuple[str, int]] | None) -> str | None:
+    """The tier's embedding model: another model of the bundle, run with transformers (safetensors)."""
+    name = t.get("embeddings", str)
+    if name is None or models is None:
+        return name  # type: ignore[no-any-return]
+    if name not in models:
+        raise TierError(f"The {where} names the embedding model {name!r}, which the bundle does not have.", f"Models: {', '.join(models) or 'none'}.")
+    if name == model:
+        raise TierError(f"The {where} names {name!r} both as its model and as its embedding model.",
+                        "Name a sentence-embedding model of the bundle in 'embeddings', or leave it out.")
+    if models[name][0] != "transformers":
+        raise TierError(f"The {where} names the embedding model {name!r}, which is for {models[name][0]}; "
+                        "embedding models run on transformers (safetensors).")
+    return name
+
+
+def _runtime(t: _Table, where: str, needs: Needs) -> str:
+    """The runtime variant: cuda for tiers with GPUs, cpu otherwise, unless the tier names one. A GPU
+    tier never runs the cpu runtime: its engine would run on the CPU."""
+    runtime = t.get("runtime", str, "cuda" if needs.gpu_count else "cpu")
+    if runtime not in RUNTIMES:
+        raise TierError(f"The {where}.runtime = {runtime!r} is not a runtime variant; use {' or '.join(RUNTIMES)}.")
+    if runtime == "cpu" and needs.gpu_count:
+        raise TierError(f"The {where} needs GPUs but names the cpu runtime, whose torch and llama.cpp cannot use them.",
+                        "Leave out runtime (GPU tiers run the cuda runtime), or set needs.gpu_count = 0.")
+    return str(runtime)
+
+
 def parse_tier(data: Any, where: str, models: Mapping[str, tuple[str, int]] | None = None) -> Tier:
     """One tier; `models` maps model id -> (backend, context_length) to check references against."""
     t = _Table(data, where, _TOP_KEYS)
@@ -208,6 +252,8 @@ def parse_tier(data: Any, where: str, models: Mapping[str, tuple[str, int]] | No
     if context is None:
         raise TierError(f"The {where} has no 'context_length'.")
     needs = _needs(data.get("needs"), where)
+    embeddings = _embeddings(t, where, model, models)
+    runtime = _runtime(t, where, needs)
 
     dtype = t.get("dtype", str)
     if backend == "transformers" and dtype not in DTYPES:
@@ -227,7 +273,7 @@ def parse_tier(data: Any, where: str, models: Mapping[str, tuple[str, int]] | No
         quantization=t.get("quantization", str), gpu_layers=layers, replicas=replicas, tensor_parallel=tp,
         threads=threads, context_length=context, lora_rank=lora.count("rank", 8, low=1),
         lora_alpha=lora.count("alpha", 16, low=1), lora_targets=tuple(targets),
-        batch_size=trainer.count("batch_size", 8, low=1), needs=needs,
+        batch_size=trainer.count("batch_size", 8, low=1), needs=needs, embeddings=embeddings, runtime=runtime,
     )
 
 

@@ -83,7 +83,9 @@ def step_user(ctx: Context, progress: Progress) -> str:
     if ids is None:
         return f"state directories ready; {made.rstrip('; ')}"
     if ctx.plan is not None:
-        t.chown_tree(layout.models / ctx.planned().model.key, *ids)
+        for ref in (ctx.planned().model, ctx.planned().embeddings):
+            if ref is not None:
+                t.chown_tree(layout.models / ref.key, *ids)
     # /etc/appliance: root's (the service user cannot write there), readable by the service's group
     # only; setgid so that files root adds later (api-keys.json) belong to that group too.
     t.mkdir(layout.etc, 0o2750)

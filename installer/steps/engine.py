@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from installer.steps.framework import Skip, step
-from installer.system.release import read_release
+from installer.system.release import check_engine_loads, read_release
 
 
 @step("engine", "decode a test prompt with the new release's engine on this CPU")
@@ -24,6 +24,9 @@ def step_engine(ctx: Any, progress: Callable[[str, float | None], None]) -> str:
     release = read_release(ctx.layout.releases / ctx.release_id)
     if release is None or "server" not in release.info.get("extras", []):
         raise Skip("this release carries no server")  # a test bundle's bare wheelhouse
+    if ctx.planned().embeddings is not None:  # the embedding model runs on transformers whatever the chat engine
+        progress("importing the embedding model's engine (torch, transformers) in the new release", None)
+        check_engine_loads(ctx.runner, release.dir / "venv", "transformers")
     progress("decoding a test prompt with the new release's engine on this CPU", None)
     result = selftest.run(release.dir / "venv" / "bin" / "python", ctx.layout.root, ctx.planned().model_settings)
     return result.summary()

@@ -20,7 +20,7 @@ from appliance.errors import StateError, TierError, UsageError
 from appliance.nofollow import open_dir, open_file
 from appliance.paths import Layout
 from installer.bundle.keywrap import site_kek, unwrap_key
-from installer.bundle.manifest import MANIFEST, WHEELS, Model, canonical_json
+from installer.bundle.manifest import MANIFEST, Model, canonical_json, runtime_dir
 from installer.bundle.reader import decrypt_model_file
 from installer.planning.preflight import bundle_python, preflight, venv_estimate
 from installer.steps.activate import ACTIVATE_STEPS, REFRESH_STEPS, audited, service_ids
@@ -30,7 +30,15 @@ from installer.steps.engine import step_engine
 from installer.steps.framework import Skip, run_steps, step
 from installer.steps.prepare import find_model, step_plan, step_verify
 from installer.system.config_file import read_config
-from installer.system.release import RELEASE_JSON, build_venv, current_or_none, fsync_tree, read_release, stage_wheelhouse
+from installer.system.release import (
+    RELEASE_JSON,
+    ModelRef,
+    build_venv,
+    current_or_none,
+    fsync_tree,
+    read_release,
+    stage_wheelhouse,
+)
 from installer.system.target import Target
 
 Progress = Callable[[str, float | None], None]
@@ -56,11 +64,11 @@ def step_preflight(ctx: Context, progress: Progress) -> str:
     m, plan = ctx.manifest, ctx.planned()
     assert ctx.machine is not None and ctx.tier is not None
     staged = read_release(ctx.layout.releases / ctx.release_id) is not None
-    have_model = (ctx.layout.models / plan.model.key).is_dir()
-    wheels = sum(f.size for f in m.files if f.path.startswith(WHEELS))
+    model_bytes = sum(r.bytes for r in (plan.model, plan.embeddings) if r is not None and not (ctx.layout.models / r.key).is_dir())
+    wheels = sum(f.size for f in m.files if f.path.startswith(runtime_dir(ctx.tier.runtime)))
     problems = preflight(
         ctx.machine, ctx.tier,
-        model_bytes=0 if have_model else plan.model.bytes,
+        model_bytes=model_bytes,
         venv_bytes=0 if staged else venv_estimate(wheels), python=bundle_python(m.compatible),
         no_systemd=ctx.opts.no_systemd or ctx.layout.root != Path("/"),
     )
@@ -100,9 +108,11 @@ def step_stage(ctx: Context, progress: Progress) -> str:
     assert ctx.opts.bundle is not None
     stage = partial / "wheelhouse"
     progress("copying the wheelhouse off the bundle (each wheel hashed again), building the venv from it, loading its engine", None)
-    staged = t.call(f"copy the wheelhouse into {stage}", stage_wheelhouse, ctx.opts.bundle, ctx.manifest, stage)
+    assert ctx.tier is not None
+    runtime = ctx.tier.runtime
+    staged = t.call(f"copy the {runtime} wheelhouse into {stage}", stage_wheelhouse, ctx.opts.bundle, ctx.manifest, stage, runtime)
     extras = build_venv(ctx.runner, staged or ctx.opts.bundle, ctx.manifest, final / "venv", ctx.opts.python,
-                        backend=ctx.planned().backend)
+                        backend=ctx.planned().backend, runtime=runtime)
     t.remove_tree(stage)
     ctx.plan = replace(ctx.planned(), extras=tuple(extras), installed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     t.write(partial / RELEASE_JSON, (json.dumps(ctx.plan.to_json(), indent=2, sort_keys=True) + "\n").encode(), 0o644)
@@ -162,13 +172,12 @@ def _decrypt_all(ctx: Context, model: Model, partial: Path, progress: Progress) 
                              "The bundle was built from a different file than it declares; ask the vendor for a new bundle.")
 
 
-@step("model", "decrypt the tier's model files")
-def step_model(ctx: Context, progress: Progress) -> str:
-    ref = ctx.planned().model
+def _place(ctx: Context, ref: ModelRef, progress: Progress) -> str | None:
+    """Decrypt one model into models/<key>/; None when it is there already, verified."""
     model = find_model(ctx.manifest, ref.id)
     final = ctx.layout.models / ref.key
     if _present(final, model):
-        raise Skip(f"{model.id} is present in {final} and verified")
+        return None
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     ctx.target.mkdir(ctx.layout.models, 0o700)
     ctx.target.remove_tree(partial)
@@ -176,6 +185,15 @@ def step_model(ctx: Context, progress: Progress) -> str:
     ctx.target.remove_tree(final)  # present but damaged
     ctx.target.rename(partial, final)  # root's until the user step hands it to the service user
     return f"{model.id} decrypted into {final} ({sum(f.plain_size for f in model.files) / 2**20:.1f} MiB)"
+
+
+@step("model", "decrypt the tier's model files (and its embedding model's)")
+def step_model(ctx: Context, progress: Progress) -> str:
+    refs = [r for r in (ctx.planned().model, ctx.planned().embeddings) if r is not None]
+    done = [said for ref in refs if (said := _place(ctx, ref, progress)) is not None]
+    if not done:
+        raise Skip(f"{' and '.join(r.id for r in refs)} present in {ctx.layout.models} and verified")
+    return "; ".join(done)
 
 
 PREPARE_STEPS = (step_verify,)

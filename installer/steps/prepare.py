@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -76,7 +77,7 @@ def verify(ctx: Context, on_file: OnFile) -> Verified:
 def judge(layout: Layout, manifest: Manifest, machine_file: Path | None) -> tuple[Machine, Plan]:
     """Every tier of the bundle judged on this machine (or on a recorded one)."""
     machine = load_machine(machine_file) if machine_file else probe(layout.root)
-    return machine, plan(machine, parse_tiers(manifest.tiers, models_of(manifest.models)))
+    return machine, plan(machine, parse_tiers(manifest.tiers, models_of(manifest.models)), manifest.runtimes)
 
 
 def find_model(manifest: Manifest, model_id: str) -> Model:
@@ -93,16 +94,31 @@ def model_key(model: Model) -> str:
     return hashlib.sha256("".join(f"{f.name}:{f.plain_sha256}\n" for f in sorted(model.files, key=lambda f: f.name)).encode()).hexdigest()
 
 
+def model_ref(model: Model) -> ModelRef:
+    return ModelRef(model.id, model_key(model), sum(f.plain_size for f in model.files))
+
+
+def _embeddings(m: Manifest, tier: Tier, settings: dict[str, Any]) -> tuple[ModelRef | None, dict[str, Any]]:
+    """The tier's embedding model and its [embeddings] section: a directory like the transformers models."""
+    if tier.embeddings is None:
+        return None, {}
+    model = find_model(m, tier.embeddings)
+    ref = model_ref(model)
+    wanted = tier.embedding_settings(int(settings["threads"]))
+    return ref, dict(wanted, path=f"{MODELS_TARGET}/{ref.key}", context_length=model.context_length)
+
+
 def release_plan(verified: Verified, p: Plan, tier: Tier) -> ReleasePlan:
     m = verified.manifest
     model = find_model(m, tier.model)
-    key = model_key(model)
+    ref = model_ref(model)
     name = model.files[0].name if model.format == "gguf" and len(model.files) == 1 else ""
-    settings = dict(p.model_settings(tier), path=f"{MODELS_TARGET}/{key}" + (f"/{name}" if name else ""))
+    settings = dict(p.model_settings(tier), path=f"{MODELS_TARGET}/{ref.key}" + (f"/{name}" if name else ""))
+    embeddings, embedding_settings = _embeddings(m, tier, settings)
     return ReleasePlan(id=verified.release_id, name=m.name, version=m.version, sequence=m.sequence,
                        issued_at=m.raw["issued_at"], tier=tier.name, uses_gpu=tier.uses_gpu, backend=tier.backend,
-                       model=ModelRef(model.id, key, sum(f.plain_size for f in model.files)),
-                       model_settings=settings, trainer_settings=tier.trainer_settings())
+                       model=ref, model_settings=settings, trainer_settings=tier.trainer_settings(),
+                       embeddings=embeddings, embedding_settings=embedding_settings)
 
 
 @step("verify", "check the bundle's signature, policy and every file")

@@ -12,14 +12,14 @@ import os
 import re
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.atomic import PARTIAL_SUFFIX, fsync_dir
 from appliance.errors import BundleError, HardwareError, StateError
 from appliance.paths import Layout
-from installer.bundle.manifest import WHEELS, Manifest
+from installer.bundle.manifest import Manifest, runtime_dir
 from installer.system.runner import Runner
 
 RELEASE_JSON = "release.json"
@@ -57,6 +57,8 @@ class ReleasePlan:
     trainer_settings: dict[str, Any]  # and the [trainer] section
     extras: tuple[str, ...] = ()  # filled by the stage step: what the release venv carries
     installed_at: str = ""
+    embeddings: ModelRef | None = None  # the tier's embedding model, if it names one
+    embedding_settings: dict[str, Any] = field(default_factory=dict)  # and its [embeddings] section
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -65,6 +67,9 @@ class ReleasePlan:
             "model": {"id": self.model.id, "key": self.model.key, "bytes": self.model.bytes},
             "config": {"model": self.model_settings, "trainer": self.trainer_settings},
         }
+        if self.embeddings is not None:
+            out["embeddings"] = {"id": self.embeddings.id, "key": self.embeddings.key, "bytes": self.embeddings.bytes}
+            out["config"]["embeddings"] = self.embedding_settings
         if self.installed_at:
             out.update(extras=list(self.extras), installed_at=self.installed_at)
         return out
@@ -72,13 +77,15 @@ class ReleasePlan:
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = RELEASE_JSON) -> ReleasePlan:
         try:
-            m, config = d["model"], d.get("config") or {}
+            m, config, e = d["model"], d.get("config") or {}, d.get("embeddings")
             return cls(id=str(d["id"]), name=str(d["name"]), version=str(d["version"]), sequence=int(d["sequence"]),
                        issued_at=str(d["issued_at"]), tier=str(d["tier"]), uses_gpu=bool(d.get("uses_gpu")),
                        backend=str(d.get("backend", "llama.cpp")),
                        model=ModelRef(str(m["id"]), str(m["key"]), int(m["bytes"])),
                        model_settings=dict(config.get("model") or {}), trainer_settings=dict(config.get("trainer") or {}),
-                       extras=tuple(d.get("extras") or ()), installed_at=str(d.get("installed_at") or ""))
+                       extras=tuple(d.get("extras") or ()), installed_at=str(d.get("installed_at") or ""),
+                       embeddings=ModelRef(str(e["id"]), str(e["key"]), int(e["bytes"])) if e else None,
+                       embedding_settings=dict(config.get("embeddings") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{where} is damaged ({type(e).__name__}: {e}).",
                              "Reinstall that release from its bundle, or remove its directory.") from None
@@ -182,38 +189,43 @@ def carried_extras(wheel: Path, sbom_names: set[str]) -> list[str]:
     return [e for e in EXTRAS if e in needs and needs[e] <= sbom_names]
 
 
-def own_wheel(bundle: Path, manifest: Manifest) -> Path:
-    own = [e["path"] for e in manifest.sbom if e["name"] == "appliance"]
+def own_wheel(bundle: Path, manifest: Manifest, runtime: str = "cpu") -> Path:
+    own = [e["path"] for e in manifest.sbom if e["name"] == "appliance" and e["path"].startswith(runtime_dir(runtime))]
     if not own:
         raise BundleError("The bundle's wheelhouse has no appliance wheel.", "Ask the vendor for a complete bundle.")
     return bundle / own[0]
 
 
-def stage_wheelhouse(bundle: Path, manifest: Manifest, dest: Path) -> Path:
-    """Copy the manifest's wheels off the stick into `dest` (same relative paths), hashing what is
+def stage_wheelhouse(bundle: Path, manifest: Manifest, dest: Path, runtime: str = "cpu") -> Path:
+    """Copy the manifest's wheels of one runtime variant off the stick into `dest` (same relative paths), hashing what is
     read: pip then reads only these copies, so a stick rewritten after verification cannot swap a
     wheel in. Returns `dest`, usable as build_venv's `bundle`."""
     from installer.bundle.reader import copy_verified
 
     for entry in manifest.files:
-        if entry.path.startswith(WHEELS):
+        if entry.path.startswith(runtime_dir(runtime)):
             copy_verified(bundle, entry, dest / entry.path)
     return dest
 
 
 def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, python: str | None = None,
-               backend: str | None = None) -> list[str]:
-    """A venv with the appliance and the extras the wheelhouse carries, from the stick only (no index);
-    with the server among them, it must load `backend`'s engine (check_engine_loads).
+               backend: str | None = None, runtime: str = "cpu") -> list[str]:
+    """A venv with the appliance and the extras the wheelhouse carries, from the stick only (no index)
+    and from one runtime variant's folder only (wheels/<runtime>/); with the server among them, it must
+    load `backend`'s engine (check_engine_loads).
 
     When this interpreter has pip, it installs into a venv made without one (`pip --python`): a
     release is never changed after staging, and it saves seconds. An installed release has no pip
     (upgrades run from it), so then the venv gets its own.
     """
-    wheel = own_wheel(bundle, manifest)
-    extras = carried_extras(wheel, {_norm(e["name"]) for e in manifest.sbom})
+    if runtime not in manifest.runtimes:
+        raise BundleError(f"The bundle carries no {runtime} runtime (wheels/{runtime}/), which the tier runs.",
+                          "Choose a tier whose runtime the bundle carries (`appliance hw --bundle DIR`), or ask the vendor for one.")
+    wheel = own_wheel(bundle, manifest, runtime)
+    extras = carried_extras(wheel, {_norm(e["name"]) for e in manifest.sbom if e["path"].startswith(runtime_dir(runtime))})
     spec = f"appliance[{','.join(extras)}]" if extras else "appliance"
-    args = ["install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / WHEELS), "--no-cache-dir", spec]
+    args = ["install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / runtime_dir(runtime)),
+            "--no-cache-dir", spec]
     if importlib.util.find_spec("pip") is not None:
         runner.run([python or sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], timeout=300)
         runner.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), *args], timeout=1800)
