@@ -41,7 +41,7 @@ def flip(path: Path, offset: int) -> None:
 
 
 def wheel_path(slim: SlimBundle) -> Path:
-    return next((slim.dir / "wheels").glob("*.whl"))
+    return next((slim.dir / "wheels").glob("*/*.whl"))
 
 
 def test_intact_bundle_verifies(slim: SlimBundle, capsys: pytest.CaptureFixture[str]) -> None:
@@ -275,7 +275,7 @@ def test_inspect_sbom_prints_a_cyclonedx_document_of_every_wheel(slim: SlimBundl
     assert main(["bundle", "inspect", str(slim.dir), "--trust", str(slim.pub), "--sbom"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["bomFormat"] == "CycloneDX" and doc["specVersion"] == "1.6"
-    wheels = sorted(p.relative_to(slim.dir).as_posix() for p in (slim.dir / "wheels").glob("*.whl"))
+    wheels = sorted(p.relative_to(slim.dir).as_posix() for p in (slim.dir / "wheels").glob("*/*.whl"))
     assert wheels and sorted(c["bom-ref"] for c in doc["components"]) == wheels
     for c in doc["components"]:
         data = (slim.dir / c["bom-ref"]).read_bytes()

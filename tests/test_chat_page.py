@@ -297,7 +297,7 @@ def test_the_wheel_carries_the_page(tmp_path):
     from installer.toolchain.wheelhouse import build_wheelhouse
 
     build_wheelhouse(Wheelhouse(project=REPO, extras=(), dependencies=False), tmp_path)
-    (wheel,) = tmp_path.glob("appliance-*.whl")
+    (wheel,) = (tmp_path / "cpu").glob("appliance-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         for url, (name, _) in chat_page.FILES.items():

@@ -161,13 +161,13 @@ def test_an_engine_that_cannot_answer_stops_with_what_failed(tmp_path, model_set
 
 def test_the_bundle_carries_the_portable_wheel_and_hw_names_the_variant_it_loads_here(demo_bundle: DemoBundle, tmp_path,  # noqa: F811
                                                                                       model_settings):
-    shipped = list((demo_bundle.dir / "wheels").glob("llama_cpp_python-*.whl"))
+    shipped = list((demo_bundle.dir / "wheels" / "cpu").glob("llama_cpp_python-*.whl"))
     built = llama_wheel.build(llama_wheel.default_cache())
     assert len(shipped) == 1 and llama_wheel.sha256_file(shipped[0]) == llama_wheel.sha256_file(built)
     hw = [sys.executable, "-m", "appliance.cli", "hw", "--root", str(tmp_path), "--bundle", str(demo_bundle.dir), "--json"]
     verified = json.loads(subprocess.run([*hw, "--trust", str(demo_bundle.keys / "signing.pub")],
                                          capture_output=True, text=True, check=False).stdout)["llama_cpp_cpu"]
     native = selftest.run(sys.executable, Path("/"), model_settings)
-    assert verified["variant"] == native.variant and verified["source"].startswith("the bundle's wheels/llama_cpp_python-"), verified
+    assert verified["variant"] == native.variant and verified["source"].startswith("the bundle's wheels/cpu/llama_cpp_python-"), verified
     unchecked = json.loads(subprocess.run(hw, capture_output=True, text=True, check=False).stdout)["llama_cpp_cpu"]
     assert unchecked["variant"] is None and "signature was not checked" in unchecked["why"], unchecked

@@ -45,17 +45,21 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from installer.toolchain.build import build_bundle
     from installer.toolchain.spec import load_spec
+    from installer.toolchain.wheelhouse import parse_runtimes
 
     spec = load_spec(Path(args.spec))
     manifest = build_bundle(
         spec, Path(args.out), Path(args.signing_key), sequence=args.sequence,
         model_key_path=Path(args.model_key) if args.model_key else None,
         passphrase_path=Path(args.passphrase_file) if args.passphrase_file else None,
-        log=lambda m: print(f"  {m}", file=sys.stderr),
+        log=lambda m: print(f"  {m}", file=sys.stderr), runtimes=parse_runtimes(args.runtime), cuda_llama=not args.no_cuda_llama,
     )
     total = sum(f["size"] for f in manifest["files"])
     print(f"built {manifest['name']} {manifest['version']} sequence {manifest['sequence']} in {args.out}: "
           f"{len(manifest['files'])} files, {total / 2**20:.1f} MiB")
+    for runtime in parse_runtimes(args.runtime):
+        size = sum(f["size"] for f in manifest["files"] if f["path"].startswith(f"wheels/{runtime}/"))
+        print(f"  runtime {runtime}: wheels/{runtime}/ {size / 2**30:.2f} GiB")
     return 0
 
 
@@ -135,6 +139,10 @@ def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentPa
     key.add_argument("--passphrase-file", help="wrap the data keys with this passphrase instead")
     p.add_argument("--out", required=True)
     p.add_argument("--sequence", type=int, default=1, help="monotonically increasing release number")
+    p.add_argument("--runtime", default="cpu", metavar="cpu|cuda|cpu,cuda",
+                   help="runtime variants of the wheelhouse (cuda: torch's CUDA build and its NVIDIA libraries, several GB, cached)")
+    p.add_argument("--no-cuda-llama", action="store_true",
+                   help="carry the portable llama.cpp in the cuda runtime instead of building it with CUDA (its llama.cpp GPU tiers then refuse to start)")
     p.set_defaults(func=cmd_build)
 
     for name, func, text in (("verify", cmd_verify, "check signature, policy and every file"),

@@ -39,6 +39,7 @@ def _bundle_tiers(path: Path, args: argparse.Namespace) -> tuple[list[Tier], str
             check_signature(raw, sig, load_trusted_keys(args.trust or [Layout.at(args.root).trust_dir]))
             checked = "signature verified"
     m = parse_manifest(raw)
+    args.bundle_runtimes = m.runtimes  # a tier whose runtime variant the bundle lacks is incompatible
     if checked == "signature verified":
         args.verified_manifest = m
     return parse_tiers(m.tiers, models_of(m.models)), f"bundle {path} ({m.name} {m.version}, {checked})"
@@ -154,7 +155,7 @@ def render(p: Plan, source: str, engine: dict[str, Any] | None = None) -> str:
 def cmd_hw(args: argparse.Namespace) -> int:
     machine = _machine(args)
     tiers, source = _tiers(args)
-    p = plan(machine, tiers)
+    p = plan(machine, tiers, getattr(args, "bundle_runtimes", None))
     engine = llama_variant(args)
     if args.json:
         out: dict[str, Any] = p.to_json()

@@ -82,7 +82,7 @@ def _plan(layout: Layout) -> dict[str, Any]:
     if not manifest.is_file():
         return {"note": "no installed release with a manifest; nothing to plan"}
     m = parse_manifest(manifest.read_bytes())
-    return plan(probe(layout.root), parse_tiers(m.tiers, models_of(m.models))).to_json()
+    return plan(probe(layout.root), parse_tiers(m.tiers, models_of(m.models)), m.runtimes).to_json()
 
 
 def _config(layout: Layout) -> dict[str, Any]:

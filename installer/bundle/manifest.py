@@ -17,7 +17,13 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 BOOTSTRAP = "bootstrap.sh"
 TRUST_FILE = "trust/vendor.pub"  # the signing key, for a first install to compare with the vendor's letter
-WHEELS = "wheels/"  # the wheelhouse
+WHEELS = "wheels/"  # the wheelhouse: one folder per runtime variant, wheels/<runtime>/
+RUNTIMES = ("cpu", "cuda")  # cpu: CPU torch, portable llama.cpp; cuda: CUDA torch and its NVIDIA libraries, CUDA llama.cpp
+
+
+def runtime_dir(runtime: str) -> str:
+    """The wheelhouse folder of one runtime variant, as a bundle path prefix."""
+    return f"{WHEELS}{runtime}/"
 MAX_MANIFEST_BYTES = 4 << 20
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -118,6 +124,11 @@ class Manifest:
             if f.path == path:
                 return f
         raise KeyError(path)
+
+    @property
+    def runtimes(self) -> frozenset[str]:
+        """The runtime variants whose wheelhouse folder the bundle carries."""
+        return frozenset(r for r in RUNTIMES if any(f.path.startswith(runtime_dir(r)) for f in self.files))
 
     @property
     def model_paths(self) -> set[str]:

@@ -151,9 +151,12 @@ def _what_gpus(tier: Tier) -> str:
     return f"{n.gpu_count} GPU{'s' if n.gpu_count > 1 else ''}" + (f" with {' and '.join(parts)}" if parts else "")
 
 
-def judge(machine: Machine, tier: Tier) -> TierVerdict:
-    """One tier against one machine."""
+def judge(machine: Machine, tier: Tier, runtimes: frozenset[str] | None = None) -> TierVerdict:
+    """One tier against one machine; `runtimes`: the bundle's runtime variants (None: not known, e.g. a spec)."""
     hard = check_machine(machine, tier)
+    if runtimes is not None and tier.runtime not in runtimes:
+        carried = ", ".join(sorted(runtimes)) or "none"
+        hard.insert(0, f"runs the {tier.runtime} runtime, and the bundle carries no wheels/{tier.runtime}/ (its runtimes: {carried})")
     if not tier.uses_gpu:
         if hard:
             return TierVerdict(tier.name, INCOMPATIBLE, tuple(hard))
@@ -189,9 +192,9 @@ def judge(machine: Machine, tier: Tier) -> TierVerdict:
                        tuple(d.gpu.index for d in used), tuple(d.cuda_id for d in used))
 
 
-def plan(machine: Machine, tiers: list[Tier] | tuple[Tier, ...]) -> Plan:
+def plan(machine: Machine, tiers: list[Tier] | tuple[Tier, ...], runtimes: frozenset[str] | None = None) -> Plan:
     """Judge every tier; choose the first runnable one in the bundle's order of preference."""
-    verdicts = tuple(judge(machine, t) for t in tiers)
+    verdicts = tuple(judge(machine, t, runtimes) for t in tiers)
     chosen = next((t for t, v in zip(tiers, verdicts, strict=True) if v.verdict == RUNNABLE), None)
     if chosen is not None:
         before = [v.name for v in verdicts[: list(tiers).index(chosen)]]

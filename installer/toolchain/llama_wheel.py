@@ -14,7 +14,12 @@ The wheel goes to a folder of its own keyed by the sdist's hash, the flags and t
 through pip's shared wheel cache (keyed by the sdist alone, it hands back whatever was built first).
 Standard library only: `make setup` runs it before the project's venv has anything in it.
 
-    python -m installer.toolchain.llama_wheel [--cache DIR]   # prints the wheel's path
+The CUDA variant (the bundle's cuda runtime) adds `GGML_CUDA=ON` for the compute capabilities
+`cuda_archs()` names: the same CPU libraries plus `libggml-cuda.so`, found by the same loader. It
+links the CUDA runtime and cuBLAS of NVIDIA's pip packages (`nvidia/cu13/lib` beside torch), which
+its RPATH names. Building it needs nvcc and takes long (every architecture compiles every kernel).
+
+    python -m installer.toolchain.llama_wheel [--cache DIR] [--cuda]   # prints the wheel's path
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ CMAKE_ARGS = (
 # on the building CPU alone and never ships.
 NATIVE_CMAKE_ARGS = ("-DGGML_NATIVE=ON",)
 
+# CUDA 13's nvcc builds for Turing (7.5) and newer; a tier's compute capability floor below that
+# cannot get a CUDA llama.cpp from it.
+CUDA_ARCHS = ("75", "80", "86", "89", "90", "100", "120")
+CUDA_CMAKE_ARGS = ("-DGGML_CUDA=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN;$ORIGIN/../../nvidia/cu13/lib")
+
 _VARIANT_LINE = re.compile(r"^\s*ggml_add_cpu_backend_variant\((\w+)[^)]*\)\s*$", re.M)
 _GGML_CMAKE = "vendor/llama.cpp/ggml/src/CMakeLists.txt"
 
@@ -58,9 +68,26 @@ class BuildError(RuntimeError):
     pass
 
 
-def build_key(native: bool = False) -> str:
+def cmake_args(native: bool = False, cuda_archs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    if native:
+        return NATIVE_CMAKE_ARGS
+    if not cuda_archs:
+        return CMAKE_ARGS
+    base = tuple(a for a in CMAKE_ARGS if not a.startswith("-DCMAKE_INSTALL_RPATH"))
+    return (*base, *CUDA_CMAKE_ARGS, f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(cuda_archs)}")
+
+
+def cuda_archs(floor: str = "7.5") -> tuple[str, ...]:
+    """The CUDA architectures from compute capability `floor` up (e.g. "8.0" -> 80, 86, 89, 90, ...)."""
+    major, _, minor = floor.partition(".")
+    low = int(major) * 10 + int(minor or 0)
+    return tuple(a for a in CUDA_ARCHS if int(a) >= low)
+
+
+def build_key(native: bool = False, cuda_archs: tuple[str, ...] = ()) -> str:
     """What the wheel depends on: the sdist, the flags, the variants and this recipe's version."""
-    text = "\n".join([SDIST_SHA256, *(NATIVE_CMAKE_ARGS if native else (*CMAKE_ARGS, *VARIANTS)), "recipe 1"])
+    flags = cmake_args(native, cuda_archs)
+    text = "\n".join([SDIST_SHA256, *(flags if native else (*flags, *VARIANTS)), "recipe 1"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -100,9 +127,11 @@ def fetch_sdist(dest: Path) -> Path:
     return sdist
 
 
-def build(cache: Path, jobs: int | None = None, native: bool = False) -> Path:
-    """The portable wheel (or, for benchmarks, the native one), built once per key; returns its path."""
-    out = cache / f"llama-cpp-python-{VERSION}-{'native-' if native else ''}{build_key(native)}"
+def build(cache: Path, jobs: int | None = None, native: bool = False, cuda_archs: tuple[str, ...] = ()) -> Path:
+    """The portable wheel (with `cuda_archs`, its CUDA variant; for benchmarks, the native one), built
+    once per key; returns its path."""
+    kind = "native-" if native else "cuda-" if cuda_archs else ""
+    out = cache / f"llama-cpp-python-{VERSION}-{kind}{build_key(native, cuda_archs)}"
     done = out / "SHA256SUMS"
     if done.is_file():
         name, digest = _read_sums(done)
@@ -120,7 +149,7 @@ def build(cache: Path, jobs: int | None = None, native: bool = False) -> Path:
         if not native:
             cmake.write_text(keep_variants(cmake.read_text()))
         env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}  # it turns ggml's SIMD off
-        env["CMAKE_ARGS"] = " ".join(NATIVE_CMAKE_ARGS if native else CMAKE_ARGS)
+        env["CMAKE_ARGS"] = " ".join(cmake_args(native, cuda_archs))
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs or os.cpu_count() or 2)
         wheels = work / "wheels"
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
@@ -130,7 +159,7 @@ def build(cache: Path, jobs: int | None = None, native: bool = False) -> Path:
             raise BuildError(f"the build left {len(built)} wheels in {wheels}, expected one.")
         try:
             if not native:
-                check_wheel(built[0])
+                check_wheel(built[0], cuda=bool(cuda_archs))
         except BuildError:
             shutil.copyfile(built[0], out / f"rejected-{built[0].name}")  # kept for a look
             raise
@@ -149,8 +178,9 @@ def _read_sums(path: Path) -> tuple[str, str]:
     return name, digest
 
 
-def check_wheel(wheel: Path) -> None:
-    """The wheel carries every variant and no AMX one, and no single (native) CPU library."""
+def check_wheel(wheel: Path, cuda: bool = False) -> None:
+    """The wheel carries every variant and no AMX one, and no single (native) CPU library; the CUDA
+    build also its CUDA library."""
     import zipfile
 
     names = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/lib/" in n}
@@ -159,6 +189,8 @@ def check_wheel(wheel: Path) -> None:
         raise BuildError(f"{wheel.name} carries CPU variants {sorted(have)}, expected {sorted(VARIANTS)}.")
     if "libggml-cpu.so" in names or any(v in have for v in NEVER):
         raise BuildError(f"{wheel.name} carries a native or AMX CPU library; it would not run everywhere.")
+    if cuda != ("libggml-cuda.so" in names):
+        raise BuildError(f"{wheel.name} {'lacks' if cuda else 'carries'} libggml-cuda.so.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="where built wheels are kept (default: %(default)s)")
     ap.add_argument("--key", action="store_true", help="print the build key and exit")
     ap.add_argument("--native", action="store_true", help="build the -march=native wheel instead (benchmarks only; never ships)")
+    ap.add_argument("--cuda", nargs="?", const="7.5", metavar="CC",
+                    help="build the CUDA variant for compute capability CC (default 7.5) and newer")
     args = ap.parse_args(argv)
+    archs = cuda_archs(args.cuda) if args.cuda else ()
     if args.key:
-        print(build_key(args.native))
+        print(build_key(args.native, archs))
         return 0
     try:
-        print(build(args.cache or default_cache(), native=args.native))
+        print(build(args.cache or default_cache(), native=args.native, cuda_archs=archs))
     except (BuildError, subprocess.CalledProcessError) as e:
         print(f"error: building the portable llama-cpp-python wheel failed: {e}", file=sys.stderr)
         return 1

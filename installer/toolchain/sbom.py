@@ -1,7 +1,8 @@
 """The wheelhouse's SBOM as a CycloneDX 1.6 JSON document, made with cyclonedx-python-lib (vendor side).
 
 One component per wheel: name, version, package URL, SHA-256, the licence its metadata declares, and
-two properties the installer reads back (`appliance:path` in the bundle, `appliance:tags`). The
+two properties the installer reads back (`appliance:path` in the bundle, `appliance:tags`). A wheel
+that two runtime variants share (wheels/cpu/, wheels/cuda/) is listed once per variant. The
 manifest carries the document as its `sbom`; installer.bundle.manifest reads it with plain JSON, so the
 site needs no SBOM library.
 """
@@ -51,7 +52,7 @@ def cyclonedx(root: Path, digests: dict[str, str], prefix: str = WHEELS) -> dict
     bom = Bom()
     licences = LicenseFactory()
     for path in sorted(p for p in digests if p.startswith(prefix) and p.endswith(".whl")):
-        m = WHEEL_NAME.match(path[len(prefix):])
+        m = WHEEL_NAME.match(Path(path).name)  # wheels/<runtime>/<file>
         if not m:
             raise SpecError(f"{path} is not a valid wheel file name.")
         name, version = m["name"].replace("_", "-").lower(), m["version"]
