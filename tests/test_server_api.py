@@ -98,7 +98,9 @@ def test_admin_routes_refuse_user_keys(client, root):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
     ({"messages": [{"role": "user"}]}, 422, "messages.0.content"),
     ({"temperature": 9}, 422, "temperature"),
-    ({"n": 3}, 400, "n"),
+    ({"n": 9}, 422, "n"),
+    ({"logit_bias": {"the": 1}}, 422, "logit_bias.the"),
+    ({"top_logprobs": 2}, 422, "body"),
     ({"stop": ""}, 422, "stop"),
 ])
 def test_bad_input_is_a_4xx_in_openai_shape(client, root, change, status, param):
@@ -108,9 +110,7 @@ def test_bad_input_is_a_4xx_in_openai_shape(client, root, change, status, param)
 
 
 @pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"), ("logprobs", True), ("top_logprobs", 3), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1), ("logit_bias", {"42": 5}), ("n", 2), ("temprature", 0.2), ("best_of", 2),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("temprature", 0.2), ("best_of", 2),
 ])
 def test_a_field_the_server_does_not_honour_is_a_400_that_names_it(client, root, field, value):
     r = ask(client, root.user_key, **{field: value})
@@ -119,12 +119,22 @@ def test_a_field_the_server_does_not_honour_is_a_400_that_names_it(client, root,
     assert err["param"] == field and err["code"] == "unsupported_parameter" and repr(field) in err["message"]
 
 
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+    ("response_format", {"type": "json_object"}), ("top_logprobs", 2),
+])
+def test_chat_only_fields_are_a_400_on_completions(client, root, field, value):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, field: value}, headers=auth(root.user_key))
+    assert r.status_code == 400 and error_of(r)["param"] == field and error_of(r)["code"] == "unsupported_parameter"
+
+
 def test_an_unhonoured_field_at_its_neutral_value_changes_nothing(client, root):
     neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": False,
-               "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "parallel_tool_calls": False}
+               "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "parallel_tool_calls": False,
+               "functions": [], "function_call": "none"}
     r = ask(client, root.user_key, max_tokens=6, **neutral)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == REPLY[:6]
-    assert ask(client, root.user_key, logprobs=0).status_code == 400  # 0 is not false
+    assert ask(client, root.user_key, logprobs=0).status_code == 422  # 0 is not false
     nested = ask(client, root.user_key, messages=[{"role": "user", "content": "hi", "name": "bob"}])
     assert nested.status_code == 400 and error_of(nested)["param"] == "messages.0.name"
 

@@ -12,11 +12,12 @@ newcomer prefills only its own part.
 from __future__ import annotations
 
 import ctypes
-import random
 from pathlib import Path
 from typing import Any
 
+from appliance.engines import llama_sampling
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
+from appliance.engines.constraints import Constraint
 from appliance.engines.scheduler import Sequence
 from appliance.errors import EngineError
 
@@ -42,6 +43,7 @@ class LlamaCppBackend:
         # One KV stream per sequence, each `context_length` long, plus one for the shared prefix; a
         # batch holds one whole prompt plus one token for every other live sequence.
         self.n_batch = context_length + max_batch
+        self.context_length = context_length
         self.prefix_seq, self.base_prefix_seq = max_batch, max_batch + 1
         cp.n_ctx = context_length * (max_batch + 2)
         cp.n_batch = self.n_batch
@@ -146,18 +148,9 @@ class LlamaCppBackend:
     def prefill_budget(self) -> int:
         return self.n_batch
 
-    def _sampler(self, seq: Sequence) -> Any:
-        L, p = self.L, seq.params
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if p.greedy:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-        else:
-            if p.top_p < 1.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(p.top_p, 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(p.temperature))
-            seed = p.seed if p.seed is not None else random.getrandbits(32)
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
+    def compile_constraint(self, c: Constraint) -> tuple[str, str]:
+        """The grammar SamplingParams.grammar carries for `c`; ConstraintError when it cannot be made."""
+        return llama_sampling.compile_constraint(self.L, self.vocab, c)
 
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
         """Decode one step; return the next token of each sequence, `live` first, then `admit`.
@@ -193,7 +186,7 @@ class LlamaCppBackend:
         mem = self.L.llama_get_memory(self.ctx)
         k = len(self.prefix)
         for s in admit:
-            s.state = None if s.params.greedy else self._sampler(s)
+            s.state = llama_sampling.make_chain(self.L, self.vocab, self.n_vocab, s.params, self.context_length)
             start = 0
             if k and len(s.prompt) > k and s.prompt[:k] == self.prefix:
                 self.L.llama_memory_seq_cp(mem, prefix_seq, s.slot, -1, -1)
@@ -209,17 +202,12 @@ class LlamaCppBackend:
         return {id(s): self._pick(s, row) for s, row in zip([*live, *admit], rows, strict=True)}
 
     def _pick(self, s: Sequence, row: int) -> int:
-        if s.state is None:  # greedy: an argmax over a view of the logits, no copy
-            import numpy as np
-
-            return int(np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)).argmax())
-        return int(self.L.llama_sampler_sample(s.state, self.ctx, row))
+        return llama_sampling.pick(self.L, self.ctx, self.n_vocab, s, row)
 
     def release(self, seq: Sequence) -> None:
         self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq.slot, -1, -1)
-        if seq.state is not None:
-            self.L.llama_sampler_free(seq.state)
-            seq.state = None
+        llama_sampling.free(self.L, seq.state)
+        seq.state = None
 
     def apply_adapter(self, adapter: Any) -> None:
         """Load `adapter.gguf_path` (a GGUF LoRA); None returns to the base model."""

@@ -35,6 +35,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     use_adapter: bool = True  # False: the base model, even while an adapter is active
     ignore_eos: bool = False  # go on past end-of-sequence until max_tokens (load tests, benchmarks)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # times the number of times it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k likeliest alternatives
+    grammar: Any = None  # the backend's compiled constraint (compile_constraint): the output must match it
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but temperature and top_p shapes the choice of token."""
+        return not (self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar is not None)
 
     @property
     def greedy(self) -> bool:
@@ -42,10 +52,20 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the likeliest tokens at that step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New answer text for one sequence."""
+    """New answer text for one sequence (and its tokens' log-probabilities when asked for)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class Finished:
     adapter: str | None
     text: str
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 Event = Delta | Finished
@@ -75,6 +96,8 @@ class Sequence:
     adapter: str | None = None
     cancelled: bool = False
     state: Any = None  # per-backend (e.g. a llama.cpp sampler chain)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # filled by the backend when params.logprobs is set
+    lp_sent: int = 0  # entries of `logprobs` already sent
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence at the next step (safe from any thread)."""
@@ -287,13 +310,14 @@ class Engine:
 
     def _send(self, s: Sequence, upto: str) -> None:
         if len(upto) > s.sent:
-            self._emit(s, Delta(upto[s.sent:]))
-            s.sent = len(upto)
+            n = len(s.generated)
+            self._emit(s, Delta(upto[s.sent:], tuple(s.logprobs[s.lp_sent:n])))
+            s.sent, s.lp_sent = len(upto), n
 
     def _finished(self, s: Sequence, reason: str, error: str | None = None, text: str | None = None) -> Finished:
         if text is None:
             text = self.backend.detokenize(s.generated) if s.generated else ""
-        return Finished(reason, len(s.prompt), len(s.generated), s.adapter, text, error)
+        return Finished(reason, len(s.prompt), len(s.generated), s.adapter, text, error, tuple(s.logprobs[:len(s.generated)]))
 
     def _drop(self, s: Sequence, reason: str, error: str | None = None, final_text: str | None = None) -> None:
         if s in self._live:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
+from appliance.engines.constraints import Constraint
 from appliance.engines.scheduler import Sequence
+from appliance.engines.torch_sampling import Sampler
 from appliance.errors import EngineError
 
 
@@ -28,7 +30,12 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Where the plan put it (appliance.engines.replicas), never a device chosen here: no GPU tier on the CPU.
+        self.device = device or "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"The model is placed on {self.device}, but torch {torch.__version__} sees no CUDA device on this host, "
+                              "so it will not start (it never falls back to the CPU).",
+                              "Check the driver with `nvidia-smi`, or install the bundle's cpu tier (`appliance install DIR --tier cpu`).")
         if self.device == "cpu" and threads:
             # OpenMP threads beyond the cores that are really free spin against each other.
             torch.set_num_threads(threads)
@@ -47,6 +54,8 @@ class TransformersBackend:
             self.ends.add(int(self.tok.eos_token_id))
         self.pad = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.ends), 0))
         self.template = ChatTemplate(self.tok.chat_template, self.tok.bos_token or "", self.tok.eos_token or "")
+        self.sampler = Sampler(torch, self.tok, self.device)
+        self.n_vocab = int(self.base.config.vocab_size)
         self.prefix = shared_prefix(self.tokenize, self.render_chat)
         self._prefix_kv: dict[bool, list[tuple[Any, Any]]] = {}  # adapter on? -> each layer's (keys, values)
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
@@ -184,24 +193,11 @@ class TransformersBackend:
         self.rows = [*self.rows, *seqs]
 
     def _sample(self, seqs: list[Sequence], logits: Any) -> list[int]:
-        torch = self.torch
-        picks = []
-        for s, row in zip(seqs, logits.float(), strict=True):
-            p = s.params
-            if p.greedy:
-                picks.append(int(row.argmax()))
-                continue
-            if s.state is None:
-                s.state = torch.Generator(device=self.device)
-                s.state.manual_seed(p.seed if p.seed is not None else int(torch.seed()))
-            probs = torch.softmax(row / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                cut = sorted_p.cumsum(0) - sorted_p > p.top_p
-                sorted_p[cut] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            picks.append(int(torch.multinomial(probs, 1, generator=s.state)))
-        return picks
+        return self.sampler.pick(seqs, logits)
+
+    def compile_constraint(self, c: Constraint) -> Any:
+        """The grammar SamplingParams.grammar carries for `c`; ConstraintError when it cannot be made."""
+        return self.sampler.compile(c)
 
     def apply_adapter(self, adapter: Any) -> None:
         """Load `adapter.peft_dir` (PEFT safetensors) beside the base weights; None returns to the base model.

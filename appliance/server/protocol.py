@@ -2,16 +2,16 @@
 
 Nothing a client asks for is silently ignored: a field this server does not honour is a 400 that
 names it (`unsupported_parameter`), whether it is unknown or an OpenAI field we do not implement
-yet; the latter pass only at the value that changes nothing (`presence_penalty: 0`, `tools: []`,
-`response_format: {"type": "text"}`, ...), which some clients send with every request. Known fields
-are checked strictly, so bad input is a 4xx in the OpenAI error shape, never a 500.
+(the deprecated `functions`; tools on /v1/completions); the latter pass only at the value that
+changes nothing (`functions: []`, `tools: []`, ...), which some clients send with every request.
+Known fields are checked strictly, so bad input is a 4xx in the OpenAI error shape, never a 500.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # Larger than any context, small enough to be a plain int everywhere: values above it are typos.
@@ -34,11 +34,13 @@ JsonInt = BeforeValidator(_json_int)
 
 
 # OpenAI request fields this server does not implement, and the values at which they change nothing.
-UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "functions": ([],), "function_call": ("none",),
+UNHONOURED: dict[str, tuple[Any, ...]] = {"functions": ([],), "function_call": ("none",)}
+# ... and on /v1/completions also these, which only chat takes.
+UNHONOURED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
+    **UNHONOURED, "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},), "top_logprobs": (0,),
 }
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
 def _same(value: Any, neutral: Any) -> bool:
@@ -61,12 +63,82 @@ class TextPart(_Request):
     text: Annotated[str, Field(max_length=1 << 20)]
 
 
+class CalledFunction(_Request):
+    name: Name
+    arguments: Annotated[str, Field(max_length=1 << 20)] = Field(description="the arguments, as JSON text")
+
+
+class ToolCall(_Request):
+    id: Annotated[str, Field(min_length=1, max_length=128)]
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Request):
     role: Role
-    content: Annotated[str, Field(max_length=1 << 20)] | Annotated[list[TextPart], Field(max_length=256)]
+    tool_calls: Annotated[list[ToolCall], Field(max_length=64)] | None = Field(default=None, description="assistant messages only")
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(default=None, description="tool messages: the call answered")
+    content: Annotated[str, Field(max_length=1 << 20)] | Annotated[list[TextPart], Field(max_length=256)] | None = Field(
+        default=None, validate_default=True, description="may be null only in an assistant message with tool_calls")
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("content is required (null only in an assistant message with tool_calls)")
+        return v
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message takes it")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDef(_Request):
+    name: Name
+    description: Annotated[str, Field(max_length=1 << 16)] | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema of the arguments")
+    strict: bool | None = Field(default=None, description="arguments of forced calls always match the schema")
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Request):
+    name: Name
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Request):
+    name: Name
+    description: Annotated[str, Field(max_length=1 << 16)] | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only there")
+        return self
 
 
 class StreamOptions(_Request):
@@ -77,7 +149,13 @@ Stop = Annotated[str, Field(min_length=1, max_length=256)] | Annotated[list[Anno
 
 
 class _Sampling(_Request):
+    UNHONOURED: ClassVar[dict[str, tuple[Any, ...]]] = UNHONOURED
     model: Annotated[str, Field(max_length=256)] | None = None
+    n: Annotated[int, Field(ge=1, le=8), JsonInt] = Field(default=1, description="answers to the same prompt, decoded in one batch")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=1024)] | None = Field(default=None, description="token id -> added to its logit")
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = Field(default=None, description="answer tokens at most")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -97,7 +175,7 @@ class _Sampling(_Request):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        for name, neutral in UNHONOURED.items():
+        for name, neutral in cls.UNHONOURED.items():
             if name in data:
                 value = data.pop(name)
                 if value is not None and not any(_same(value, v) for v in neutral):
@@ -108,16 +186,43 @@ class _Sampling(_Request):
     def stops(self) -> tuple[str, ...]:
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def top_count(self) -> int | None:
+        """None: no log-probabilities; k: each token's and its k likeliest alternatives."""
+        raise NotImplementedError
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20), JsonInt] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            if not self.tools:
+                raise ValueError("tool_choice names a tool call but tools is empty")
+        return self
+
+    def top_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: Annotated[str, Field(min_length=1, max_length=1 << 20)] | Annotated[
         list[Annotated[str, Field(min_length=1, max_length=1 << 20)]], Field(min_length=1, max_length=1)]
+    UNHONOURED: ClassVar[dict[str, tuple[Any, ...]]] = UNHONOURED_COMPLETIONS
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=5), JsonInt] | None = Field(default=None, description="k: each token's log-probability and its k likeliest alternatives")
+
+    def top_count(self) -> int | None:
+        return self.logprobs
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -156,21 +261,44 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ContentLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class _Choice(BaseModel):
     index: int
     finish_reason: str
-    logprobs: None = None
 
 
 class ChatChoice(_Choice):
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
 
 
 class CompletionChoice(_Choice):
     text: str
+    logprobs: CompletionLogprobs | None = None
 
 
 class _Answer(BaseModel):

@@ -1,56 +1,70 @@
-"""The serving layer: turns API requests into engine submissions and engine events into responses."""
+"""The serving layer: turns API requests into engine submissions and engine events into responses.
+
+This module submits and collects (one request may be `n` sequences, decoded in the same batches);
+appliance/server/answers.py shapes what chat and completions send back.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anyio
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from appliance.engines.chat_template import ChatTemplateError
+from appliance.engines.constraints import Constraint, ConstraintError
 from appliance.engines.scheduler import Delta, Engine, Finished, QueueFull, SamplingParams, Sequence
 from appliance.errors import EngineError
 from appliance.feedback_store import FeedbackRefused
+from appliance.server import answers
 from appliance.server import protocol as P
+from appliance.server.api_errors import ApiError
 from appliance.server.limits import Lease
 from appliance.server.metrics import Metrics
 
 log = logging.getLogger("appliance.server")
 
 
-class ApiError(Exception):
-    """An expected failure, answered in the OpenAI error shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
 @dataclass
 class Job:
-    """One submitted request: its id, the engine sequence and the queue its events arrive on."""
+    """One submitted request: its id, its engine sequences (`n` of them) and the queue where each
+    one's events arrive as (index, event)."""
 
     id: str
-    seq: Sequence
-    events: asyncio.Queue[Delta | Finished]
+    seqs: list[Sequence]
+    events: asyncio.Queue[tuple[int, Delta | Finished]]
     started: float
     prompt_tokens: int
     model: str
     answered: bool = False
+    finished: dict[int, Finished] = field(default_factory=dict)
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            s.cancel()
+
+
+class _Target(Protocol):
+    def put_nowait(self, ev: Delta | Finished) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Tagged:
+    """A job's queue as one sequence's events go into it: tagged with the sequence's index."""
+
+    queue: asyncio.Queue[tuple[int, Delta | Finished]]
+    index: int
+
+    def put_nowait(self, ev: Delta | Finished) -> None:
+        self.queue.put_nowait((self.index, ev))
 
 
 class _Relay:
@@ -64,9 +78,9 @@ class _Relay:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue[Delta | Finished], Delta | Finished]] = []
+        self._pending: list[tuple[_Target, Delta | Finished]] = []
 
-    def put(self, queue: asyncio.Queue[Delta | Finished], ev: Delta | Finished) -> None:
+    def put(self, queue: _Target, ev: Delta | Finished) -> None:
         with self._lock:
             self._pending.append((queue, ev))
             if len(self._pending) > 1:
@@ -84,6 +98,7 @@ class Serving:
     def __init__(self, engine: Engine, model_id: str, metrics: Metrics, store: Any) -> None:
         self.engine, self.model_id, self.metrics, self.store = engine, model_id, metrics, store
         self._relay: _Relay | None = None
+        self._pieces: dict[int, str] = {}
 
     # --- shared ---------------------------------------------------------------------------------
     async def _prompt_tokens(self, render: Any) -> list[int]:
@@ -113,7 +128,20 @@ class Serving:
             return True, default
         return True, default
 
-    def _submit(self, prefix: str, tokens: list[int], req: P._Sampling, max_tokens: int | None, lease: Lease | None = None) -> Job:
+    async def compile(self, c: Constraint | None) -> Any:
+        """The engine's grammar for `c` (None for none); a 400 naming the field when it cannot be made."""
+        if c is None:
+            return None
+        compile_ = getattr(self.engine.backend, "compile_constraint", None)
+        if compile_ is None:
+            raise ApiError(400, f"The {self.engine.backend_name} engine cannot constrain its output; leave out {c.param}.",
+                           param=c.param, code="unsupported_parameter")
+        try:
+            return await anyio.to_thread.run_sync(compile_, c)
+        except ConstraintError as e:
+            raise ApiError(400, e.message, param=e.param, code="invalid_schema") from None
+
+    def _params(self, tokens: list[int], req: P._Sampling, max_tokens: int | None, grammar: Any) -> tuple[SamplingParams, str]:
         use_adapter, model_name = self._choose(req.model)
         ctx = self.engine.context_length
         if len(tokens) >= ctx:
@@ -123,39 +151,62 @@ class Serving:
             raise ApiError(400, f"max_tokens is {max_tokens} but the model's context holds {ctx} tokens.",
                            param="max_tokens", code="context_length_exceeded")
         budget = ctx - len(tokens) if max_tokens is None else min(max_tokens, ctx - len(tokens))
+        n_vocab = getattr(self.engine.backend, "n_vocab", None)
+        bias = tuple((int(t), b) for t, b in (req.logit_bias or {}).items())
+        if n_vocab is not None and any(t >= n_vocab for t, _ in bias):
+            raise ApiError(400, f"logit_bias names a token id the model does not have (it has {n_vocab} tokens).", param="logit_bias")
         params = SamplingParams(max_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stops(),
-                                use_adapter=use_adapter, ignore_eos=req.ignore_eos)
+                                use_adapter=use_adapter, ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                                frequency_penalty=req.frequency_penalty, logit_bias=bias, logprobs=req.top_count(), grammar=grammar)
+        return params, model_name
+
+    def _submit(self, prefix: str, tokens: list[int], req: P._Sampling, max_tokens: int | None, lease: Lease | None = None,
+                grammar: Any = None) -> Job:
+        """Submit `req.n` sequences of the prompt (seeds seed, seed+1, ... when seeded) as one job."""
+        params, model_name = self._params(tokens, req, max_tokens, grammar)
         loop = asyncio.get_running_loop()
         if self._relay is None or self._relay.loop is not loop:
             self._relay = _Relay(loop)
-        relay = self._relay
-        events: asyncio.Queue[Delta | Finished] = asyncio.Queue()
-        # A whole answer needs only its first text (time to first token) and the end; a stream needs every piece.
-        text_sent = [False]
-
-        def sink(ev: Delta | Finished) -> None:
-            if isinstance(ev, Delta) and not req.stream:
-                if text_sent[0]:
-                    return
-                text_sent[0] = True
-            if isinstance(ev, Finished) and lease is not None:  # every sequence ends with one, cancelled ones too
-                lease.charge(ev.completion_tokens)
-                lease.release()
-            relay.put(events, ev)
-
+        events: asyncio.Queue[tuple[int, Delta | Finished]] = asyncio.Queue()
+        left = [req.n]
+        seqs: list[Sequence] = []
         try:
-            seq = self.engine.submit(tokens, params, sink)
-        except QueueFull:
-            wait = 1 + self.engine.waiting // max(1, self.engine.max_batch)
-            raise ApiError(429, f"The server is busy: {self.engine.waiting} requests are waiting. Retry in {wait} s.",
-                           type_="rate_limit_error", code="queue_full", headers={"Retry-After": str(wait)}) from None
-        except EngineError as e:
+            for i in range(req.n):
+                p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+                seqs.append(self.engine.submit(tokens, p, self._sink(_Tagged(events, i), req.stream, lease, left)))
+        except (QueueFull, EngineError) as e:
+            for s in seqs:
+                s.cancel()
+            if isinstance(e, QueueFull):
+                wait = 1 + self.engine.waiting // max(1, self.engine.max_batch)
+                raise ApiError(429, f"The server is busy: {self.engine.waiting} requests are waiting. Retry in {wait} s.",
+                               type_="rate_limit_error", code="queue_full", headers={"Retry-After": str(wait)}) from None
             raise ApiError(503, e.message, type_="server_error", code="engine_unavailable") from None
         self.metrics.tokens_in.inc(len(tokens))
         if lease is not None:
             lease.handed_over = True
             lease.charge(len(tokens))
-        return Job(f"{prefix}-{uuid.uuid4().hex}", seq, events, time.monotonic(), len(tokens), model_name)
+        return Job(f"{prefix}-{uuid.uuid4().hex}", seqs, events, time.monotonic(), len(tokens), model_name)
+
+    def _sink(self, target: _Tagged, stream: bool, lease: Lease | None, left: list[int]) -> Any:
+        relay = self._relay
+        assert relay is not None
+        # A whole answer needs only its first text (time to first token) and the end; a stream needs every piece.
+        text_sent = [False]
+
+        def sink(ev: Delta | Finished) -> None:
+            if isinstance(ev, Delta) and not stream:
+                if text_sent[0]:
+                    return
+                text_sent[0] = True
+            if isinstance(ev, Finished) and lease is not None:  # every sequence ends with one, cancelled ones too
+                lease.charge(ev.completion_tokens)
+                left[0] -= 1
+                if left[0] == 0:
+                    lease.release()
+            relay.put(target, ev)
+
+        return sink
 
     def _observe(self, job: Job, ev: Delta | Finished) -> None:
         if isinstance(ev, Delta) and not job.answered:
@@ -164,38 +215,40 @@ class Serving:
         elif isinstance(ev, Finished):
             self.metrics.tokens_out.inc(ev.completion_tokens)
 
-    async def _events(self, job: Job) -> AsyncIterator[Delta | Finished]:
+    async def events(self, job: Job) -> AsyncIterator[tuple[int, Delta | Finished]]:
+        """(index, event) of every sequence of `job` until each has finished."""
         try:
-            while True:
-                ev = await job.events.get()
+            while len(job.finished) < len(job.seqs):
+                i, ev = await job.events.get()
                 self._observe(job, ev)
-                yield ev
                 if isinstance(ev, Finished):
-                    return
+                    job.finished[i] = ev
+                yield i, ev
         finally:
-            job.seq.cancel()  # no-op when it finished; frees the slot when the client went away
+            job.cancel()  # no-op when it finished; frees the slots when the client went away
 
-    async def _collect(self, job: Job, request: Request) -> Finished:
-        """Wait for the whole answer; a client that hangs up cancels its sequence within about 0.5 s."""
+    async def collect(self, job: Job, request: Request) -> list[Finished]:
+        """Wait for the whole answer; a client that hangs up cancels its sequences within about 0.5 s."""
         next_check = time.monotonic() + 0.5
         try:
-            while True:
+            while len(job.finished) < len(job.seqs):
                 try:
-                    ev: Delta | Finished | None = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                    item: tuple[int, Delta | Finished] | None = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except TimeoutError:
-                    ev = None
+                    item = None
                 # Deltas arrive many times a second, so look at the clock, not only at timeouts.
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 0.5
                     if await request.is_disconnected():
-                        job.seq.cancel()
-                if ev is None:
+                        job.cancel()
+                if item is None:
                     continue
-                self._observe(job, ev)
-                if isinstance(ev, Finished):
-                    return self._check(ev)
+                self._observe(job, item[1])
+                if isinstance(item[1], Finished):
+                    job.finished[item[0]] = self._check(item[1])
+            return [job.finished[i] for i in range(len(job.seqs))]
         finally:
-            job.seq.cancel()
+            job.cancel()
 
     @staticmethod
     def _check(fin: Finished) -> Finished:
@@ -203,15 +256,15 @@ class Serving:
             raise ApiError(500, f"The engine failed on this request: {fin.error}", type_="server_error", code="engine_error")
         return fin
 
-    def _answered_by(self, fin: Finished) -> str:
+    def answered_by(self, fin: Finished) -> str:
         return f"{self.model_id}:{fin.adapter}" if fin.adapter else self.model_id
 
     @staticmethod
-    def _usage(fin: Finished) -> dict[str, int]:
-        return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-                "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+    def usage(fins: list[Finished]) -> dict[str, int]:
+        done = sum(f.completion_tokens for f in fins)
+        return {"prompt_tokens": fins[0].prompt_tokens, "completion_tokens": done, "total_tokens": fins[0].prompt_tokens + done}
 
-    async def _record(self, job_id: str, messages: list[dict[str, Any]], fin: Finished, key_id: str | None) -> None:
+    async def record(self, job_id: str, messages: list[dict[str, Any]], fin: Finished, key_id: str | None) -> None:
         if self.store is None or fin.reason not in ("stop", "length"):
             return
         try:
@@ -220,85 +273,22 @@ class Serving:
             log.exception("could not record exchange %s", job_id)
 
     @staticmethod
-    def _note(request: Request, fin: Finished) -> None:
-        request.state.tokens = (fin.prompt_tokens, fin.completion_tokens)
+    def note(request: Request, fins: list[Finished]) -> None:
+        request.state.tokens = (fins[0].prompt_tokens, sum(f.completion_tokens for f in fins))
+
+    def piece(self, token: int) -> str:
+        """One token's text, for log-probabilities."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.engine.backend.detokenize([token])
+        return text
 
     # --- endpoints ------------------------------------------------------------------------------
     async def chat(self, req: P.ChatCompletionRequest, request: Request) -> Any:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        tokens = await self._prompt_tokens(lambda: self.engine.render_chat(messages))
-        job = self._submit("chatcmpl", tokens, req, req.max_completion_tokens or req.max_tokens, _lease(request))
-        request.state.request_id = job.id
-        created = int(time.time())
-        if not req.stream:
-            fin = await self._collect(job, request)
-            self._note(request, fin)
-            await self._record(job.id, messages, fin, getattr(request.state, "key_id", None))
-            return {"id": job.id, "object": "chat.completion", "created": created, "model": self._answered_by(fin),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
-                                 "finish_reason": fin.reason, "logprobs": None}],
-                    "usage": self._usage(fin), "system_fingerprint": fin.adapter}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta: dict[str, Any], finish: str | None) -> str:
-            return _sse({"id": job.id, "object": "chat.completion.chunk", "created": created, "model": job.model,
-                         "system_fingerprint": None,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-
-        async def body() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            async for ev in self._events(job):
-                if isinstance(ev, Delta):
-                    yield chunk({"content": ev.text}, None)
-                    continue
-                self._note(request, ev)
-                if ev.reason == "error":
-                    yield _sse(ApiError(500, f"The engine failed: {ev.error}", "server_error").body())
-                    return
-                await self._record(job.id, messages, ev, getattr(request.state, "key_id", None))
-                yield chunk({}, ev.reason)
-                if include_usage:
-                    yield _sse({"id": job.id, "object": "chat.completion.chunk", "created": created,
-                                "model": job.model, "choices": [], "usage": self._usage(ev)})
-            yield "data: [DONE]\n\n"
-
-        return _stream(body(), job.id)
+        return await answers.chat(self, req, request)
 
     async def completion(self, req: P.CompletionRequest, request: Request) -> Any:
-        tokens = await self._prompt_tokens(req.text())
-        job = self._submit("cmpl", tokens, req, req.max_tokens, _lease(request))
-        request.state.request_id = job.id
-        created = int(time.time())
-        if not req.stream:
-            fin = await self._collect(job, request)
-            self._note(request, fin)
-            return {"id": job.id, "object": "text_completion", "created": created, "model": self._answered_by(fin),
-                    "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.reason, "logprobs": None}],
-                    "usage": self._usage(fin)}
-
-        def chunk(text: str, finish: str | None) -> str:
-            return _sse({"id": job.id, "object": "text_completion", "created": created, "model": job.model,
-                         "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]})
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def body() -> AsyncIterator[str]:
-            async for ev in self._events(job):
-                if isinstance(ev, Delta):
-                    yield chunk(ev.text, None)
-                    continue
-                self._note(request, ev)
-                if ev.reason == "error":
-                    yield _sse(ApiError(500, f"The engine failed: {ev.error}", "server_error").body())
-                    return
-                yield chunk("", ev.reason)
-                if include_usage:
-                    yield _sse({"id": job.id, "object": "text_completion", "created": created, "model": job.model,
-                                "choices": [], "usage": self._usage(ev)})
-            yield "data: [DONE]\n\n"
-
-        return _stream(body(), job.id)
+        return await answers.completion(self, req, request)
 
     async def generate(self, req: P.GenerateRequest, request: Request) -> dict[str, Any]:
         chat = P.ChatCompletionRequest(messages=[P.ChatMessage(role="user", content=req.prompt)], max_tokens=req.max_tokens, temperature=0)
@@ -325,17 +315,3 @@ class Serving:
             type_ = {403: "permission_error", 429: "rate_limit_error"}.get(e.status, "invalid_request_error")
             raise ApiError(e.status, e.message, type_, param="request_id", code=e.code, headers=headers) from None
         return {"request_id": req.request_id, "stored": True, "status": status}
-
-
-def _lease(request: Request) -> Lease | None:
-    """The rate-limit lease the route took for this request (none for requests that skip the limits)."""
-    return getattr(request.state, "lease", None)
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _stream(body: AsyncIterator[str], request_id: str) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id})
