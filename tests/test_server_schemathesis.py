@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.config import SchemathesisConfig
 
 from appliance.server.app import Settings, create_app
+from tests.embedding_fixtures import add_embeddings
 from tests.scripted_engine import scripted_engine
 from tests.server_fixtures import make_root
 
@@ -15,14 +16,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(tmp_path_factory, minilm_dir):
     """The scripted model (tests/scripted_engine.py) with a short context (40 tokens): the shapes of
-    requests and answers are what this checks, and valid requests finish quickly."""
+    requests and answers are what this checks, and valid requests finish quickly; and the real
+    embedding model behind /v1/embeddings, with small limits."""
     base = tmp_path_factory.mktemp("st")
     (base / "model.gguf").write_bytes(b"GGUF")
     root = make_root(base / "root", base / "model.gguf", context=40, max_batch=2, max_queue=4)
+    add_embeddings(root, minilm_dir, max_inputs=4, context_length=64, max_request_tokens=128)
     engine = scripted_engine(root.config)
-    app = create_app(Settings(root.layout, root.config.server, root.config.model.id), engine)
+    cfg = root.config
+    app = create_app(Settings(root.layout, cfg.server, cfg.model.id, embeddings=cfg.embeddings), engine)
     yield root, app
     # schemathesis starts the app's lifespan once and keeps it for the process; end it here.
     from schemathesis.python.asgi import shutdown_lifespans

@@ -32,7 +32,9 @@ TokenIds = Annotated[list[Annotated[int, JsonInt]], Field(min_length=1, max_leng
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # as every request: nothing unknown passes unnamed
+    # as every request: nothing unknown passes unnamed. The example is the demo bundle's model.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"model": "all-minilm-l6-v2", "input": ["When does the pharmacy open?", "Opening hours"], "encoding_format": "float"}]})
 
     input: Text | Annotated[list[Text], Field(min_length=1, max_length=1 << 16)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1, max_length=1 << 16)] = Field(
