@@ -32,27 +32,24 @@ def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue
 
 
 def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, devices: list[str] | None) -> Any:
-    if model.replicas > 1 or (devices and len(devices) > 1):
+    if model.replicas > 1 and model.backend != "transformers":
+        raise EngineError(f"[model] replicas = {model.replicas} needs the transformers backend, not {model.backend}.",
+                          "Set replicas = 1 for llama.cpp tiers.")
+    placed: list[str | None] = [None]
+    if model.backend == "transformers":
+        from appliance.engines.replicas import replica_devices
+
+        placed = list(devices) if devices else replica_devices(model)  # the plan's GPUs; refuses without CUDA
+    elif model.gpu_layers != 0:
+        from appliance.engines.cpu_backend import require_gpu_offload
+
+        require_gpu_offload(model.tier, model.gpu_layers)
+    if len(placed) > 1:
         from appliance.engines.replicas import ReplicaSet
 
-        if model.backend != "transformers":
-            raise EngineError(f"[model] replicas = {model.replicas} needs the transformers backend, not {model.backend}.",
-                              "Set replicas = 1 for llama.cpp tiers.")
-        devices = devices or _gpus(model.replicas)
         return ReplicaSet([_load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=d)
-                           for d in devices])
-    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter,
-                     device=devices[0] if devices else None)
-
-
-def _gpus(n: int) -> list[str]:
-    import torch
-
-    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if found < n:
-        raise EngineError(f"[model] replicas = {n} needs {n} GPUs, and {found} are visible.",
-                          "Lower replicas in appliance.toml, or check the GPUs with `appliance hw`.")
-    return [f"cuda:{i}" for i in range(n)]
+                           for d in placed], placed)
+    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=placed[0])
 
 
 def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, device: str | None) -> Engine:

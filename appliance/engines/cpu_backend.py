@@ -9,6 +9,8 @@ variant (AMX) is never built: its kernels crash on worker threads (llama.cpp PR 
 CPU loads `zen4` (AVX-512 with VBMI, VNNI and BF16).
 
 A wheel with a single `libggml-cpu.so` (another build of llama-cpp-python) needs nothing loaded.
+The same loader registers `libggml-cuda.so` when the wheel carries it (the bundle's cuda runtime):
+a tier that puts layers on a GPU starts only when llama.cpp then offers GPU offload.
 """
 
 from __future__ import annotations
@@ -74,6 +76,23 @@ def load(lib: Path | None = None) -> str | None:
                               f"{this_cpu().describe()}.", "Ask the vendor for a bundle built for this CPU.")
         _loaded = chosen
         return chosen
+
+
+def require_gpu_offload(tier: str, gpu_layers: int) -> None:
+    """A tier with `gpu_layers` != 0 starts only where this llama.cpp can offload to a GPU: never on the CPU instead."""
+    lib = package_lib()
+    load(lib)
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        return
+    layers = "every layer" if gpu_layers < 0 else f"{gpu_layers} layers"
+    why = ("this llama.cpp build has no GPU backend (it is the CPU-only build)" if not (lib / "libggml-cuda.so").is_file()
+           else "llama.cpp's CUDA backend finds no GPU on this host")
+    raise EngineError(f"The tier {tier} puts {layers} of the model on a GPU, but {why}, so the server will not start "
+                      "(it never falls back to the CPU).",
+                      "Install the bundle's cuda runtime on a host whose GPU `nvidia-smi` shows, or the cpu tier "
+                      "(`appliance install DIR --tier cpu`).")
 
 
 def scores(lib: Path) -> dict[str, int]:

@@ -96,8 +96,12 @@ def step_user(ctx: Context, progress: Progress) -> str:
 def unit_settings(ctx: Context, plan: ReleasePlan) -> UnitSettings:
     server, trainer = ctx.config.get("server", {}), ctx.config.get("trainer", {})
     tls = (str(server["tls_cert"]), str(server["tls_key"])) if server.get("tls_cert") and server.get("tls_key") else None
+    model = ctx.config.get("model", {})  # the plan's devices, as appliance.toml has them now
+    devices = model.get("cuda_visible_devices")
+    gpus = len(model.get("gpus") or ())
     return UnitSettings(backend=plan.backend, uses_gpu=plan.uses_gpu, tls=tls,
-                        host=str(server.get("host", "127.0.0.1")), schedule=str(trainer.get("schedule", "*-*-* 03:00:00")))
+                        host=str(server.get("host", "127.0.0.1")), schedule=str(trainer.get("schedule", "*-*-* 03:00:00")),
+                        cuda_visible_devices=None if devices is None else str(devices), trainer_processes=gpus if plan.uses_gpu else 1)
 
 
 def install_units(ctx: Context, release: Path, texts: dict[str, str]) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 Placeholders are `@NAME@`; rendering refuses to leave one unfilled. GPU tiers get the NVIDIA
 device nodes and lose MemoryDenyWriteExecute (CUDA maps executable memory); CPU tiers get
-PrivateDevices. A server bound to loopback may talk to loopback only.
+PrivateDevices. A server bound to loopback may talk to loopback only. Both services see exactly the
+GPUs (or MIG instance) the plan chose, by UUID in CUDA_VISIBLE_DEVICES (none on a CPU tier); a
+trainer with more than one GPU runs under torchrun, one process per GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ CPU_DEVICES = "PrivateDevices=yes\nDevicePolicy=closed"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 _SCHEDULE = re.compile(r"^[A-Za-z0-9*:/,.~ -]{1,100}$")
 _CREDENTIAL_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,250}\Z")
+_DEVICE_LIST = re.compile(r"[A-Za-z0-9,/-]{0,2000}\Z")  # GPU-<uuid>, MIG-<uuid>, or NVML indices
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class UnitSettings:
     user: str = SERVICE_USER
     prefix: str = PREFIX
     tls: tuple[str, str] | None = None  # [server] tls_cert, tls_key (absolute paths), passed as credentials
+    cuda_visible_devices: str | None = None  # [model] cuda_visible_devices: the plan's GPUs; None: left as systemd has it
+    trainer_processes: int = 1  # GPUs the trainer spreads over (torchrun, data parallel) when more than one
 
 
 def templates_dir() -> Path:
@@ -86,7 +91,8 @@ def render_units(s: UnitSettings, templates: dict[str, str]) -> dict[str, str]:
     else:
         network = f"# Listening on {s.host}: clients from the network may connect (see [server] host)."
     values = {"PREFIX": s.prefix, "USER": s.user, "DEVICES": devices, "NETWORK": network, "SCHEDULE": s.schedule,
-              "CREDENTIALS": _credentials(s.tls)}
+              "CREDENTIALS": _credentials(s.tls), "GPU_ENV": gpu_environment(s.cuda_visible_devices),
+              "TRAINER_EXEC": trainer_exec(s.prefix, s.trainer_processes)}
     out = {}
     for name in UNITS:
         text = fill(templates[name], values)
@@ -94,6 +100,26 @@ def render_units(s: UnitSettings, templates: dict[str, str]) -> dict[str, str]:
             text = text.replace("\nMemoryDenyWriteExecute=yes", "")
         out[name] = text
     return out
+
+
+def gpu_environment(devices: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES as the plan chose it: UUIDs (a MIG instance by its MIG- UUID), and NVML's
+    PCI order for plain indices (CUDA's own order differs); empty: CUDA sees no GPU."""
+    if devices is None:
+        return "# CUDA_VISIBLE_DEVICES: not set by the installer ([model] cuda_visible_devices is absent)."
+    if not _DEVICE_LIST.match(devices):
+        raise StateError(f"[model] cuda_visible_devices = {devices!r} in appliance.toml is not a list of GPU UUIDs or indices.",
+                         "Use comma-separated GPU-… or MIG-… UUIDs (as `appliance hw` shows them), or an empty string for none.")
+    order = "" if any(d.startswith(("GPU-", "MIG-")) for d in devices.split(",")) or not devices else " CUDA_DEVICE_ORDER=PCI_BUS_ID"
+    return f"Environment=CUDA_VISIBLE_DEVICES={devices}{order}"
+
+
+def trainer_exec(prefix: str, processes: int) -> str:
+    """One training process, or one per GPU under torchrun (data parallel; rendezvous on this host only)."""
+    appliance = f"{prefix}/current/venv/bin/appliance train"
+    if processes <= 1:
+        return f"ExecStart={appliance}"
+    return f"ExecStart={prefix}/current/venv/bin/torchrun --standalone --nproc-per-node={processes} --no-python {appliance}"
 
 
 def _credentials(tls: tuple[str, str] | None) -> str:

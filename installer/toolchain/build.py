@@ -33,7 +33,7 @@ from installer.toolchain.keygen import load_signing_key
 from installer.toolchain.llama_wheel import sha256_file
 from installer.toolchain.sbom import cyclonedx
 from installer.toolchain.spec import Spec, SpecModel
-from installer.toolchain.wheelhouse import build_wheelhouse
+from installer.toolchain.wheelhouse import build_wheelhouse, parse_runtimes
 
 BOOTSTRAP_SH = """#!/bin/sh
 # First-install entry for the appliance bundle {name} {version} (sequence {sequence}).
@@ -45,7 +45,7 @@ set -eu
 BUNDLE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 VENV=${{APPLIANCE_BOOTSTRAP_VENV:-/var/tmp/appliance-bootstrap}}
 "${{PYTHON:-python3}}" -m venv --clear "$VENV"
-"$VENV/bin/pip" install --quiet --no-index --find-links "$BUNDLE/wheels" "{requirement}"
+"$VENV/bin/pip" install --quiet --no-index --find-links "$BUNDLE/wheels/{runtime}" "{requirement}"
 if [ "$#" -gt 0 ]; then exec "$VENV/bin/appliance" "$@"; fi
 exec "$VENV/bin/appliance" console
 """
@@ -98,12 +98,25 @@ def _encrypt_model(spec: Spec, m: SpecModel, work: Path, kek: bytes, log: Callab
     return {"id": m.id, "backend": m.backend, "format": m.format, "context_length": m.context_length, "files": files}
 
 
+def cuda_floor(spec: Spec) -> str:
+    """The lowest compute capability the spec's GPU tiers on llama.cpp allow (what a CUDA llama.cpp is built for)."""
+    from installer.hardware.machine import version_tuple
+    from installer.planning.tiers import models_of, parse_tiers
+
+    floors = [t.needs.compute_capability or "7.5" for t in parse_tiers(spec.tiers, models_of(spec.models))
+              if t.uses_gpu and t.backend == "llama.cpp"]
+    low = min(floors, key=version_tuple, default="7.5")
+    return low if version_tuple(low) >= (7, 5) else "7.5"  # CUDA 13's nvcc starts at Turing
+
+
 def build_bundle(
     spec: Spec, out: Path, signing_key_path: Path, sequence: int = 1,
     model_key_path: Path | None = None, passphrase_path: Path | None = None,
     now: datetime | None = None, log: Callable[[str], None] = lambda _m: None,
+    runtimes: tuple[str, ...] = ("cpu",), cuda_llama: bool = True,
 ) -> dict[str, Any]:
-    """Build the bundle into `out` (which must not exist yet); return the manifest as a dict."""
+    """Build the bundle into `out` (which must not exist yet); return the manifest as a dict.
+    `runtimes`: the wheelhouse's runtime variants (installer.toolchain.wheelhouse)."""
     if (model_key_path is None) == (passphrase_path is None):
         raise UsageError("Give exactly one of --model-key or --passphrase-file.")
     if sequence < 1:
@@ -111,6 +124,7 @@ def build_bundle(
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty.", "Choose a new --out directory.")
+    runtimes = parse_runtimes(runtimes)
     signing_key = load_signing_key(signing_key_path)
     kdf, kek = _site_kek(spec, model_key_path, passphrase_path)
 
@@ -119,7 +133,7 @@ def build_bundle(
     work.mkdir(parents=True)
     try:
         log("building the wheelhouse")
-        build_wheelhouse(spec.wheelhouse, work / WHEELS.rstrip("/"))
+        build_wheelhouse(spec.wheelhouse, work / WHEELS.rstrip("/"), runtimes, log, cuda_floor(spec), cuda_llama)
 
         models = [_encrypt_model(spec, m, work, kek, log) for m in spec.models]
         shutil.rmtree(work / CONVERT_DIR, ignore_errors=True)  # plaintext conversions never reach the bundle
@@ -128,7 +142,7 @@ def build_bundle(
         public = signing_key.public_key()
         extras = ",".join(spec.wheelhouse.extras)  # install what the wheelhouse holds, no more
         requirement = f"appliance[{extras}]" if extras else "appliance"
-        (work / BOOTSTRAP).write_text(BOOTSTRAP_SH.format(name=spec.name, version=version, sequence=sequence,
+        (work / BOOTSTRAP).write_text(BOOTSTRAP_SH.format(name=spec.name, version=version, sequence=sequence, runtime=runtimes[0],
                                                           fingerprint=fingerprint(public), requirement=requirement))
         (work / BOOTSTRAP).chmod(0o755)
         (work / TRUST_FILE).parent.mkdir(parents=True, exist_ok=True)

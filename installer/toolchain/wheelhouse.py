@@ -47,7 +47,7 @@ def wheel_name(wheel: Path) -> str:
     return normalize(m["name"]) if m else wheel.name
 
 
-def _check_locked(out: Path, lock: dict[str, tuple[str, frozenset[str]]], llama: Path,
+def _check_locked(out: Path, lock: dict[str, tuple[str, frozenset[str]]], llama: Path | None,
                   recorded: dict[str, str] | None = None) -> None:
     """Every wheel is the one the lock names, byte for byte (or, in the cuda variant, one whose SHA-256
     the CUDA cache recorded); llama-cpp-python is the project's own build."""
@@ -58,7 +58,7 @@ def _check_locked(out: Path, lock: dict[str, tuple[str, frozenset[str]]], llama:
             continue
         digest = sha256_file(wheel)
         if name == BUILT_HERE:
-            if digest != sha256_file(llama):
+            if llama is None or digest != sha256_file(llama):
                 raise SpecError(f"The wheelhouse's {wheel.name} is not the project's build {llama}.",
                                 "Remove the wheel folder and build the bundle again.")
             continue
@@ -158,22 +158,22 @@ def _build_cuda(wh: Wheelhouse, cpu: Path, out: Path, lock_text: str, log: Log, 
             shutil.copy2(w, out / w.name)
         return
     lock = pins_of(lock_text)
-    torch_version = lock.get("torch", ("", frozenset()))[0].split("+")[0]
-    if not torch_version:
-        raise SpecError("requirements/lock.txt pins no torch, so there is no CUDA build of it to take.",
-                        "Build the cuda runtime only for a wheelhouse whose extras include train.")
-    fetched = cuda_wheels.fetch(torch_version, log=log)
-    llama = _cuda_llama(log, *llama_how)
-    swapped = {"torch", BUILT_HERE}
+    names = {wheel_name(w) for w in cpu.glob("*.whl")}
+    recorded: dict[str, str] = {}
     for w in cpu.glob("*.whl"):
-        if wheel_name(w) not in swapped:
+        if wheel_name(w) not in {"torch", BUILT_HERE}:
             shutil.copy2(w, out / w.name)
-    have = {wheel_name(w) for w in out.glob("*.whl")}
-    for w in fetched.wheels:  # torch's CUDA build and what it needs beyond the cpu variant
-        if wheel_name(w) not in have:
-            shutil.copy2(w, out / w.name)
-    shutil.copy2(llama, out / llama.name)
-    _check_locked(out, lock, llama, fetched.sha256)
+    if "torch" in names:  # the extras carry torch: its CUDA build and what that needs beyond the cpu variant
+        fetched = cuda_wheels.fetch(lock["torch"][0].split("+")[0], log=log)
+        recorded = fetched.sha256
+        have = {wheel_name(w) for w in out.glob("*.whl")}
+        for w in fetched.wheels:
+            if wheel_name(w) not in have:
+                shutil.copy2(w, out / w.name)
+    llama = _cuda_llama(log, *llama_how) if BUILT_HERE in names else None
+    if llama is not None:
+        shutil.copy2(llama, out / llama.name)
+    _check_locked(out, lock, llama, recorded)
     _check_installable(out, wh.extras)
 
 
@@ -197,12 +197,13 @@ def _cuda_llama(log: Log, floor: str, build: bool = True) -> Path:
 
 
 def _check_installable(out: Path, extras: Iterable[str]) -> None:
-    """pip resolves the appliance with its extras from this folder alone, for the bundle's platform."""
+    """pip resolves the appliance with its extras from this folder alone (for this host: the bundle's
+    platform is the building machine's)."""
     own = sorted(out.glob("appliance-*.whl"))
     spec = f"appliance[{','.join(extras)}]" if extras else "appliance"
     with tempfile.TemporaryDirectory(prefix="appliance-resolve-") as tmp:
         args: list[Any] = ["install", "--dry-run", "--quiet", "--no-index", "--find-links", str(out), "--target", tmp,
-                           "--ignore-installed", "--only-binary=:all:", *cuda_wheels.platform_args(), spec]
+                           "--ignore-installed", "--only-binary=:all:", spec]
         try:
             _pip(*args)
         except SpecError as e:
