@@ -25,7 +25,7 @@ API = (
     "nvmlInit", "nvmlShutdown", "nvmlSystemGetDriverVersion", "nvmlSystemGetCudaDriverVersion", "nvmlDeviceGetCount",
     "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetName", "nvmlDeviceGetPciInfo", "nvmlDeviceGetMemoryInfo",
     "nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount",
-    "nvmlDeviceGetMigDeviceHandleByIndex", "nvmlDeviceGetUUID",
+    "nvmlDeviceGetMigDeviceHandleByIndex", "nvmlDeviceGetUUID", "nvmlDeviceGetUtilizationRates",
 )
 
 
@@ -111,6 +111,11 @@ class FakeNvml(ModuleType):
             raise nvml_error("NOT_SUPPORTED")  # what a MIG-mode parent answers
         total, free = d["memory_total_mib"] * MIB, d["memory_free_mib"] * MIB
         return SimpleNamespace(total=total, free=free, used=total - free)
+
+    def _nvmlDeviceGetUtilizationRates(self, h: tuple[Any, ...]) -> SimpleNamespace:
+        if h[0] == "mig" or self._gpu(h).get("mig_enabled"):
+            raise nvml_error("NOT_SUPPORTED")  # NVML has no utilisation per MIG instance
+        return SimpleNamespace(gpu=int(self._gpu(h).get("utilization_pct", 0)), memory=0)
 
     def _nvmlDeviceGetCudaComputeCapability(self, h: tuple[Any, ...]) -> tuple[int, int]:
         major, minor = self._gpu(h)["compute_capability"].split(".")

@@ -145,3 +145,44 @@ def test_the_installers_engine_check_stops_a_gpu_tier_on_this_host(smollm2_gguf:
     with pytest.raises(EngineError) as e:
         selftest.run(sys.executable, Path("/"), dict(settings, path=str(smollm2_gguf)))
     assert REFUSED in e.value.message, e.value.message
+
+
+def _fake_nvml(machine: str, **gpu_fields: Any) -> Any:
+    import json
+
+    from tests.fake_pynvml import FakeNvml
+
+    data = json.loads((MACHINES / f"{machine}.json").read_text())
+    for g in data["gpus"]:
+        g.update(gpu_fields)
+    return FakeNvml(data)
+
+
+def test_metrics_export_memory_and_utilisation_of_the_servers_gpus_and_the_console_reads_them() -> None:
+    from appliance.console.sources.prom import gpus, parse
+    from appliance.server.metrics import Metrics
+
+    m = Metrics()
+    m.bind_gpus((0, 1), _fake_nvml("4x-a100-80g", utilization_pct=37))
+    text = m.render().decode()
+    machine = load_machine(MACHINES / "4x-a100-80g.json")
+    g0 = machine.gpus[0]
+    assert g0.memory_total_mib is not None and g0.memory_free_mib is not None
+    used = (g0.memory_total_mib - g0.memory_free_mib) << 20
+    labels = (("gpu", "0"), ("name", str(g0.name)), ("uuid", str(g0.uuid)))
+    assert parse(text)[("appliance_gpu_memory_used_bytes", labels)] == used
+    assert 'appliance_gpu_utilization_percent{gpu="1"' in text and 'gpu="2"' not in text  # only the planned GPUs
+    stats = gpus(parse(text))
+    assert [(s.gpu, s.util_pct, s.total_mib) for s in stats] == [("0", 37.0, float(g0.memory_total_mib)),
+                                                                 ("1", 37.0, float(machine.gpus[1].memory_total_mib or 0))]
+
+
+def test_a_mig_gpu_reports_its_instances_memory_and_no_nvml_is_no_gpu_lines() -> None:
+    from appliance.gpu_metrics import read_gpus
+    from tests.fake_pynvml import FakeNvml
+
+    (g,) = read_gpus([0], _fake_nvml("a100-40g-mig"))
+    mig = load_machine(MACHINES / "a100-40g-mig.json").gpus[0].mig_devices
+    assert g.memory_total_bytes == sum((d.memory_total_mib or 0) << 20 for d in mig) and g.utilization_pct is None
+    no_driver = FakeNvml({"gpus": [], "driver_version": None})
+    assert read_gpus(None, no_driver) == []

@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = load_engine(config.model, layout, max_batch=config.server.max_batch, max_queue=config.server.max_queue, adapter=active)
     if engine.adapter_error:
         log.warning("serving the base model: the active adapter could not be loaded: %s", engine.adapter_error)
-    app = create_app(Settings(layout, config.server, config.model.id, embeddings=config.embeddings), engine)
+    app = create_app(Settings(layout, config.server, config.model.id, embeddings=config.embeddings, gpus=config.model.gpus), engine)
     cert, key = tls_files or (None, None)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
                                            timeout_graceful_shutdown=10, lifespan="on", ssl_certfile=cert, ssl_keyfile=key))

@@ -40,6 +40,7 @@ class Settings:
     watch_adapters: bool = True  # follow adapters/active by itself, about once a second
     feedback_db: Path | None = None  # default: <var>/data/feedback.sqlite3
     embeddings: EmbeddingsConfig | None = None  # [embeddings]: the bundle's embedding model, loaded at start
+    gpus: tuple[int, ...] = ()  # [model] gpus (NVML indices): their memory and utilisation in /metrics
 
     @property
     def feedback_path(self) -> Path:
@@ -135,6 +136,8 @@ def _embeddings(settings: Settings, metrics: Metrics) -> embeddings_route.Embedd
 
 def create_app(settings: Settings, engine: Engine) -> FastAPI:
     metrics = Metrics()
+    if settings.gpus:
+        metrics.bind_gpus(settings.gpus)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -51,6 +51,12 @@ class Metrics:
         self.embed_tokens.inc(tokens)
         self.embed_batch_inputs.observe(inputs)
 
+    def bind_gpus(self, indices: tuple[int, ...], nvml: Any = None) -> None:
+        """Per-GPU memory used/total and utilisation through NVML, read at each scrape (appliance.gpu_metrics)."""
+        from appliance.gpu_metrics import GpuCollector
+
+        self.registry.register(GpuCollector(indices, nvml))  # type: ignore[arg-type]
+
     def show_adapter(self, adapter_id: str | None) -> None:
         label = adapter_id or "base"
         if label != self._adapter_shown:

@@ -22,7 +22,7 @@ from textual.widgets import Footer, Static
 from appliance.console.screens.base import ConsoleScreen
 from appliance.console.sources.host import HostSample
 from appliance.console.sources.overview import Overview
-from appliance.console.sources.prom import Samples, ServerStats, parse, stats
+from appliance.console.sources.prom import Samples, ServerStats, gpus, parse, stats
 from appliance.console.sources.server import Health
 from appliance.console.sources.training import RunRow
 from appliance.console.widgets.errors import error_line, error_parts
@@ -202,6 +202,8 @@ class DashboardScreen(ConsoleScreen):
         t.append(f"\nreq/s {_fmt(s.requests_per_s, digits=2):>7}   tok/s {_fmt(s.tokens_per_s):>7}")
         t.append(f"\np50 {_fmt(s.p50_s, ' s', 2):>9}   p99 {_fmt(s.p99_s, ' s', 2):>9}")
         t.append(f"\nqueue {_fmt(s.queue_depth, digits=0):>7}   decoding {_fmt(s.active, digits=0):>4}")
+        for g in gpus(new):  # the server's own GPUs, through its NVML gauges
+            t.append(f"\nGPU{g.gpu} {_fmt(g.util_pct, ' %', 0):>5}   mem {_gib(g.used_mib)} / {_gib(g.total_mib)} GiB")
         return t
 
     def _run_panel(self, r: RunRow | None) -> Text:

@@ -101,6 +101,31 @@ def _gauge(s: Samples, name: str) -> float | None:
     return sum(vals) if vals else None
 
 
+@dataclass(frozen=True)
+class GpuStat:
+    """One GPU as the server's /metrics reports it (NVML): memory used/total, utilisation."""
+
+    gpu: str
+    used_mib: float | None
+    total_mib: float | None
+    util_pct: float | None
+
+
+def gpus(s: Samples) -> list[GpuStat]:
+    """The server's GPUs, in index order, from appliance_gpu_* (none on a CPU tier)."""
+    by: dict[str, dict[str, float]] = {}
+    for (name, labels), v in s.items():
+        if name.startswith("appliance_gpu_") and (g := _label(labels, "gpu")) is not None:
+            by.setdefault(g, {})[name] = v
+    mib = float(1 << 20)
+
+    def get(d: dict[str, float], name: str, scale: float = 1.0) -> float | None:
+        return d[name] / scale if name in d else None
+
+    return [GpuStat(g, get(d, "appliance_gpu_memory_used_bytes", mib), get(d, "appliance_gpu_memory_total_bytes", mib),
+                    get(d, "appliance_gpu_utilization_percent")) for g, d in sorted(by.items(), key=lambda kv: int(kv[0]))]
+
+
 def stats(newer: Samples, older: Samples | None, seconds: float) -> ServerStats:
     """Figures over the interval between two scrapes (`older` None: since the server started)."""
     older = older or {}
