@@ -318,3 +318,40 @@ def test_install_places_the_embedding_model_and_names_it_in_appliance_toml(tmp_p
     assert load_config(layout).embeddings is None and "[embeddings]" not in layout.config_file.read_text()
     assert main(["rollback", *common[:4]]) == 0, capsys.readouterr().err
     assert load_config(layout).embeddings == config.embeddings
+
+
+@pytest.mark.slow
+def test_appliance_serve_loads_the_configured_embedding_model_beside_the_chat_model(tmp_path, smollm2_gguf, minilm_dir):
+    """The server as the unit starts it: [embeddings] in appliance.toml is loaded at start, next to the real SmolLM2."""
+    import subprocess
+    import sys
+
+    from tests.server_fixtures import REPO, free_port
+
+    root = add_embeddings(make_root(tmp_path / "root", smollm2_gguf), minilm_dir)
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--root", str(root.layout.root), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            return httpx.get(f"{url}/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, "the server ready", timeout=300, every=0.5)
+        assert "embedding model warm-up: 384 dimensions on cpu" in (tmp_path / "serve.log").read_text()
+        c = client(url, root.user_key)
+        assert [m.id for m in c.models.list()] == ["smollm2-135m-instruct", EMBED_ID]
+        r = c.embeddings.create(model=EMBED_ID, input=[*RELATED, UNRELATED])
+        a, b, other = (d.embedding for d in r.data)
+        assert cosine(a, b) > cosine(a, other) + 0.4
+        assert c.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=4).choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
