@@ -96,11 +96,14 @@ def test_admin_routes_refuse_user_keys(client, root):
     ({"max_tokens": 10**30}, 422, "max_tokens"),
     ({"messages": []}, 422, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
-    ({"messages": [{"role": "user"}]}, 422, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ({"messages": [{"role": "tool", "content": "sunny"}]}, 400, "messages.0.tool_call_id"),
     ({"temperature": 9}, 422, "temperature"),
     ({"n": 9}, 422, "n"),
-    ({"logit_bias": {"the": 1}}, 422, "logit_bias.the"),
-    ({"top_logprobs": 2}, 422, "body"),
+    ({"logit_bias": {"the": 1}}, 400, "logit_bias"),
+    ({"top_logprobs": 2}, 400, "top_logprobs"),
+    ({"response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    ({"tool_choice": "required"}, 400, "tool_choice"),
     ({"stop": ""}, 422, "stop"),
 ])
 def test_bad_input_is_a_4xx_in_openai_shape(client, root, change, status, param):

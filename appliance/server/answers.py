@@ -55,6 +55,8 @@ def _message(fin: Finished, plan: tools.ToolPlan) -> tuple[dict[str, Any], str]:
 
 
 async def chat(sv: Any, req: P.ChatCompletionRequest, request: Request) -> Any:
+    if problem := req.problem():
+        raise ApiError(400, f"{problem[1][0].upper()}{problem[1][1:]}; nothing was generated.", param=problem[0])
     try:
         plan = tools.plan(req)
     except ValueError as e:
@@ -120,6 +122,8 @@ async def _chat_stream(sv: Any, req: P.ChatCompletionRequest, request: Request, 
 
 
 async def completion(sv: Any, req: P.CompletionRequest, request: Request) -> Any:
+    if problem := req.problem():
+        raise ApiError(400, f"{problem[1][0].upper()}{problem[1][1:]}; nothing was generated.", param=problem[0])
     tokens = await sv._prompt_tokens(req.text())
     job = sv._submit("cmpl", tokens, req, req.max_tokens, _lease(request))
     request.state.request_id = job.id

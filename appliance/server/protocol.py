@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 # Larger than any context, small enough to be a plain int everywhere: values above it are typos.
@@ -79,22 +79,17 @@ class ChatMessage(_Request):
     tool_calls: Annotated[list[ToolCall], Field(max_length=64)] | None = Field(default=None, description="assistant messages only")
     tool_call_id: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(default=None, description="tool messages: the call answered")
     content: Annotated[str, Field(max_length=1 << 20)] | Annotated[list[TextPart], Field(max_length=256)] | None = Field(
-        default=None, validate_default=True, description="may be null only in an assistant message with tool_calls")
+        default=None, description="required, except in an assistant message with tool_calls")
 
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
-            raise ValueError("content is required (null only in an assistant message with tool_calls)")
-        return v
-
-    @model_validator(mode="after")
-    def _tool_fields(self) -> ChatMessage:
+    def problem(self) -> tuple[str, str] | None:
+        """(field, what is wrong) when the fields do not go together (a 400: the schema cannot say it)."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            return "content", "content is required (null only in an assistant message with tool_calls)"
         if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
+            return "tool_calls", "only assistant messages carry tool_calls"
         if (self.tool_call_id is not None) != (self.role == "tool"):
-            raise ValueError("a tool message needs tool_call_id, and only a tool message takes it")
-        return self
+            return "tool_call_id", "a tool message needs tool_call_id, and only a tool message takes it"
+        return None
 
     def text(self) -> str:
         if self.content is None:
@@ -132,13 +127,7 @@ class JsonSchemaFormat(_Request):
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type json_schema, and only there")
-        return self
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="required with type json_schema, and only there")
 
 
 class StreamOptions(_Request):
@@ -154,8 +143,8 @@ class _Sampling(_Request):
     n: Annotated[int, Field(ge=1, le=8), JsonInt] = Field(default=1, description="answers to the same prompt, decoded in one batch")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
-                          Field(max_length=1024)] | None = Field(default=None, description="token id -> added to its logit")
+    logit_bias: Annotated[dict[Annotated[str, Field(max_length=16)], Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=1024)] | None = Field(default=None, description="token id (digits) -> added to its logit")
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_BOUND), JsonInt] | None = Field(default=None, description="answer tokens at most")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -190,6 +179,12 @@ class _Sampling(_Request):
         """None: no log-probabilities; k: each token's and its k likeliest alternatives."""
         raise NotImplementedError
 
+    def problem(self) -> tuple[str, str] | None:
+        """(field, what is wrong) when values do not go together or mean nothing (a 400: the schema cannot say it)."""
+        if any(not (k.isascii() and k.isdigit()) for k in self.logit_bias or {}):
+            return "logit_bias", "logit_bias keys are token ids, written in decimal digits"
+        return None
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
@@ -201,14 +196,23 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ChatCompletionRequest:
+    def problem(self) -> tuple[str, str] | None:
+        """(field, what is wrong) when the fields do not go together (a 400: the schema cannot say it)."""
+        if p := super().problem():
+            return p
+        for i, m in enumerate(self.messages):
+            if p := m.problem():
+                return f"messages.{i}.{p[0]}", p[1]
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
-        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
-            if not self.tools:
-                raise ValueError("tool_choice names a tool call but tools is empty")
-        return self
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        if (isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required") and not self.tools:
+            return "tool_choice", "tool_choice asks for a tool call but tools is empty"
+        rf = self.response_format
+        if rf is not None and (rf.type == "json_schema") != (rf.json_schema is not None):
+            return "response_format.json_schema", "json_schema is required with type json_schema, and only there"
+        if self.ignore_eos and ((rf is not None and rf.type != "text") or self.tool_choice not in (None, "none", "auto")):
+            return "ignore_eos", "ignore_eos cannot go past the end of a response_format or a forced tool call"
+        return None
 
     def top_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
