@@ -13,6 +13,7 @@ several, waiting up to `wait_s` after the first for others to share its batch, u
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from appliance.engines.scheduler import QueueFull
 from appliance.errors import EngineError
 from appliance.paths import Layout
 
+log = logging.getLogger("appliance.embeddings")
 Vectors = list[Any]  # one float32 numpy vector per input, in input order
 Done = Callable[[Vectors | BaseException], None]
 
@@ -81,6 +83,14 @@ class _Job:
     def __post_init__(self) -> None:
         self.vectors = [None] * len(self.inputs)
         self.remaining = len(self.inputs)
+
+
+def _deliver(job: _Job, out: Vectors | BaseException) -> None:
+    # A callback that fails (its event loop gone at shutdown) must not stop the thread the others wait on.
+    try:
+        job.done(out)
+    except Exception:
+        log.exception("could not hand an embedding result back")
 
 
 class Embedder:
@@ -181,7 +191,7 @@ class Embedder:
             for job in {id(j): j for j, _ in batch}.values():
                 if job.remaining >= 0:
                     job.remaining = -1
-                    job.done(e)
+                    _deliver(job, e)
             return
         self.on_batch(len(batch), sum(len(job.inputs[i]) for job, i in batch))
         for (job, i), vector in zip(batch, vectors, strict=True):
@@ -190,7 +200,7 @@ class Embedder:
             job.vectors[i] = vector
             job.remaining -= 1
             if job.remaining == 0:
-                job.done(job.vectors)
+                _deliver(job, job.vectors)
 
 
 def load_embedder(config: EmbeddingsConfig, layout: Layout, on_batch: Callable[[int, int], None]) -> Embedder:
