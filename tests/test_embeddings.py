@@ -355,3 +355,23 @@ def test_appliance_serve_loads_the_configured_embedding_model_beside_the_chat_mo
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_embeddings_beside_the_transformers_chat_engine_at_the_same_time(st_root, tf_engine, minilm_dir):
+    """Both torch models in one server, asked at once: each answers, and the embeddings are those of the model alone."""
+    root = add_embeddings(st_root, minilm_dir)
+    cfg = root.config
+    app = create_app(Settings(root.layout, cfg.server, cfg.model.id, own_engine=False, embeddings=cfg.embeddings), tf_engine)
+    with live_server(app) as url:
+        c = client(url, root.user_key)
+        got: dict[str, object] = {}
+        chat = threading.Thread(target=lambda: got.update(chat=c.chat.completions.create(
+            model=cfg.model.id, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0)))
+        chat.start()
+        together = c.embeddings.create(model=EMBED_ID, input=[*RELATED, UNRELATED], encoding_format="float")
+        chat.join(timeout=300)
+        alone = c.embeddings.create(model=EMBED_ID, input=[*RELATED, UNRELATED], encoding_format="float")
+    assert got["chat"].choices[0].message.content
+    for x, y in zip(together.data, alone.data, strict=True):
+        assert cosine(x.embedding, y.embedding) > 0.9999
