@@ -21,7 +21,7 @@ EXIT_CODES = {
     "EngineError": 30, "ChatTemplateError": 31, "QueueFull": 32, "ConstraintError": 33,
     # training and adapters
     "AdapterError": 40, "TrainerConfigError": 41, "BaseModelError": 42, "TrainingError": 43, "ExportError": 44,
-    "TrainerBusy": 45,
+    "TrainerBusy": 45, "DeviceError": 46,
     # install steps
     "CommandError": 50, "NotReadyError": 51, "LockedError": 52,
     # the console

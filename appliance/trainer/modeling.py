@@ -10,6 +10,7 @@ from typing import Any
 
 from appliance.adapters import Adapter
 from appliance.trainer.base_model import materialize
+from appliance.trainer.distributed import FP32, Precision, World
 from appliance.trainer.promotion import Losses
 from appliance.trainer.settings import BaseModelRef, TrainerSettings
 from appliance.trainer.train import Encoded, evaluate_loss
@@ -25,19 +26,24 @@ class Base:
     dir: Path
 
 
-def load_base(ref: BaseModelRef, cache_root: Path) -> Base:
-    """The base weights in float32 (training on CPU; on a GPU tier the same code runs on cuda)."""
+def load_base(ref: BaseModelRef, cache_root: Path, world: World | None = None, precision: Precision = FP32) -> Base:
+    """The base weights on this rank's device in `precision`'s dtype (float32 on the CPU, bf16 or fp16 on a GPU).
+    Under torchrun rank 0 makes the dequantized cache first; the others then read it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    world = world or World()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if not world.main:
+        world.barrier()
     directory, digest = materialize(ref.path, cache_root)
+    if world.main:
+        world.barrier()
     tok = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.to("cuda")  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, precision.weights))
+    model = model.to(world.device)  # type: ignore[arg-type]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     config = json.loads((directory / "config.json").read_text())
     return Base(model, tok, int(pad), digest, config, directory)
@@ -52,7 +58,10 @@ def new_lora(model: Any, settings: TrainerSettings, parent: Adapter | None = Non
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # every rank of a torchrun run starts from the same LoRA
+    if settings.gradient_checkpointing:
+        # Non-reentrant: the frozen base's inputs need no grad for the LoRA's gradients to flow.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # peft annotates lora_alpha as int but scales by alpha / r in floating point; a float is fine.
     cfg = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, target_modules=list(settings.lora_targets),  # type: ignore[arg-type]
                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
@@ -79,24 +88,25 @@ def _same_shape(parent: Adapter, settings: TrainerSettings) -> bool:
             and sorted(cfg.get("target_modules") or []) == sorted(settings.lora_targets))
 
 
-def evaluate_all(model: Any, active: Adapter | None, val: list[Encoded], anchor: list[Encoded], pad_id: int) -> Losses:
+def evaluate_all(model: Any, active: Adapter | None, val: list[Encoded], anchor: list[Encoded], pad_id: int,
+                 precision: Precision = FP32) -> Losses:
     """Validation loss of the base (adapter disabled), the active adapter (loaded beside) and the candidate.
 
     The anchor (earlier runs' validation data) is scored for the candidate and for the reference
     the gate compares against: the active adapter, or the base when none is active.
     """
     with model.disable_adapter():
-        base_loss = evaluate_loss(model, val, pad_id)
-        base_anchor = evaluate_loss(model, anchor, pad_id) if anchor else None
-    cand = evaluate_loss(model, val, pad_id)
-    cand_anchor = evaluate_loss(model, anchor, pad_id) if anchor else None
+        base_loss = evaluate_loss(model, val, pad_id, precision=precision)
+        base_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor else None
+    cand = evaluate_loss(model, val, pad_id, precision=precision)
+    cand_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor else None
     active_loss, ref_anchor = None, base_anchor
     if active is not None:
         model.load_adapter(str(active.peft_dir), adapter_name="active", is_trainable=False)
         model.set_adapter("active")
         try:
-            active_loss = evaluate_loss(model, val, pad_id)
-            ref_anchor = evaluate_loss(model, anchor, pad_id) if anchor else None
+            active_loss = evaluate_loss(model, val, pad_id, precision=precision)
+            ref_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor else None
         finally:
             model.set_adapter("default")
             model.delete_adapter("active")

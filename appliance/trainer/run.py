@@ -55,9 +55,12 @@ def _finite(x: float | None) -> float | None:
 
 
 def run_training(layout: Layout, options: RunOptions | None = None) -> dict[str, Any]:
-    """Run the pipeline once under the lock; return the run report (also written to runs/<id>.json)."""
+    """Run the pipeline once under the lock; return the run report (also written to runs/<id>.json).
+    Under torchrun (the trainer unit of a multi-GPU tier) ranks other than 0 only train their share."""
     opts = options or RunOptions()
     paths = st.TrainerPaths(layout)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _helper_rank(layout, paths, opts)
     with st.run_lock(paths):
         registry.clean_partials(layout)
         st.clean_leftovers(paths)
@@ -154,9 +157,34 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
     _register(layout, paths, settings, model_ref, data, candidate, run_id, report, opts.log)
 
 
+def _helper_rank(layout: Layout, paths: st.TrainerPaths, opts: RunOptions) -> dict[str, Any]:
+    """A torchrun rank other than 0: the same data and steps as rank 0, its share of each; rank 0 does the rest."""
+    settings = opts.settings or load_trainer_settings(layout)
+    data = _prepare(paths, settings, "rank", {}, lambda _m: None)
+    if data.parts.train and data.parts.validation and (opts.now or len(data.deduped.examples) >= settings.min_new_examples):
+        _train(layout, paths, RunOptions(opts.now, settings, opts.max_steps, opts.before_micro, lambda _m: None),
+               settings, load_base_model_ref(layout), data, {})
+    return {"status": "rank", "rank": int(os.environ.get("RANK", "0"))}
+
+
+def _devices(settings: TrainerSettings, model_ref: Any) -> tuple[Any, Any]:
+    """This process's World and Precision; a GPU with too little free memory stops the run before it loads anything."""
+    from appliance.trainer import distributed
+
+    if model_ref.gpus:
+        need = settings.gpu_memory_mib
+        if not need and model_ref.path.is_dir():
+            need = distributed.needed_gpu_mib(model_ref.path, "bfloat16")
+        elif not need:  # a GGUF: about 3.6 times its size in bf16 once dequantized
+            need = int(model_ref.path.stat().st_size * 3.6 * 1.25) // 2**20 + 1024
+        distributed.check_gpu_memory(model_ref.gpus, need)
+    world = distributed.from_env(model_ref.gpus)
+    return world, distributed.precision_for(world.device)
+
+
 def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: TrainerSettings, model_ref: Any,
            data: _Data, stages: dict[str, Any]) -> _Candidate | None:
-    """train → evaluate → gate; None when no example fits max_length."""
+    """train → evaluate → gate; None when no example fits max_length (on ranks other than 0: train only)."""
     import torch
 
     from appliance.trainer.modeling import evaluate_all, load_base, new_lora
@@ -166,7 +194,8 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     # Half the cores by default: the server keeps answering while the trainer runs, and on a busy
     # machine fewer threads train faster than threads that wait on each other.
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) // 2))
-    base = load_base(model_ref, paths.base_cache)
+    world, precision = _devices(settings, model_ref)
+    base = load_base(model_ref, paths.base_cache, world, precision)
 
     def enc(xs: list[Example]) -> list[tuple[Example, Any]]:
         return [(x, e) for x, e in ((x, encode(base.tokenizer, x, settings.max_length)) for x in xs) if e is not None]
@@ -182,9 +211,11 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     model = new_lora(base.model, settings, parent=active)
     log(f"base model {model_ref.id} ready in {time.perf_counter() - stage_t:.1f}s; training on {len(train_enc)} examples")
     result = train_lora(model, train_enc, val_enc, settings, base.pad_id, log=log, before_micro=opts.before_micro,
-                        max_steps=opts.max_steps)
+                        max_steps=opts.max_steps, world=world, precision=precision)
+    if not world.main:
+        return None
     stages["train"] = {k: v for k, v in asdict(result).items() if k != "history"} | {"history": result.history}
-    losses = evaluate_all(model, active, val_enc, anchor_enc, base.pad_id)
+    losses = evaluate_all(model, active, val_enc, anchor_enc, base.pad_id, precision)
     stages["evaluate"] = {k: _finite(v) for k, v in asdict(losses).items()}
     decision = decide(losses, settings.gate_margin, settings.anchor_tolerance)
     stages["gate"] = decision.to_json()

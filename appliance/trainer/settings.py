@@ -42,6 +42,9 @@ class TrainerSettings:
     anchor_tolerance: float = _f(0.05, "how much worse the candidate may be on earlier runs' validation data", min=0.0, max=1.0)
     threads: int = _f(0, "CPU threads for training (0: half the cores, leaving the rest to the server)", min=0)
     min_batch_size: int = _f(1, "smallest micro-batch before an out-of-memory run gives up", min=1)
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: far less memory for about a third more time "
+                                      "(bundles/README.md sizes the 7B GPU tiers with it)")
+    gpu_memory_mib: int = _f(0, "free memory each planned GPU must have before training starts (0: the bf16 weights + 25% + 1 GiB)", min=0)
     seed: int = _f(0, "random seed of LoRA initialisation and shuffling")
 
     @classmethod
@@ -81,6 +84,7 @@ class BaseModelRef:
     id: str
     backend: str
     path: Path
+    gpus: tuple[int, ...] = ()  # [model] gpus: NVML indices of the GPUs the tier runs on (none: the CPU)
 
 
 def load_base_model_ref(layout: Layout, path: Path | None = None) -> BaseModelRef:
@@ -96,4 +100,4 @@ def load_base_model_ref(layout: Layout, path: Path | None = None) -> BaseModelRe
                                  "Install a bundle first; the installer writes [model].")
     model: ModelConfig = validate_section(ModelConfig, "model", table, f"[model] in {path}:", TrainerConfigError)
     use_devices(model)  # the planned GPUs, before CUDA starts
-    return BaseModelRef(model.id, model.backend, model.resolve_path(layout))
+    return BaseModelRef(model.id, model.backend, model.resolve_path(layout), model.gpus)

@@ -3,7 +3,10 @@
 Why not HF Trainer: a plain loop on CPU/GPU is shorter and faster here. Two levers make it so:
 batches group examples of similar length (little padding computed), and the LM head runs only at
 positions that carry a label (the 49k-wide vocabulary projection is skipped for prompt tokens).
-Out of memory halves the micro-batch and accumulates gradients; below a floor the run gives up.
+Out of memory halves the micro-batch and accumulates gradients (below a floor the run gives up), and
+the micro-batch doubles back after a few steps without one; evaluation halves its batch the same way.
+On a GPU it computes in bf16 (fp16 with a gradient scaler), and under torchrun each rank takes its
+share of every step (appliance/trainer/distributed.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from appliance.errors import ApplianceError
 from appliance.trainer.data import Example
+from appliance.trainer.distributed import FP32, Precision, World
 from appliance.trainer.settings import TrainerSettings
 
 IGNORE = -100
@@ -85,35 +89,75 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+def loss_sum(model: Any, batch: dict[str, Any], precision: Precision = FP32) -> tuple[Any, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were."""
     import torch.nn.functional as F
 
     lm = causal_lm(model)
     dev = lm.device
-    hidden = lm.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
     targets = batch["labels"][:, 1:].to(dev)
     sel = targets != IGNORE
-    logits = lm.lm_head(hidden[:, :-1][sel]).float()
+    with precision.compute(str(dev)):
+        hidden = lm.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
+        logits = lm.lm_head(hidden[:, :-1][sel]).float()
     return F.cross_entropy(logits, targets[sel], reduction="sum"), int(sel.sum())
 
 
-def evaluate_loss(model: Any, data: list[Encoded], pad_id: int, batch_size: int = 8) -> float:
-    """Mean per-token loss on assistant tokens (NaN for no data)."""
+def _is_oom(e: BaseException) -> bool:
     import torch
 
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+
+
+def _free_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# Called before each micro-batch (training) or batch (evaluation) with its size: where tests inject an allocation failure.
+MicroHook = Callable[[int], None]
+
+
+def _eval_pass(model: Any, data: list[Encoded], pad_id: int, batch_size: int, precision: Precision,
+               before: MicroHook | None) -> float:
+    import torch
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in length_grouped([len(e.input_ids) for e in data], batch_size, random.Random(0)):
+            if before:
+                before(len(b))
+            s, k = loss_sum(model, collate([data[i] for i in b], pad_id), precision)
+            total += float(s)
+            n += k
+    return total / max(n, 1)
+
+
+def evaluate_loss(model: Any, data: list[Encoded], pad_id: int, batch_size: int = 8, precision: Precision = FP32,
+                  before_batch: MicroHook | None = None) -> float:
+    """Mean per-token loss on assistant tokens (NaN for no data); out of memory halves the batch and tries again."""
     if not data:
         return math.nan
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for b in length_grouped([len(e.input_ids) for e in data], batch_size, random.Random(0)):
-            s, k = loss_sum(model, collate([data[i] for i in b], pad_id))
-            total += float(s)
-            n += k
-    model.train(was_training)
-    return total / max(n, 1)
+    try:
+        while True:
+            try:
+                return _eval_pass(model, data, pad_id, batch_size, precision, before_batch)
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                _free_cuda()
+                if batch_size == 1:
+                    raise TrainingError("Evaluation ran out of memory even with a batch of 1.",
+                                        "Lower max_length in [trainer], or free memory on this machine.") from None
+                batch_size //= 2
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -128,37 +172,45 @@ class TrainResult:
     trained_tokens: int  # real (non-padding) tokens through forward and backward
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    micro_regrown: int = 0  # times the micro-batch doubled back after running without out-of-memory
 
 
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    if isinstance(e, torch.OutOfMemoryError | MemoryError):
-        return True
-    return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+# Optimizer steps without an out-of-memory after which a halved micro-batch doubles again (the memory
+# another process held may be free by now; a long run should not stay at its worst moment's size).
+GROW_AFTER = 4
 
 
-# Called before each micro-batch with its size: the point where tests inject an allocation failure.
-MicroHook = Callable[[int], None]
+@dataclass
+class _Loop:
+    """What every step of one run shares."""
+
+    model: Any
+    params: list[Any]
+    opt: Any
+    settings: TrainerSettings
+    pad_id: int
+    log: Callable[[str], None]
+    before_micro: MicroHook | None
+    world: World
+    precision: Precision
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
 
 
-def _backward(model: Any, items: list[Encoded], n_labels: int, micro: int, pad_id: int, opt: Any,
-              settings: TrainerSettings, log: Callable[[str], None], before_micro: MicroHook | None) -> tuple[float, int, int, int]:
-    """The gradients of one optimizer step in micro-batches of `micro`, halved at each out-of-memory.
-    Returns the loss sum, the tokens seen, the micro-batch that fitted, and how many OOMs it took."""
-    import torch
-
-    ooms = 0
+def _backward(loop: _Loop, items: list[Encoded], n_labels: int, micro: int) -> tuple[float, int, int, int]:
+    """The gradients of one optimizer step (this rank's share of `items`) in micro-batches of `micro`, halved at
+    each out-of-memory. Returns the loss sum, the tokens seen, the micro-batch that fitted, and how many OOMs it took."""
+    ooms, mine = 0, loop.world.shard(items)
     while True:
         try:
-            opt.zero_grad(set_to_none=True)
+            loop.opt.zero_grad(set_to_none=True)
             step_loss, step_tokens = 0.0, 0
-            for j in range(0, len(items), micro):
-                chunk = items[j : j + micro]
-                if before_micro:
-                    before_micro(len(chunk))
-                s, _ = loss_sum(model, collate(chunk, pad_id))
-                (s / n_labels).backward()
+            for j in range(0, len(mine), micro):
+                chunk = mine[j : j + micro]
+                if loop.before_micro:
+                    loop.before_micro(len(chunk))
+                s, _ = loss_sum(loop.model, collate(chunk, loop.pad_id), loop.precision)
+                scaled = s / n_labels  # the whole step's labels: summed over ranks, the one-process gradient
+                (loop.scaler.scale(scaled) if loop.scaler else scaled).backward()
                 step_loss += float(s.detach())
                 step_tokens += sum(len(e.input_ids) for e in chunk)
             return step_loss, step_tokens, micro, ooms
@@ -166,72 +218,120 @@ def _backward(model: Any, items: list[Encoded], n_labels: int, micro: int, pad_i
             if not _is_oom(e):
                 raise
             ooms += 1
-            opt.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if micro // 2 < settings.min_batch_size:
+            loop.opt.zero_grad(set_to_none=True)
+            _free_cuda()
+            if micro // 2 < loop.settings.min_batch_size:
                 raise TrainingError(f"Training ran out of memory even with a micro-batch of {micro}.",
                                     "Lower max_length or lora_rank in [trainer], or free memory on this machine.") from None
             micro //= 2
-            log(f"out of memory: micro-batch {micro}, accumulating {math.ceil(settings.batch_size / micro)} steps")
+            loop.log(f"out of memory: micro-batch {micro}, accumulating {math.ceil(loop.settings.batch_size / micro)} steps")
+
+
+def _apply(loop: _Loop) -> None:
+    """Sum the gradients over the ranks, clip, step (through the scaler in fp16)."""
+    import torch
+
+    loop.world.sum_grads(loop.params)
+    if loop.scaler is not None:
+        loop.scaler.unscale_(loop.opt)
+    torch.nn.utils.clip_grad_norm_(loop.params, 1.0)
+    if loop.scaler is not None:
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+    else:
+        loop.opt.step()
+
+
+def _new_loop(model: Any, settings: TrainerSettings, pad_id: int, log: Callable[[str], None], before_micro: MicroHook | None,
+              world: World | None, precision: Precision | None) -> _Loop:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    precision = precision or FP32
+    scaler = torch.amp.GradScaler("cuda") if precision.scaler else None
+    return _Loop(model, params, opt, settings, pad_id, log, before_micro, world or World(), precision, scaler)
+
+
+@dataclass
+class _Progress:
+    micro: int
+    steps: int = 0
+    tokens: int = 0
+    ooms: int = 0
+    calm: int = 0  # steps since the last out-of-memory
+    regrown: int = 0
+
+    def after_step(self, oom: int, batch_size: int, log: Callable[[str], None]) -> None:
+        """A halved micro-batch doubles back after GROW_AFTER steps without an out-of-memory."""
+        self.ooms += oom
+        self.calm = 0 if oom else self.calm + 1
+        if self.micro < batch_size and self.calm >= GROW_AFTER:
+            self.micro, self.calm, self.regrown = min(batch_size, self.micro * 2), 0, self.regrown + 1
+            log(f"no out-of-memory for {GROW_AFTER} steps: micro-batch back up to {self.micro}")
 
 
 def train_lora(model: Any, train: list[Encoded], val: list[Encoded], settings: TrainerSettings, pad_id: int,
                log: Callable[[str], None] = print, before_micro: MicroHook | None = None,
-               max_steps: int | None = None) -> TrainResult:
-    """Train the trainable (LoRA) parameters of `model`; on return it holds the best weights seen on validation."""
+               max_steps: int | None = None, world: World | None = None, precision: Precision | None = None,
+               before_eval: MicroHook | None = None) -> TrainResult:
+    """Train the trainable (LoRA) parameters of `model`; on return it holds the best weights seen on validation.
+    Under torchrun every rank calls it with the same data (`world`: this rank's share of each step)."""
     import torch
 
     if not train:
         raise TrainingError("There are no training examples left after filtering.")
+    loop = _new_loop(model, settings, pad_id, log, before_micro, world, precision)
     rng = random.Random(settings.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs if max_steps is None else min(max_steps, steps_per_epoch * settings.epochs)
     warmup = max(1, total_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+        loop.opt, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
     eval_every = max(1, steps_per_epoch // 2)
-    micro = settings.batch_size
-    best, best_state, bad_evals = math.inf, None, 0
-    step, tokens, ooms, stopped = 0, 0, 0, False
+    p = _Progress(settings.batch_size)
+    best, best_state, bad_evals, stopped = math.inf, None, 0, False
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     model.train()
     for epoch in range(settings.epochs):
         for batch_idx in length_grouped([len(e.input_ids) for e in train], settings.batch_size, rng):
-            if step >= total_steps:
+            if p.steps >= total_steps:
                 break
             items = [train[i] for i in batch_idx]
             n_labels = sum(e.n_labels for e in items)
-            step_loss, step_tokens, micro, oom = _backward(model, items, n_labels, micro, pad_id, opt, settings, log, before_micro)
-            ooms += oom
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            step_loss, step_tokens, p.micro, oom = _backward(loop, items, n_labels, p.micro)
+            _apply(loop)
             sched.step()
-            step += 1
-            tokens += step_tokens
-            if step % eval_every == 0 or step == total_steps:
-                v = evaluate_loss(model, val, pad_id)
-                history.append({"step": step, "train_loss": step_loss / n_labels, "val_loss": v})
-                log(f"step {step}/{total_steps} epoch {epoch + 1} train_loss {step_loss / n_labels:.4f} val_loss {v:.4f}")
+            step_loss, step_tokens_f = loop.world.sum_floats(step_loss, step_tokens)
+            p.steps, p.tokens = p.steps + 1, p.tokens + int(step_tokens_f)
+            p.after_step(oom, settings.batch_size, log)
+            if p.steps % eval_every == 0 or p.steps == total_steps:
+                v = evaluate_loss(model, val, pad_id, precision=loop.precision, before_batch=before_eval)
+                history.append({"step": p.steps, "train_loss": step_loss / n_labels, "val_loss": v})
+                log(f"step {p.steps}/{total_steps} epoch {epoch + 1} train_loss {step_loss / n_labels:.4f} val_loss {v:.4f}")
                 if v < best:
                     best, bad_evals = v, 0
-                    best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                    best_state = {n: t.detach().clone() for n, t in model.named_parameters() if t.requires_grad}
                 else:
                     bad_evals += 1
                     if bad_evals >= settings.patience:
                         stopped = True
                         log(f"early stop: validation loss has not improved for {bad_evals} evaluations")
                         break
-        if stopped or step >= total_steps:
+        if stopped or p.steps >= total_steps:
             break
+    _restore(model, best_state)
+    return TrainResult(best, p.steps, round(p.steps / steps_per_epoch, 3), stopped, p.micro,
+                       math.ceil(settings.batch_size / p.micro), p.ooms, p.tokens, time.perf_counter() - t0, history, p.regrown)
+
+
+def _restore(model: Any, best_state: dict[str, Any] | None) -> None:
+    import torch
+
     if best_state is not None:
         named = dict(model.named_parameters())
         with torch.no_grad():
             for n, v in best_state.items():
                 named[n].copy_(v)
     model.eval()
-    return TrainResult(best, step, round(step / steps_per_epoch, 3), stopped, micro,
-                       math.ceil(settings.batch_size / micro), ooms, tokens, time.perf_counter() - t0, history)

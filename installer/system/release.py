@@ -224,7 +224,8 @@ def build_venv(runner: Runner, bundle: Path, manifest: Manifest, venv: Path, pyt
     wheel = own_wheel(bundle, manifest, runtime)
     extras = carried_extras(wheel, {_norm(e["name"]) for e in manifest.sbom if e["path"].startswith(runtime_dir(runtime))})
     spec = f"appliance[{','.join(extras)}]" if extras else "appliance"
-    args = ["install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / runtime_dir(runtime)),
+    # --isolated: this host's pip configuration (its find-links, indexes, constraints) never adds a wheel.
+    args = ["--isolated", "install", "--quiet", "--disable-pip-version-check", "--no-index", "--find-links", str(bundle / runtime_dir(runtime)),
             "--no-cache-dir", spec]
     if importlib.util.find_spec("pip") is not None:
         runner.run([python or sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], timeout=300)

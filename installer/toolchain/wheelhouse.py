@@ -202,7 +202,7 @@ def _check_installable(out: Path, extras: Iterable[str]) -> None:
     own = sorted(out.glob("appliance-*.whl"))
     spec = f"appliance[{','.join(extras)}]" if extras else "appliance"
     with tempfile.TemporaryDirectory(prefix="appliance-resolve-") as tmp:
-        args: list[Any] = ["install", "--dry-run", "--quiet", "--no-index", "--find-links", str(out), "--target", tmp,
+        args: list[Any] = ["--isolated", "install", "--dry-run", "--quiet", "--no-index", "--find-links", str(out), "--target", tmp,
                            "--ignore-installed", "--only-binary=:all:", spec]
         try:
             _pip(*args)
