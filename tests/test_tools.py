@@ -79,7 +79,7 @@ def test_a_tool_choice_naming_an_unlisted_function_is_a_400(api):
 
     with pytest.raises(openai.BadRequestError) as e:
         _ask(api, ASK, tools=[TIME], tool_choice=NAMED)
-    assert e.value.body["param"] == "tool_choice"
+    assert e.value.body["param"] == "tool_choice" and "which tools does not list" in e.value.body["message"]
 
 
 def _plan(**kw):
