@@ -115,8 +115,8 @@ class Tier:
         """The [embeddings] keys of appliance.toml for this tier (the installer adds `path` and `context_length`);
         `threads` are the chat model's, as model_settings resolved them.
 
-        On the GPU only beside a transformers chat model, whose CUDA torch it shares; else on the CPU
-        (a llama.cpp tier's wheelhouse may carry a CPU-only torch)."""
+        On the GPU only beside a transformers chat model, whose CUDA context it shares; beside llama.cpp
+        on the CPU, where torch's own CUDA context would take GPU memory the tier's needs do not count."""
         if self.embeddings is None:
             return {}
         on_gpu = self.uses_gpu and self.backend == "transformers"
