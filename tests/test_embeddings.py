@@ -375,3 +375,19 @@ def test_embeddings_beside_the_transformers_chat_engine_at_the_same_time(st_root
     assert got["chat"].choices[0].message.content
     for x, y in zip(together.data, alone.data, strict=True):
         assert cosine(x.embedding, y.embedding) > 0.9999
+
+
+@pytest.mark.parametrize("embeddings, words", [
+    ("nope", "names the embedding model 'nope', which the bundle does not have"),
+    ("chat", "names 'chat' both as its model and as its embedding model"),
+    ("other-gguf", "which is for llama.cpp; embedding models run on transformers"),
+    (7, "embeddings = 7 has the wrong type"),
+])
+def test_a_tier_naming_a_wrong_embedding_model_fails_the_build_naming_it(embeddings, words):
+    from appliance.errors import TierError
+    from installer.planning.tiers import parse_tiers
+
+    models = {"chat": ("llama.cpp", 2048), "other-gguf": ("llama.cpp", 2048), EMBED_ID: ("transformers", 256)}
+    with pytest.raises(TierError, match=words):
+        parse_tiers([{"name": "cpu", "model": "chat", "embeddings": embeddings}], models)
+    assert parse_tiers([{"name": "cpu", "model": "chat", "embeddings": EMBED_ID}], models)[0].embeddings == EMBED_ID
