@@ -62,7 +62,7 @@ def test_an_entry_point_loads_only_its_own_layer(what: str) -> None:
 
 def test_the_probe_sees_an_import_made_inside_a_function() -> None:
     """The check above can fail: torch imported late, by the first call that needs it, is caught."""
-    code = "import appliance.engines as e\ntry:\n    e._gpus(1)\nexcept Exception:\n    pass"
+    code = "import appliance.engines.replicas as r\nfrom appliance.config import ModelConfig\ntry:\n    r.require_cuda(ModelConfig(path='/m'))\nexcept Exception:\n    pass"
     assert "torch" not in _loaded_after("import appliance.engines") and "torch" in _loaded_after(code)
 
 

@@ -109,6 +109,27 @@ def cuda_floor(spec: Spec) -> str:
     return low if version_tuple(low) >= (7, 5) else "7.5"  # CUDA 13's nvcc starts at Turing
 
 
+def _check_cuda_floor(spec: Spec, wheels: Path, log: Callable[[str], None]) -> None:
+    """Say so when a GPU tier admits drivers older than the CUDA the cuda runtime's torch was built for."""
+    from installer.hardware.machine import version_tuple
+    from installer.planning.tiers import models_of, parse_tiers
+
+    runtime = sorted(wheels.glob("nvidia_cuda_runtime*-*.whl"))
+    if not runtime:
+        return
+    built = ".".join(runtime[0].name.split("-")[1].split(".")[:2])
+    for t in parse_tiers(spec.tiers, models_of(spec.models)):
+        if t.runtime == "cuda" and version_tuple(t.needs.cuda or "0") < version_tuple(built):
+            log(f"warning: tier {t.name} admits drivers for CUDA {t.needs.cuda or 'any'}, but the cuda runtime's torch needs "
+                f"CUDA {built}: raise its needs.cuda (and needs.driver) to match")
+
+
+def _wheels(spec: Spec, work: Path, runtimes: tuple[str, ...], cuda_llama: bool, log: Callable[[str], None]) -> None:
+    log("building the wheelhouse")
+    build_wheelhouse(spec.wheelhouse, work / WHEELS.rstrip("/"), runtimes, log, cuda_floor(spec), cuda_llama)
+    _check_cuda_floor(spec, work / WHEELS / "cuda", log)
+
+
 def build_bundle(
     spec: Spec, out: Path, signing_key_path: Path, sequence: int = 1,
     model_key_path: Path | None = None, passphrase_path: Path | None = None,
@@ -124,17 +145,14 @@ def build_bundle(
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty.", "Choose a new --out directory.")
-    runtimes = parse_runtimes(runtimes)
+    runtimes = parse_runtimes(runtimes)  # in the bundle's order: cpu first
     signing_key = load_signing_key(signing_key_path)
     kdf, kek = _site_kek(spec, model_key_path, passphrase_path)
-
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        log("building the wheelhouse")
-        build_wheelhouse(spec.wheelhouse, work / WHEELS.rstrip("/"), runtimes, log, cuda_floor(spec), cuda_llama)
-
+        _wheels(spec, work, runtimes, cuda_llama, log)
         models = [_encrypt_model(spec, m, work, kek, log) for m in spec.models]
         shutil.rmtree(work / CONVERT_DIR, ignore_errors=True)  # plaintext conversions never reach the bundle
 
