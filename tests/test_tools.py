@@ -9,7 +9,7 @@ import json
 import pytest
 
 from appliance.server import protocol as P
-from appliance.server import tools
+from appliance.server import tool_stream, tools
 from tests.openai_fixtures import MODEL, serve
 
 
@@ -68,6 +68,7 @@ def test_a_forced_call_streams_as_tool_call_deltas(api):
     chunks = list(_ask(api, ASK, tools=[WEATHER], tool_choice="required", stream=True))
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert len(deltas) > 3 and all(d.index == 0 and not d.id for d in deltas[1:])  # the arguments as they grow
     args = json.loads("".join(d.function.arguments or "" for d in deltas))
     assert set(args) == {"city"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
@@ -101,7 +102,7 @@ def test_auto_calls_are_parsed_from_the_fixed_format():
 
 
 def test_auto_streaming_holds_back_a_call():
-    f = tools.ContentFilter(_plan())
+    f = tool_stream.ContentFilter(_plan())
     out = f.feed("Sure. <tool") + f.feed("_call>\n{\"name\"")
     assert out == "Sure. " and f.feed(" more") == ""
 
@@ -113,3 +114,13 @@ def test_earlier_calls_and_results_are_rendered_for_the_template():
     msgs = tools.plan(P.ChatCompletionRequest.model_validate({"messages": history})).messages
     assert msgs[1] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'}
     assert msgs[2] == {"role": "tool", "content": "sunny"}
+
+
+def test_a_forced_call_streams_its_arguments_as_they_grow():
+    s = tool_stream.ChoiceStream(_plan(tool_choice="required"))
+    text = '<tool_call>\n{ "name": "get_weather", "arguments": {"city": "Pa\\"ris}"} }\n</tool_call>'
+    deltas = [d for ch in text for d in s.feed(ch)]
+    head, *rest = [d["tool_calls"][0] for d in deltas]
+    assert head["function"] == {"name": "get_weather", "arguments": ""} and head["id"].startswith("call_")
+    assert json.loads("".join(d["function"]["arguments"] for d in rest)) == {"city": 'Pa"ris}'}
+    assert s.finish({"content": None, "tool_calls": [{}]}, "tool_calls") == []

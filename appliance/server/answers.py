@@ -17,6 +17,7 @@ from appliance.server import protocol as P
 from appliance.server import tools
 from appliance.server.api_errors import ApiError
 from appliance.server.limits import Lease
+from appliance.server.tool_stream import ChoiceStream
 
 
 def format_constraint(rf: P.ResponseFormat | None) -> Constraint | None:
@@ -91,14 +92,14 @@ async def _chat_stream(sv: Any, req: P.ChatCompletionRequest, request: Request, 
         return _sse({"id": job.id, "object": "chat.completion.chunk", "created": created, "model": job.model,
                      "system_fingerprint": None, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}]})
 
-    filters = [tools.ContentFilter(plan) for _ in job.seqs]
+    streams = [ChoiceStream(plan) for _ in job.seqs]
     for i in range(len(job.seqs)):
         yield chunk(i, {"role": "assistant", "content": ""}, None)
     async for i, ev in sv.events(job):
         if isinstance(ev, Delta):
-            text, lp = filters[i].feed(ev.text), chat_logprobs(sv, ev.logprobs) if want_lp and ev.logprobs else None
-            if text or lp:
-                yield chunk(i, {"content": text}, None, lp)
+            deltas, lp = streams[i].feed(ev.text), chat_logprobs(sv, ev.logprobs) if want_lp and ev.logprobs else None
+            for k, delta in enumerate(deltas or ([{"content": ""}] if lp else [])):
+                yield chunk(i, delta, None, lp if k == 0 else None)
             continue
         if ev.reason == "error":
             yield _sse(ApiError(500, f"The engine failed: {ev.error}", "server_error").body())
@@ -106,12 +107,8 @@ async def _chat_stream(sv: Any, req: P.ChatCompletionRequest, request: Request, 
         if i == 0:
             await sv.record(job.id, plain, ev, getattr(request.state, "key_id", None))
         message, finish = _message(ev, plan)
-        for k, call in enumerate(message.get("tool_calls") or []):
-            head = {"index": k, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
-            yield chunk(i, {"tool_calls": [head]}, None)
-            yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]}, None)
-        if rest := filters[i].rest(message["content"]) if not message.get("tool_calls") else "":
-            yield chunk(i, {"content": rest}, None)
+        for delta in streams[i].finish(message, finish):
+            yield chunk(i, delta, None)
         yield chunk(i, {}, finish)
     fins = [job.finished[i] for i in range(len(job.seqs))]
     sv.note(request, fins)

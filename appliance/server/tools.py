@@ -108,37 +108,3 @@ def parse(text: str, p: ToolPlan) -> tuple[str | None, list[dict[str, Any]]]:
         return text, []
     content = text[:first].strip()
     return content or None, calls
-
-
-class ContentFilter:
-    """Streaming in `auto` mode: pass text through until a call may have begun, then hold the rest."""
-
-    def __init__(self, p: ToolPlan) -> None:
-        self.mode, self.seen, self.sent, self.holding = p.mode, "", 0, False
-
-    def feed(self, text: str) -> str:
-        """The text that can go out as content now."""
-        self.seen += text
-        if self.mode == "none":
-            out, self.sent = self.seen[self.sent:], len(self.seen)
-            return out
-        if self.mode == "forced" or self.holding:
-            return ""
-        tag = OPEN.strip()
-        i = self.seen.find(tag)
-        if i >= 0:
-            self.holding = True
-            end = i
-        else:
-            end = len(self.seen)
-            for k in range(min(len(tag) - 1, len(self.seen)), 0, -1):  # an unfinished tag at the end
-                if self.seen.endswith(tag[:k]):
-                    end -= k
-                    break
-        out = self.seen[self.sent:max(end, self.sent)]
-        self.sent = max(end, self.sent)
-        return out
-
-    def rest(self, content: str | None) -> str:
-        """At the end: the part of the final content not sent yet."""
-        return (content or "")[self.sent:] if content is not None and content.startswith(self.seen[:self.sent]) else ""
