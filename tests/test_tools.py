@@ -83,6 +83,15 @@ def test_a_tool_choice_naming_an_unlisted_function_is_a_400(api):
     assert e.value.body["param"] == "tool_choice" and "which tools does not list" in e.value.body["message"]
 
 
+def test_a_forced_tool_whose_schema_cannot_be_compiled_is_a_400_naming_tools(api):
+    import openai
+
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        _ask(api, ASK, tools=[bad], tool_choice="required")
+    assert e.value.body["param"] == "tools" and "strin" in e.value.body["message"]
+
+
 def _plan(**kw):
     return tools.plan(P.ChatCompletionRequest.model_validate({"messages": ASK, "tools": [WEATHER, TIME], **kw}))
 
