@@ -168,3 +168,27 @@ def test_a_run_refuses_to_start_on_a_full_gpu_and_on_a_host_without_cuda(tmp_pat
     last = json.loads(sorted((root.layout.var / "runs").glob("*.json"))[-1].read_text())
     assert last["status"] == "failed" and "sees no CUDA device" in last["reason"]
     assert not list(root.inbox.glob("*.done*")) and list(root.inbox.glob("*.jsonl"))  # nothing consumed
+
+
+@pytest.mark.slow
+def test_appliance_train_under_torchrun_as_the_multi_gpu_trainer_unit_runs_it(trainer_root, tmp_path: Path) -> None:  # noqa: F811
+    """What the trainer unit of a multi-GPU tier runs (installer/system/units.py), with gloo on this CPU host:
+    both ranks train, rank 0 alone reports, registers and promotes."""
+    import shutil
+
+    from appliance import adapters
+    from tests.trainer_fixtures import demo_lines
+
+    trainer_root.add_inbox("manual.jsonl", demo_lines("train.jsonl")[:40])
+    appliance = shutil.which("appliance", path=str(Path(sys.executable).parent))
+    assert appliance is not None
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+           appliance, "train", "--now", "--max-steps", "2", "--root", str(trainer_root.layout.root)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("run ") and "train /" in line and ";" in line]
+    assert len(summaries) == 1, proc.stdout  # one report, from rank 0
+    reports = list((trainer_root.layout.var / "runs").glob("*.json"))
+    assert len(reports) == 1 and json.loads(reports[0].read_text())["status"] in ("promoted", "kept")
+    assert len(adapters.list_adapters(trainer_root.layout)) == 1

@@ -27,6 +27,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     become_owner_of(layout.var)  # by hand as root: the run's files still belong to the service user
     opts = RunOptions(now=args.now, max_steps=args.max_steps, log=lambda s: print(s, flush=True))
     report = run_training(layout, opts)
+    if report.get("status") == "rank":  # another rank of a torchrun run: rank 0 reports
+        return 0
     print(summary_line(report))
     if args.json:
         print(json.dumps(report, indent=2))
