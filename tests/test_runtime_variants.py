@@ -184,3 +184,20 @@ def test_a_cuda_bundle_carries_cuda_torch_and_installs_offline_into_a_venv_that_
     version, cuda, available = json.loads(subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True).stdout)
     # The CUDA build of the locked version (it calls itself e.g. 2.13.0+cu130); this host has no GPU.
     assert version.split("+")[0] == _locked_torch() and "+cpu" not in version and cuda is not None and available is False
+
+
+def test_bundle_build_takes_the_runtimes_and_prints_each_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.spec_files import one_model_spec
+
+    keygen(tmp_path / "keys")
+    (tmp_path / "model.bin").write_bytes(os.urandom(5000))
+    write_spec(tmp_path / "slim.toml", one_model_spec(Path("model.bin")))
+    args = ["bundle", "build", str(tmp_path / "slim.toml"), "--signing-key", str(tmp_path / "keys/signing.key"),
+            "--model-key", str(tmp_path / "keys/model.key")]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "b"), "--runtime", "cuda,cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "runtime cpu: wheels/cpu/" in out and "runtime cuda: wheels/cuda/" in out
+    assert "wheels/cpu" in (tmp_path / "b" / "bootstrap.sh").read_text()
+    assert main([*args, "--out", str(tmp_path / "c"), "--runtime", "rocm"]) != 0
+    assert "The runtime rocm is not one the bundle format knows." in capsys.readouterr().err
