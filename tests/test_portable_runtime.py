@@ -137,7 +137,7 @@ def test_the_install_stops_before_the_switch_when_the_engine_dies_on_this_cpu(tm
         release_id = "r1"
 
         def planned(self):
-            return SimpleNamespace(model_settings=settings)
+            return SimpleNamespace(model_settings=settings, embeddings=None)
 
     Ctx.layout = layout
 
