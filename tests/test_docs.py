@@ -146,10 +146,14 @@ def test_the_7b_spec_is_a_valid_tier_table() -> None:
 
 
 def test_metrics_table_names_real_metrics() -> None:
+    import json
+
     from appliance.server.metrics import Metrics
+    from tests.fake_pynvml import FakeNvml
 
     m = Metrics()
     m.show_adapter(None)
+    m.bind_gpus((0,), FakeNvml(json.loads((REPO / "tests/fixtures/machines/a100-40g.json").read_text())))  # NVML's stand-in
     m.requests.labels("/x", "200").inc()
     m.rejected.labels("rate_limited").inc()
     exported = {s.name for fam in m.registry.collect() for s in fam.samples}

@@ -115,7 +115,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for tier in m.tiers:
         print(f"tier        {tier.get('name', '?')}")
     print(f"files       {len(m.files)}, {sum(f.size for f in m.files) / 2**20:.1f} MiB")
-    print(f"wheels      {len(m.sbom)}: " + ", ".join(f"{w['name']} {w['version']}" for w in m.sbom[:8]) + (" ..." if len(m.sbom) > 8 else ""))
+    for runtime in sorted(m.runtimes):  # wheels/<runtime>/: one complete wheelhouse per runtime variant
+        wheels = [w for w in m.sbom if w["path"].startswith(f"wheels/{runtime}/")]
+        print(f"wheels      {runtime}: {len(wheels)}: " + ", ".join(f"{w['name']} {w['version']}" for w in wheels[:8])
+              + (" ..." if len(wheels) > 8 else ""))
     return 0
 
 
