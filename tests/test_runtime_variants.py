@@ -156,7 +156,7 @@ def _locked_torch() -> str:
     return pins(LOCK.read_text())["torch"][0].split("+")[0]
 
 
-@pytest.mark.slow
+@pytest.mark.cuda_bundle  # minutes and gigabytes: never in `make test`
 def test_a_cuda_bundle_carries_cuda_torch_and_installs_offline_into_a_venv_that_imports_it(tmp_path: Path,
                                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     if cuda_wheels.cached(_locked_torch()) is None:
