@@ -90,9 +90,19 @@ class Sampler:
             import llguidance.torch as lt
 
             lt.fill_next_token_bitmask(st.matcher, st.mask, 0)
-            view = row.unsqueeze(0)
-            lt.apply_token_bitmask_inplace(view, st.mask.to(row.device))
+            row.masked_fill_(~self._allowed(st.mask[0], row.shape[0]).to(row.device), float("-inf"))
         return row
+
+    def _allowed(self, words: Any, vocab: int) -> Any:
+        """The bitmask (32 tokens an int32 word) as one bool a token. llguidance's own
+        apply_token_bitmask_inplace runs torch.compile, which needs a compiler at the site and
+        costs seconds on the first request: this is the same arithmetic, eager."""
+        torch = self.torch
+        bits = ((words.unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten().bool()
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        n = min(vocab, bits.numel())
+        allowed[:n] = bits[:n]  # tokens past the mask (a padded embedding) are never allowed
+        return allowed
 
     def _draw(self, row: Any, temperature: float, top_p: float, generator: Any) -> int:
         torch = self.torch
