@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,23 @@ def make_root(base: Path, model_file: Path, *, backend: str = "llama.cpp", max_b
     _, admin = apikeys.create(layout, "admin")
     _, user = apikeys.create(layout, "user")
     return Root(layout, load_config(layout), admin, user)
+
+
+def scripted_root(base: Path, **settings: object) -> Root:
+    """make_root's tree for the scripted engine (tests/scripted_engine.py): its model file is never read."""
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "model.gguf").write_bytes(b"GGUF")
+    return make_root(base / "root", base / "model.gguf", **settings)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def running(engine: Any) -> Iterator[Any]:
+    """An engine started for the block, closed after it."""
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from appliance import audit
 from appliance.server.app import Settings, create_app
 from appliance.server.middleware import Gate
 from tests.scripted_engine import scripted_engine
-from tests.server_fixtures import make_root
+from tests.server_fixtures import scripted_root
 
 
 class Clock:
@@ -24,8 +24,7 @@ class Clock:
 
 @pytest.fixture
 def served(tmp_path):
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    root = make_root(tmp_path / "root", tmp_path / "model.gguf")
+    root = scripted_root(tmp_path)
     engine = scripted_engine(root.config)
     engine.start()
     app = create_app(Settings(root.layout, root.config.server, root.config.model.id, own_engine=False), engine)

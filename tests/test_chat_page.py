@@ -30,6 +30,7 @@ from appliance.server import chat_page
 from appliance.server.app import Settings, create_app
 from tests import scripted_engine as scripted
 from tests.server_fixtures import REPO, Root, free_port, install_adapter, live_server, make_root
+from tests.server_fixtures import scripted_root as scripted_tree
 from tests.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -100,9 +101,7 @@ def watched(browser: Any) -> Iterator[Watched]:
 
 @pytest.fixture(scope="module")
 def scripted_root(tmp_path_factory: pytest.TempPathFactory) -> Root:
-    base = tmp_path_factory.mktemp("chat-scripted")
-    (base / "model.gguf").write_bytes(b"GGUF")  # never read: the scripted model answers
-    return make_root(base / "root", base / "model.gguf")
+    return scripted_tree(tmp_path_factory.mktemp("chat-scripted"))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from appliance.config import load_config
 from appliance.server.app import Settings, create_app
 from tests.embedding_fixtures import EMBED_ID, add_embeddings
 from tests.scripted_engine import scripted_engine
-from tests.server_fixtures import Root, live_server, make_root
+from tests.server_fixtures import Root, live_server, make_root, scripted_root
 from tests.waiting import wait_until
 
 RELATED = ("A man is eating food.", "A man is eating a piece of bread.")
@@ -34,9 +34,7 @@ UNRELATED = "The stock market fell sharply this afternoon."
 
 def embedding_root(base: Path, minilm: Path, **settings: object) -> Root:
     """make_root's tree (a scripted chat model: it is not what these tests look at) with an [embeddings] section."""
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "model.gguf").write_bytes(b"GGUF")
-    return add_embeddings(make_root(base / "root", base / "model.gguf"), minilm, **settings)
+    return add_embeddings(scripted_root(base), minilm, **settings)
 
 
 @contextlib.contextmanager
@@ -238,8 +236,7 @@ def test_a_full_queue_is_429_with_retry_after(batching):
 def test_a_bundle_without_an_embedding_model_answers_404(tmp_path):
     from fastapi.testclient import TestClient
 
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    root = make_root(tmp_path / "root", tmp_path / "model.gguf")
+    root = scripted_root(tmp_path)
     app = create_app(Settings(root.layout, root.config.server, root.config.model.id), scripted_engine(root.config))
     with TestClient(app) as http:
         r = http.post("/v1/embeddings", headers={"Authorization": f"Bearer {root.user_key}"}, json={"model": "m", "input": "hi"})

@@ -17,22 +17,19 @@ from appliance.feedback_store import FeedbackStore
 from appliance.server.app import Settings, create_app
 from appliance.trainer.data import collect
 from tests.scripted_engine import scripted_engine
-from tests.server_fixtures import make_root
+from tests.server_fixtures import running, scripted_root
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     base = tmp_path_factory.mktemp("owned")
-    (base / "model.gguf").write_bytes(b"GGUF")
-    return make_root(base / "root", base / "model.gguf")
+    return scripted_root(base)
 
 
 @pytest.fixture(scope="module")
 def engine(root):
-    e = scripted_engine(root.config)
-    e.start()
-    yield e
-    e.close()
+    with running(scripted_engine(root.config)) as e:
+        yield e
 
 
 def client_for(root, engine, **server):

@@ -20,7 +20,7 @@ from appliance.engines.scheduler import Engine
 from appliance.server.app import Settings, create_app
 from appliance.server.limits import Lease, Limiter, Refused
 from tests.scripted_engine import ScriptedBackend, scripted_engine
-from tests.server_fixtures import live_server, make_root
+from tests.server_fixtures import live_server, running, scripted_root
 from tests.waiting import wait_until
 
 CHAT = "/v1/chat/completions"
@@ -37,16 +37,13 @@ class Clock:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     base = tmp_path_factory.mktemp("limits")
-    (base / "model.gguf").write_bytes(b"GGUF")
-    return make_root(base / "root", base / "model.gguf")
+    return scripted_root(base)
 
 
 @pytest.fixture(scope="module")
 def engine(root):
-    e = scripted_engine(root.config)
-    e.start()
-    yield e
-    e.close()
+    with running(scripted_engine(root.config)) as e:
+        yield e
 
 
 @pytest.fixture()

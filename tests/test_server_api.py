@@ -16,7 +16,7 @@ from appliance import adapters, audit
 from appliance.feedback_store import FeedbackStore
 from appliance.server.app import Settings, create_app
 from tests.scripted_engine import REPLY, scripted_engine
-from tests.server_fixtures import install_adapter, make_root
+from tests.server_fixtures import install_adapter, running, scripted_root
 from tests.waiting import wait_until
 
 CHAT = "/v1/chat/completions"
@@ -26,16 +26,13 @@ CHAT = "/v1/chat/completions"
 def root(tmp_path_factory):
     """An installed-looking root whose model is the scripted one (its file is never read)."""
     base = tmp_path_factory.mktemp("scripted")
-    (base / "model.gguf").write_bytes(b"GGUF")
-    return make_root(base / "root", base / "model.gguf")
+    return scripted_root(base)
 
 
 @pytest.fixture(scope="module")
 def engine(root):
-    e = scripted_engine(root.config)
-    e.start()
-    yield e
-    e.close()
+    with running(scripted_engine(root.config)) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")

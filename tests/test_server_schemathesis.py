@@ -10,7 +10,7 @@ from schemathesis.config import SchemathesisConfig
 from appliance.server.app import Settings, create_app
 from tests.embedding_fixtures import add_embeddings
 from tests.scripted_engine import scripted_engine
-from tests.server_fixtures import make_root
+from tests.server_fixtures import scripted_root
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,7 @@ def small(tmp_path_factory, minilm_dir):
     requests and answers are what this checks, and valid requests finish quickly; and the real
     embedding model behind /v1/embeddings, with small limits."""
     base = tmp_path_factory.mktemp("st")
-    (base / "model.gguf").write_bytes(b"GGUF")
-    root = make_root(base / "root", base / "model.gguf", context=40, max_batch=2, max_queue=4)
+    root = scripted_root(base, context=40, max_batch=2, max_queue=4)
     add_embeddings(root, minilm_dir, max_inputs=4, context_length=64, max_request_tokens=128)
     engine = scripted_engine(root.config)
     cfg = root.config

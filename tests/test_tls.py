@@ -27,7 +27,7 @@ from appliance.paths import Layout
 from appliance.server.app import Settings, create_app
 from installer.system.units import SERVER, UnitSettings, load_templates, render_units
 from tests.scripted_engine import scripted_engine
-from tests.server_fixtures import REPO, free_port, make_root
+from tests.server_fixtures import REPO, free_port, make_root, scripted_root
 from tests.waiting import wait_until
 
 CERT, KEY = "/etc/appliance/tls/server.crt", "/etc/appliance/tls/server.key"
@@ -163,10 +163,7 @@ def test_the_server_unit_loads_the_tls_files_as_credentials_only_when_configured
 
 
 def test_health_ready_without_an_admin_key_shows_no_paths_or_error_texts(tmp_path):
-    base = tmp_path / "scripted"
-    base.mkdir()
-    (base / "model.gguf").write_bytes(b"GGUF")
-    root = make_root(base / "root", base / "model.gguf")
+    root = scripted_root(tmp_path / "scripted")
     bad = root.layout.adapters / "broken1"
     (bad / "peft").mkdir(parents=True)
     (bad / "metadata.json").write_text("{}")
