@@ -388,3 +388,34 @@ def test_a_tier_naming_a_wrong_embedding_model_fails_the_build_naming_it(embeddi
     with pytest.raises(TierError, match=words):
         parse_tiers([{"name": "cpu", "model": "chat", "embeddings": embeddings}], models)
     assert parse_tiers([{"name": "cpu", "model": "chat", "embeddings": EMBED_ID}], models)[0].embeddings == EMBED_ID
+
+
+MDWE_PROBE = """
+import ctypes, json, sys
+from pathlib import Path
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    print(json.dumps("no PR_SET_MDWE on this kernel")); sys.exit(0)
+from appliance.engines.embeddings import EmbeddingModel
+m = EmbeddingModel(Path(sys.argv[1]), threads=1)
+v = m.embed(m.tokenize(["The server listens on port 8088.", "Which port does the API use?"]))
+print(json.dumps([len(v), len(v[0]), float((v[0] * v[1]).sum())]))
+"""
+
+
+def test_embeddings_run_where_memory_may_not_be_writable_and_executable(minilm_dir):
+    """The llama.cpp CPU tier's server unit sets MemoryDenyWriteExecute; the kernel's PR_SET_MDWE is
+    the same refusal, in one process, without systemd."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.server_fixtures import REPO
+
+    proc = subprocess.run([sys.executable, "-c", MDWE_PROBE, str(minilm_dir)], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    if isinstance(out, str):
+        pytest.skip(out)
+    count, dims, cosine = out
+    assert (count, dims) == (2, 384) and 0.2 < cosine < 1.0

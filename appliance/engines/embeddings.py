@@ -32,6 +32,19 @@ Vectors = list[Any]  # one float32 numpy vector per input, in input order
 Done = Callable[[Vectors | BaseException], None]
 
 
+def _may_map_executable() -> bool:
+    """Whether this process may map memory both writable and executable (systemd's
+    MemoryDenyWriteExecute, or the kernel's PR_SET_MDWE, refuse it)."""
+    import mmap
+
+    try:
+        probe = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError:
+        return False
+    probe.close()
+    return True
+
+
 class EmbeddingModel:
     """A sentence-embedding model on one device: token ids in, unit vectors out."""
 
@@ -45,6 +58,12 @@ class EmbeddingModel:
                               "Set [embeddings] device = \"cpu\", or check the GPUs with `appliance hw`.")
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
+        if device == "cpu" and not _may_map_executable():
+            # The llama.cpp CPU tier's server unit sets MemoryDenyWriteExecute: oneDNN, which
+            # compiles its kernels at run time, cannot create one there ("could not create a
+            # primitive"). torch's own kernels need no such memory.
+            log.info("no writable+executable memory in this process: embeddings run without oneDNN")
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
         self.device = device
         try:
             self.tok = AutoTokenizer.from_pretrained(path)
