@@ -129,3 +129,17 @@ def test_a_processed_inbox_file_keeps_no_raw_personal_data(tmp_path):
     kept = (paths.processed / "run1" / "faq.jsonl").read_text()
     assert not raw.exists() and "zhang.wei" not in kept and "12345678" not in kept
     assert json.loads(kept)["messages"][0]["content"] == "Who runs 127.0.0.1:8088? Mail [EMAIL]"  # the site's own address stays
+
+
+def test_run_ids_sort_by_start_time_within_one_second(tmp_path):
+    from appliance.trainer.report import list_reports, write_report
+    from appliance.trainer.run import new_run_id
+
+    import time
+
+    ids = []
+    for _ in range(40):  # 40 ids in about 0.1 s: random suffixes alone would sort them at random
+        ids.append(new_run_id())
+        time.sleep(0.002)
+        write_report(tmp_path, {"id": ids[-1]})
+    assert [r["id"] for r in list_reports(tmp_path)] == ids

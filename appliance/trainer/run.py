@@ -43,7 +43,10 @@ class RunOptions:
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    """UTC second, then its milliseconds, then 3 random bytes: ids (and report file names) sort by start time,
+    also for two runs that start in the same second."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ") + f"-{now.microsecond // 1000:03d}" + secrets.token_hex(3)
 
 
 def _data_hash(examples: list[Example]) -> str:
