@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.pii import cn_id_valid, luhn_valid, mask, mask_messages
+from appliance.pii import cn_id_valid, luhn_valid, mask, mask_line, mask_messages, parse_networks
 
 
 def test_cn_id_checksum():
@@ -62,6 +62,12 @@ def test_luhn():
     ("mail zhang@例子.中国 or jörg@bücher.de", "mail [EMAIL] or [EMAIL]"),  # IDN e-mail
     ("card 4111 1111 1111 1111 12 is the cvv", "card [CARD] 12 is the cvv"),  # a card with digits after it
     ("card 4111111111111111 0000", "card [CARD] 0000"),
+    # Probes that still leaked after that: other groupings of an ID (one was half-masked as a phone),
+    # a punycode domain.
+    ("id 110105 1949 1231 002X x", "id [ID] x"),
+    ("id 1101 0519 4912 3100 2X x", "id [ID] x"),
+    ("mail a.b@xn--fsqu00a.xn--0zwm56d", "mail [EMAIL]"),
+    ("serial 110105 1949 1331 002X", "serial 110105 1949 1331 002X"),  # month 13: no birth date, not an ID
 ])
 def test_mask_cases(text, expected):
     assert mask(text).text == expected
@@ -81,3 +87,24 @@ def test_counts_and_messages():
 def test_idempotent(text):
     once = mask(text).text
     assert mask(once).text == once
+
+
+def test_networks_the_site_keeps_stay_and_others_are_masked():
+    keep = parse_networks(["10.0.0.0/8", "fd00::/8", "192.168.7.5"])
+    text = "db on 10.1.2.3, printer 192.168.7.5, nas fd00::5, mapped ::ffff:10.0.0.9; laptop 192.168.7.6, web 8.8.8.8"
+    assert mask(text, keep).text == "db on 10.1.2.3, printer 192.168.7.5, nas fd00::5, mapped ::ffff:10.0.0.9; laptop [IP], web [IP]"
+    assert mask(text).text.count("[IP]") == 6  # without the setting only loopback stays
+    out, counts = mask_messages([{"role": "user", "content": "ping 10.9.9.9"}], keep)
+    assert out[0]["content"] == "ping 10.9.9.9" and not counts
+    with pytest.raises(ValueError, match="'10.0.0.0/33' is not an IP network; write it like 10.0.0.0/8"):
+        parse_networks(["10.0.0.0/33"])
+
+
+def test_a_jsonl_line_is_masked_after_its_escapes_are_decoded():
+    import json
+
+    line = json.dumps({"messages": [{"role": "user", "content": "Mail zhang@例子.中国 or jörg@bücher.de, id 11010519491231002X"}]}) + "\n"
+    assert "\\u4f8b" in line  # json.dumps escapes by default: the patterns cannot see the address
+    masked = mask_line(line)
+    assert masked.endswith("\n") and json.loads(masked)["messages"][0]["content"] == "Mail [EMAIL] or [EMAIL], id [ID]"
+    assert mask_line("{not json, mail a@b.io\n") == "{not json, mail [EMAIL]\n"
