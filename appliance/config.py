@@ -108,7 +108,7 @@ class Config:
 SECTIONS = ("server", "model", "trainer", "embeddings")
 _KINDS = {"str": "a string", "str | None": "a string", "int": "a whole number", "float": "a number",
           "bool": "true or false", "tuple[int, ...]": "a list of GPU indices (whole numbers)",
-          "list[str]": "a non-empty list of names"}
+          "list[str]": "a non-empty list of names", "tuple[str, ...]": "a list of strings"}
 
 
 def _typed(kind: str, v: Any) -> Any:
@@ -129,6 +129,8 @@ def _typed(kind: str, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) and all(whole(x) and x >= 0 for x in v) else None
     if kind == "list[str]":
         return list(v) if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v) else None
+    if kind == "tuple[str, ...]":
+        return tuple(v) if isinstance(v, list) and all(isinstance(x, str) and x for x in v) else None
     raise TypeError(f"no validator for a setting of type {kind}")
 
 

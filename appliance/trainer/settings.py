@@ -10,6 +10,7 @@ from typing import Any
 from appliance.config import ModelConfig, use_devices, validate_section
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
+from appliance.pii import parse_networks
 
 
 class TrainerConfigError(ApplianceError):
@@ -39,6 +40,13 @@ class TrainerSettings:
     validation_fraction: float = _f(0.1, "share of examples held out for validation (by hash, never trained on)", min=0.01, max=0.5)
     near_duplicate_threshold: float = _f(0.8, "estimated Jaccard similarity above which two examples are duplicates", min=0.1, max=1.0)
     max_per_answer: int = _f(8, "examples one answer (or near copies of it) may have in a run; a flood of prompts with one answer is cut to this", min=1)
+    max_per_source: int = _f(50, "examples one API key's feedback may have in a run (inbox files are the site's own and are not capped); "
+                             "a flood from one key is cut to this", min=1)
+    replay_fraction: float = _f(0.5, "share of the training split drawn from earlier runs' training data (0.5: as many earlier "
+                                "examples as new ones), so earlier facts are not forgotten; 0 turns replay off", min=0.0, max=0.9)
+    replay_max: int = _f(500, "most earlier examples mixed into one run", min=0)
+    keep_networks: tuple[str, ...] = _f((), "IP networks PII masking keeps, e.g. [\"10.20.0.0/16\"] for the site's server subnet "
+                                        "(loopback and 0.0.0.0 always stay; other private addresses can point at a person's machine)")
     anchor_tolerance: float = _f(0.05, "how much worse the candidate may be on earlier runs' validation data", min=0.0, max=1.0)
     threads: int = _f(0, "CPU threads for training (0: half the cores, leaving the rest to the server)", min=0)
     min_batch_size: int = _f(1, "smallest micro-batch before an out-of-memory run gives up", min=1)
@@ -54,7 +62,12 @@ class TrainerSettings:
 
 def parse_trainer_settings(table: dict[str, Any], source: str = "[trainer]") -> TrainerSettings:
     """Validate a [trainer] table; a key it does not know (a typo) is an error that names it."""
-    return validate_section(TrainerSettings, "trainer", table, source, TrainerConfigError)  # type: ignore[no-any-return]
+    settings: TrainerSettings = validate_section(TrainerSettings, "trainer", table, source, TrainerConfigError)
+    try:
+        parse_networks(settings.keep_networks)
+    except ValueError as e:
+        raise TrainerConfigError(f"{source} keep_networks: {e}.") from None
+    return settings
 
 
 def read_toml(path: Path) -> dict[str, Any]:
