@@ -32,6 +32,9 @@ class ServerConfig:
     port: int = field(default=8088, metadata={"help": "TCP port", "min": 1, "max": 65535})
     max_queue: int = field(default=64, metadata={"help": "requests waiting beyond the live batch; more get 429", "min": 0})
     max_batch: int = field(default=8, metadata={"help": "sequences decoded together", "min": 1, "max": 256})
+    max_queue_wait_s: float = field(default=10.0, metadata={
+        "help": "a request expected to wait longer than this for a batch slot (from the measured drain rate) gets 429; 0: no bound",
+        "min": 0})
     request_body_limit: int = field(default=1_048_576, metadata={"help": "largest request body in bytes; more get 413", "min": 1024})
     audit_prompts: bool = field(default=False, metadata={"help": "also write prompt text into the audit log"})
     audit_rotate_bytes: int = field(default=64 * 1024 * 1024, metadata={

@@ -13,7 +13,7 @@ __all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "load_engine"]
 
 
 def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any = None,
-                devices: list[str] | None = None) -> Any:
+                devices: list[str] | None = None, max_queue_wait_s: float = 0.0) -> Any:
     """Load the configured model with `adapter` (an appliance.adapters.Adapter or None) applied; not started.
 
     With [model] replicas > 1 (transformers on multi-GPU tiers) this is a ReplicaSet: one engine
@@ -28,10 +28,12 @@ def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="engine-load") as pool:
-        return pool.submit(_load, model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, devices=devices).result()
+        return pool.submit(_load, model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, devices=devices,
+                           max_queue_wait_s=max_queue_wait_s).result()
 
 
-def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, devices: list[str] | None) -> Any:
+def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, devices: list[str] | None,
+          max_queue_wait_s: float) -> Any:
     if model.replicas > 1 and model.backend != "transformers":
         raise EngineError(f"[model] replicas = {model.replicas} needs the transformers backend, not {model.backend}.",
                           "Set replicas = 1 for llama.cpp tiers.")
@@ -47,12 +49,14 @@ def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int,
     if len(placed) > 1:
         from appliance.engines.replicas import ReplicaSet
 
-        return ReplicaSet([_load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=d)
-                           for d in placed], placed)
-    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=placed[0])
+        return ReplicaSet([_load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=d,
+                                     max_queue_wait_s=max_queue_wait_s) for d in placed], placed)
+    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=placed[0],
+                     max_queue_wait_s=max_queue_wait_s)
 
 
-def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, device: str | None) -> Engine:
+def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, device: str | None,
+              max_queue_wait_s: float = 0.0) -> Engine:
     path = model.resolve_path(layout)
     if not path.exists():
         raise EngineError(f"The model {path} does not exist.", "Install a bundle (`appliance install`) or fix [model] path.")
@@ -79,6 +83,6 @@ def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: 
         except EngineError as e:
             adapter_error = f"{adapter.id}: {e.message}"
     engine = Engine(backend, model_id=model.id, context_length=model.context_length, max_batch=max_batch,
-                    max_queue=max_queue, adapter_id=adapter_id, backend_name=model.backend)
+                    max_queue=max_queue, adapter_id=adapter_id, backend_name=model.backend, max_queue_wait_s=max_queue_wait_s)
     engine.adapter_error = adapter_error
     return engine

@@ -16,14 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from appliance.engines import admission
 from appliance.errors import EngineError
 
 
 class QueueFull(EngineError):
-    """More requests are waiting than the queue holds."""
+    """More requests are waiting than the queue holds, or they would wait longer than the bound."""
 
     http_status = 429
     openai_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int | None = None, code: str = "queue_full") -> None:
+        super().__init__(message)
+        self.retry_after, self.code = retry_after, code  # Retry-After from the measured drain rate (None: not measured)
 
 
 @dataclass(frozen=True)
@@ -138,13 +143,18 @@ class Engine:
     """The server's one handle on a model: submit, cancel, swap adapters, report load."""
 
     def __init__(self, backend: Backend, *, model_id: str, context_length: int, max_batch: int, max_queue: int,
-                 adapter_id: str | None = None, backend_name: str = "") -> None:
+                 adapter_id: str | None = None, backend_name: str = "", max_queue_wait_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
         self.model_id = model_id
         self.backend_name = backend_name
         self.context_length = context_length
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s  # refuse a request expected to wait longer for a slot; 0: no bound
+        self._clock = clock
+        self._drain = admission.DrainRate(window=4 * max_batch, min_finished=max_batch)
+        self._drain_lock = threading.Lock()  # its own: a Finished may be emitted with or without _cv held
         self.adapter_id = adapter_id
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -194,13 +204,26 @@ class Engine:
             raise EngineError("The prompt is empty.")
         if len(prompt) >= self.context_length:
             raise EngineError(f"The prompt has {len(prompt)} tokens; the context holds {self.context_length}.")
-        seq = Sequence(prompt, params, sink)
+
+        def counted(ev: Event) -> None:  # every sequence ends with exactly one Finished: the drain rate's sample
+            if isinstance(ev, Finished):
+                with self._drain_lock:
+                    self._drain.finished_one(self._clock())
+            sink(ev)
+
+        seq = Sequence(prompt, params, counted)
         with self._cv:
             if self._stopping:
                 raise EngineError("The engine is shutting down.")
-            # The live batch plus `max_queue` waiting; anything beyond is refused, not buffered.
-            if len(self._waiting) >= self.max_queue + len(self._free_slots):
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting.")
+            # The live batch plus `max_queue` waiting, and no more than `max_queue_wait_s` of expected
+            # wait; anything beyond is refused, not buffered.
+            with self._drain_lock:
+                now = self._clock()
+                refused = admission.check(self._drain, now, waiting=len(self._waiting), free_slots=len(self._free_slots),
+                                          max_queue=self.max_queue, max_wait_s=self.max_queue_wait_s)
+                if refused:
+                    raise QueueFull(refused.message, refused.retry_after, refused.code)
+                self._drain.submitted(now)
             self._waiting.append(seq)
             self._cv.notify_all()
         return seq

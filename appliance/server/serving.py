@@ -178,9 +178,13 @@ class Serving:
             for s in seqs:
                 s.cancel()
             if isinstance(e, QueueFull):
-                wait = 1 + self.engine.waiting // max(1, self.engine.max_batch)
-                raise ApiError(429, f"The server is busy: {self.engine.waiting} requests are waiting. Retry in {wait} s.",
-                               type_="rate_limit_error", code="queue_full", headers={"Retry-After": str(wait)}) from None
+                self.metrics.overloaded.labels(e.code).inc()
+                if e.retry_after is not None:  # from the engine's measured drain rate
+                    raise ApiError(429, e.message, type_="rate_limit_error", code=e.code,
+                                   headers={"Retry-After": str(e.retry_after)}) from None
+                wait = 1 + self.engine.waiting // max(1, self.engine.max_batch)  # nothing measured yet: a guess
+                raise ApiError(429, f"The server is busy: {self.engine.waiting} requests are waiting; retry in {wait} s.",
+                               type_="rate_limit_error", code=e.code, headers={"Retry-After": str(wait)}) from None
             raise ApiError(503, e.message, type_="server_error", code="engine_unavailable") from None
         self.metrics.tokens_in.inc(len(tokens))
         if lease is not None:
