@@ -1,0 +1,71 @@
+"""The serving benchmark's tables: one row per contender, workload and concurrency, then the ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.serve_metrics import Dist, Summary
+
+# ours / llama-server output tok/s the issue asks for, per workload, at 1 client and at 8 or more.
+TARGETS = {("short", 1): 0.95, ("shared-prefix", 1): 0.95, ("multi-turn", 1): 0.95,
+           ("short", 8): 1.0, ("shared-prefix", 8): 1.2, ("multi-turn", 8): 1.2}
+
+
+@dataclass(frozen=True)
+class Row:
+    contender: str
+    workload: str
+    clients: int
+    summary: Summary
+
+
+def _ms(d: Dist) -> str:
+    return " ".join(f"{v * 1000:>6.0f}" if not math.isnan(v) else f"{'-':>6}" for v in (d.p50, d.p90, d.p99))
+
+
+HEADER = (f"{'contender':<16} {'workload':<13} {'clients':>7} {'reqs':>5} {'fail':>4} {'tokens':>6} {'tok/s':>7}   "
+          f"{'TTFT ms p50/p90/p99':>20}   {'TPOT ms p50/p90/p99':>20}   {'ITL ms p50/p90/p99':>20}   {'E2E s p50/p99':>13}")
+
+
+def line(r: Row) -> str:
+    s = r.summary
+    return (f"{r.contender:<16} {r.workload:<13} {r.clients:>7} {s.requests:>5} {s.failed:>4} {s.tokens:>6} {s.rate:>7.1f}   "
+            f"{_ms(s.ttft)}   {_ms(s.tpot)}   {_ms(s.itl)}   {s.latency.p50:>6.2f} {s.latency.p99:>6.2f}")
+
+
+def table(rows: Sequence[Row]) -> str:
+    return "\n".join([HEADER, *(line(r) for r in rows)])
+
+
+def ratios(rows: Sequence[Row], ours: str, other: str) -> list[tuple[str, int, float, float]]:
+    """(workload, clients, tok/s ours/other, TTFT p50 ours/other) wherever both ran."""
+    by = {(r.contender, r.workload, r.clients): r.summary for r in rows}
+    out = []
+    for (name, workload, clients), mine in by.items():
+        theirs = by.get((other, workload, clients))
+        if name == ours and theirs is not None:
+            out.append((workload, clients, mine.rate / theirs.rate, mine.ttft.p50 / theirs.ttft.p50))
+    return out
+
+
+def ratio_lines(rows: Sequence[Row], ours: str, other: str) -> list[str]:
+    found = ratios(rows, ours, other)
+    if not found:
+        return []
+    lines = [f"ratios {ours} / {other}:", f"  {'workload':<13} {'clients':>7} {'tok/s':>6} {'TTFT p50':>9}  target (tok/s)"]
+    for workload, clients, rate, ttft in found:
+        target = TARGETS.get((workload, min(clients, 8)))
+        verdict = "" if target is None else f">= {target:.2f} {'met' if rate >= target else 'NOT met'}"
+        lines.append(f"  {workload:<13} {clients:>7} {rate:>6.2f} {ttft:>9.2f}  {verdict}")
+    lines.append("ratio_vs_llama_server " + " ".join(f"{w}@{c}={r:.2f}" for w, c, r, _ in found))
+    return lines
+
+
+def save(path: Path, rows: Sequence[Row], extra: dict[str, object]) -> None:
+    """Every figure as JSON (seconds), for a later look or a RESULTS.md table."""
+    data = {"rows": [{**asdict(r), "tok_per_s": r.summary.rate} for r in rows], **extra}
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
