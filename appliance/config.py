@@ -32,6 +32,9 @@ class ServerConfig:
     port: int = field(default=8088, metadata={"help": "TCP port", "min": 1, "max": 65535})
     max_queue: int = field(default=64, metadata={"help": "requests waiting beyond the live batch; more get 429", "min": 0})
     max_batch: int = field(default=8, metadata={"help": "sequences decoded together", "min": 1, "max": 256})
+    prefill_chunk: int = field(default=256, metadata={
+        "help": "prompt tokens prefilled per decode step (new requests together); a longer prompt is prefilled over "
+                "several steps between the live answers' tokens, so it does not stall them; 0: whole prompts at once", "min": 0})
     max_queue_wait_s: float = field(default=10.0, metadata={
         "help": "a request expected to wait longer than this for a batch slot (from the measured drain rate) gets 429; 0: no bound",
         "min": 0})

@@ -2,7 +2,8 @@
 
 Only the model is scripted: `appliance.engines.scheduler.Engine` (batching, queueing, stop strings,
 cancellation, adapter swaps between batches) and everything above it are the real code. Tokens are
-characters; every answer is REPLY, one character a step, then the end token. What the real engines
+characters; every answer is REPLY, one character a step, then the end token; a prompt is prefilled
+`chunk` characters a step, as the scheduler plans (chunked prefill). What the real engines
 do with a prompt is tested once per engine (tests/test_engine_*.py, tests/test_server_openai.py).
 """
 
@@ -21,6 +22,7 @@ class ScriptedBackend:
     def __init__(self) -> None:
         self.adapter: Any = None
         self.steps: list[tuple[int, int]] = []  # (admitted, live) of each step
+        self.answered: list[list[Sequence]] = []  # the sequences that got a token, per step
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text if ord(c) != END]
@@ -28,12 +30,21 @@ class ScriptedBackend:
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         return "".join(f"<{m['role']}>{m.get('content') or ''}\n" for m in messages) + "<assistant>"
 
-    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
+    def claim(self, seq: Sequence, free: list[int]) -> int:
+        return free[-1]
+
+    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
         self.steps.append((len(admit), len(live)))
-        out = []
+        for s in admit:
+            s.prefilled = min(len(s.prompt), s.prefilled + s.chunk)
+        out: list[int | None] = []
         for s in [*live, *admit]:
             i = len(s.generated)
-            out.append(ord(REPLY[i % len(REPLY)]) if i < len(REPLY) or s.params.ignore_eos else END)
+            if s.prefilled < len(s.prompt):
+                out.append(None)
+            else:
+                out.append(ord(REPLY[i % len(REPLY)]) if i < len(REPLY) or s.params.ignore_eos else END)
+        self.answered.append([s for s, t in zip([*live, *admit], out, strict=True) if t is not None])
         return out
 
     def release(self, seq: Sequence) -> None:

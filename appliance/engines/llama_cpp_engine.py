@@ -4,9 +4,14 @@ The high-level `Llama` object decodes one sequence at a time. Here every live se
 own KV-cache sequence id (its slot) and its own sampler chain, and one `llama_decode` call per step
 carries the newcomers' whole prompts plus one token for each live sequence.
 
-Every chat prompt starts with the same tokens (the template's system preamble). Those are decoded
-once into a spare sequence and copied into each new sequence's cache (llama_memory_seq_cp), so a
-newcomer prefills only its own part.
+A finished sequence's cells stay in its slot (appliance.engines.prefix_cache indexes what each slot
+holds). A newcomer gets the free slot whose cells share the longest prefix with its prompt (the same
+system prompt, the previous turns of a chat resent as history) and keeps those cells; when a busy
+slot shares more, its cells are copied over (llama_memory_seq_cp; across KV streams only whole
+streams copy, so the tail is then removed). The template's system preamble, which every chat prompt
+starts with, is decoded once into a spare sequence and serves as such a source too. The newcomer
+then prefills only the rest, in chunks the scheduler plans. Cells computed with one adapter are
+reused only under that adapter; an adapter swap forgets them all.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any
 from appliance.engines import llama_sampling
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
 from appliance.engines.constraints import Constraint
-from appliance.engines.scheduler import Sequence
+from appliance.engines.prefix_cache import PrefixIndex
+from appliance.engines.sequences import Sequence
 from appliance.errors import EngineError
 
 
@@ -65,6 +71,8 @@ class LlamaCppBackend:
                                      self._piece(L.llama_vocab_eos(self.vocab), True).decode(errors="replace"))
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.prefix: list[int] = []
+        self.index = PrefixIndex()  # what each slot's (and spare sequence's) cells hold
+        self.reused_tokens = 0  # prompt tokens taken from cached cells instead of being prefilled
         # Decoded at the first step, on the engine's thread, like every other llama_decode. libgomp
         # lets its idle workers spin only while it manages no more threads than there are cores; one
         # decode from a second thread adds a second team, after which workers sleep between the
@@ -82,6 +90,7 @@ class LlamaCppBackend:
         bt = self.batch
         for seq, on in ((self.prefix_seq, True), (self.base_prefix_seq, False)):
             L.llama_memory_seq_rm(mem, seq, -1, -1)
+            self.index.drop(seq)
             if not self.prefix or (not on and self._lora is None):
                 continue
             self._use_lora(on)
@@ -91,6 +100,8 @@ class LlamaCppBackend:
             bt.n_tokens = n
             if L.llama_decode(self.ctx, bt) != 0:
                 self.prefix = []
+            else:
+                self.index.set(seq, self.prefix, on and self._lora is not None)
 
     def _use_lora(self, on: bool) -> None:
         """Apply the loaded adapter to the next decode call, or not (llama.cpp applies it per call)."""
@@ -152,8 +163,28 @@ class LlamaCppBackend:
         """The grammar SamplingParams.grammar carries for `c`; ConstraintError when it cannot be made."""
         return llama_sampling.compile_constraint(self.L, self.vocab, c)
 
-    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
-        """Decode one step; return the next token of each sequence, `live` first, then `admit`.
+    def claim(self, seq: Sequence, free: list[int]) -> int:
+        """The free slot for `seq`, holding the longest cached prefix of its prompt there; sets `seq.prefilled`."""
+        on = self._lora is not None and seq.params.use_adapter
+        spares = [] if self._prefix_due or not self.prefix else [self.prefix_seq, self.base_prefix_seq]
+        # The last prompt token is always decoded: its logits give the first answer token.
+        src, n = self.index.best(seq.prompt[:-1], on, [*range(self.prefix_seq), *spares])
+        mem = self.L.llama_get_memory(self.ctx)
+        if src in free:
+            slot = src
+        else:
+            slot = self.index.oldest(free)
+            if src is not None:
+                self.L.llama_memory_seq_cp(mem, src, slot, -1, -1)  # a whole stream; the tail goes next
+        self.L.llama_memory_seq_rm(mem, slot, n, -1)
+        self.index.set(slot, seq.prompt[:n], on)
+        seq.prefilled = n
+        self.reused_tokens += n
+        return slot
+
+    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
+        """Decode one step; return the next token of each sequence, `live` first, then `admit` (None for
+        one whose prompt is not all decoded yet).
 
         Sequences that asked for the base model while an adapter is loaded go in a second decode
         call with the adapter off (llama.cpp applies adapters per context, not per sequence).
@@ -168,11 +199,11 @@ class LlamaCppBackend:
         picks: dict[int, int] = {}
         for on, (group_live, group_admit) in sorted(groups.items(), reverse=True):
             self._use_lora(on)
-            picks.update(self._decode(group_admit, group_live, self.prefix_seq if on or self._lora is None else self.base_prefix_seq))
-        return [picks[id(s)] for s in [*live, *admit]]
+            picks.update(self._decode(group_admit, group_live))
+        return [picks.get(id(s)) for s in [*live, *admit]]
 
-    def _decode(self, admit: list[Sequence], live: list[Sequence], prefix_seq: int) -> dict[int, int]:
-        b, n, rows = self.batch, 0, []
+    def _decode(self, admit: list[Sequence], live: list[Sequence]) -> dict[int, int]:
+        b, n, rows, placed = self.batch, 0, [], []
 
         def put(tok: int, pos: int, slot: int, want: bool) -> None:
             nonlocal n
@@ -182,32 +213,51 @@ class LlamaCppBackend:
 
         for s in live:
             put(s.generated[-1], len(s.prompt) + len(s.generated) - 1, s.slot, True)
-            rows.append(n - 1)
-        mem = self.L.llama_get_memory(self.ctx)
-        k = len(self.prefix)
+            rows.append((s, n - 1))
+            placed.append((s, s.generated[-1:], 0))
         for s in admit:
-            s.state = llama_sampling.make_chain(self.L, self.vocab, self.n_vocab, s.params, self.context_length)
-            start = 0
-            if k and len(s.prompt) > k and s.prompt[:k] == self.prefix:
-                self.L.llama_memory_seq_cp(mem, prefix_seq, s.slot, -1, -1)
-                start = k
-            last = len(s.prompt) - 1
-            for i in range(start, len(s.prompt)):
-                put(s.prompt[i], i, s.slot, i == last)
-            rows.append(n - 1)
+            if s.state is None:
+                s.state = llama_sampling.make_chain(self.L, self.vocab, self.n_vocab, s.params, self.context_length)
+            start, end = s.prefilled, min(len(s.prompt), s.prefilled + s.chunk)
+            for i in range(start, end):
+                put(s.prompt[i], i, s.slot, i == len(s.prompt) - 1)
+            if end > start:
+                placed.append((s, s.prompt[start:end], end))
+                if end == len(s.prompt):
+                    rows.append((s, n - 1))
+        if not n:
+            return {}
         b.n_tokens = n
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
+            mem = self.L.llama_get_memory(self.ctx)
+            for s, _, _ in placed:  # what those cells hold is not known now
+                self.L.llama_memory_seq_rm(mem, s.slot, -1, -1)
+                self.index.drop(s.slot)
             raise EngineError(f"llama_decode returned {rc} for a batch of {n} tokens.")
-        return {id(s): self._pick(s, row) for s, row in zip([*live, *admit], rows, strict=True)}
+        for s, toks, end in placed:
+            self.index.extend(s.slot, toks)
+            if end:
+                s.prefilled = end
+        return {id(s): self._pick(s, row) for s, row in rows}
 
     def _pick(self, s: Sequence, row: int) -> int:
         return llama_sampling.pick(self.L, self.ctx, self.n_vocab, s, row)
 
     def release(self, seq: Sequence) -> None:
-        self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), seq.slot, -1, -1)
+        """Free its sampler; its cells stay in the slot for a later prompt that starts the same way."""
         llama_sampling.free(self.L, seq.state)
         seq.state = None
+        self.index.touch(seq.slot)
+
+    def _forget(self) -> None:
+        """Drop every cached cell: they were computed with weights that are about to change."""
+        mem = self.L.llama_get_memory(self.ctx)
+        for slot in range(self.prefix_seq):
+            self.L.llama_memory_seq_rm(mem, slot, -1, -1)
+        self.index.clear()
+        self.prefix = []
+        self._prefix_due = True
 
     def apply_adapter(self, adapter: Any) -> None:
         """Load `adapter.gguf_path` (a GGUF LoRA); None returns to the base model."""
@@ -215,7 +265,7 @@ class LlamaCppBackend:
         if adapter is None:
             self._use_lora(False)
             self._lora = None
-            self._prefix_due = True
+            self._forget()
             return
         path = adapter.gguf_path
         if path is None:
@@ -233,7 +283,7 @@ class LlamaCppBackend:
             L.llama_set_adapters_lora(self.ctx, None, 0, None)
             raise
         # The previous adapter stays allocated until the model is freed (llama.cpp owns it); swaps are rare.
-        self._prefix_due = True  # the shared prefix's cache was computed with the old weights
+        self._forget()
 
     def close(self) -> None:
         L = self.L

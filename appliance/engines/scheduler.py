@@ -2,7 +2,9 @@
 
 An `Engine` owns one thread that runs the decode loop. Requests (`submit`) wait in a bounded queue;
 between decode steps the loop admits as many as there are free slots, and one backend call then
-prefills the newcomers and advances every live sequence by one token (continuous batching). The
+advances every live sequence by one token and prefills the next chunk of the newcomers' prompts
+(continuous batching, chunked prefill: a long prompt never holds up the live answers for more than
+`prefill_chunk` tokens' work a step). The
 backend (llama.cpp or transformers) only knows how to do that one step; stop strings, limits,
 cancellation, adapter swaps and the text sent back are handled here, once, for both.
 """
@@ -13,11 +15,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from appliance.config import ServerConfig
 from appliance.engines import admission
+from appliance.engines.sequences import Delta, Event, Finished, SamplingParams, Sequence, Sink, TokenLogprob
 from appliance.errors import EngineError
+
+__all__ = ["Delta", "Engine", "Event", "Finished", "QueueFull", "SamplingParams", "Sequence", "Sink", "TokenLogprob",
+           "generate", "warm_up"]
+
+DEFAULT_PREFILL_CHUNK = ServerConfig.prefill_chunk
 
 
 class QueueFull(EngineError):
@@ -31,92 +39,18 @@ class QueueFull(EngineError):
         self.retry_after, self.code = retry_after, code  # Retry-After from the measured drain rate (None: not measured)
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    use_adapter: bool = True  # False: the base model, even while an adapter is active
-    ignore_eos: bool = False  # go on past end-of-sequence until max_tokens (load tests, benchmarks)
-    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
-    frequency_penalty: float = 0.0  # times the number of times it was generated
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
-    logprobs: int | None = None  # None: none; k: each token's log-probability and its k likeliest alternatives
-    grammar: Any = None  # the backend's compiled constraint (compile_constraint): the output must match it
-
-    @property
-    def plain(self) -> bool:
-        """Nothing but temperature and top_p shapes the choice of token."""
-        return not (self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar is not None)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log-probability under the model, and the likeliest tokens at that step."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New answer text for one sequence (and its tokens' log-probabilities when asked for)."""
-
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # stop | length | cancelled | error
-    prompt_tokens: int
-    completion_tokens: int
-    adapter: str | None
-    text: str
-    error: str | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-Event = Delta | Finished
-Sink = Callable[[Event], None]
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request inside the engine; `slot` is its KV-cache sequence id while it is live."""
-
-    prompt: list[int]
-    params: SamplingParams
-    sink: Sink
-    slot: int = -1
-    generated: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the answer already sent
-    adapter: str | None = None
-    cancelled: bool = False
-    state: Any = None  # per-backend (e.g. a llama.cpp sampler chain)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # filled by the backend when params.logprobs is set
-    lp_sent: int = 0  # entries of `logprobs` already sent
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this sequence at the next step (safe from any thread)."""
-        self.cancelled = True
-
-
 class Backend(Protocol):
     """What an engine backend does; everything else is the scheduler's job."""
 
-    # True when new sequences can join while others are mid-answer (llama.cpp); the transformers
-    # backend re-prefills the batch when one joins, which it also supports.
+    # `claim` gives an admitted sequence one of the free slots (the one whose cache holds the longest
+    # part of its prompt, where the backend keeps finished sequences' cells) and sets its `prefilled`.
+    # `step` computes up to `chunk` more prompt tokens of each sequence in `admit` and one token of
+    # each in `live`; it returns, for `live` then `admit`, the next token, or None for a sequence
+    # whose prompt is not all in the cache yet.
     def tokenize(self, text: str) -> list[int]: ...
     def render_chat(self, messages: list[dict[str, Any]]) -> str: ...
-    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]: ...
+    def claim(self, seq: Sequence, free: list[int]) -> int: ...
+    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]: ...
     def release(self, seq: Sequence) -> None: ...
     def detokenize(self, tokens: list[int]) -> str: ...
     def is_end(self, token: int) -> bool: ...
@@ -144,7 +78,7 @@ class Engine:
 
     def __init__(self, backend: Backend, *, model_id: str, context_length: int, max_batch: int, max_queue: int,
                  adapter_id: str | None = None, backend_name: str = "", max_queue_wait_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.backend = backend
         self.model_id = model_id
         self.backend_name = backend_name
@@ -159,6 +93,8 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._live: list[Sequence] = []
+        self._prefilling: list[Sequence] = []  # admitted, holding a slot, prompt not all in the cache yet
+        self.prefill_chunk = prefill_chunk  # prompt tokens computed per step, all prefilling sequences together; 0: whole prompts
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._pending_adapter: tuple[Any, threading.Event] | None = None
         self._stopping = False
@@ -192,6 +128,11 @@ class Engine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def prefix_reused_tokens(self) -> int:
+        """Prompt tokens taken from cached prefixes instead of being prefilled, since the start."""
+        return int(getattr(self.backend, "reused_tokens", 0))
 
     @property
     def live(self) -> int:
@@ -244,53 +185,77 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._waiting or self._live or self._pending_adapter):
+                while not (self._stopping or self._waiting or self._live or self._prefilling or self._pending_adapter):
                     self._cv.wait()
                 if self._stopping:
-                    for s in [*self._live, *self._waiting]:
+                    for s in [*self._live, *self._prefilling, *self._waiting]:
                         self._finish(s, "cancelled")
                     self._live.clear()
+                    self._prefilling.clear()
                     self._waiting.clear()
                     return
                 for s in [s for s in self._waiting if s.cancelled]:
                     self._waiting.remove(s)
                     self._emit(s, self._finished(s, "cancelled"))
                 pending = self._pending_adapter
-            for s in [s for s in self._live if s.cancelled]:
+            for s in [s for s in [*self._live, *self._prefilling] if s.cancelled]:
                 self._drop(s, "cancelled")
-            if pending and not self._live:
+            if pending and not (self._live or self._prefilling):
                 self._apply_adapter(*pending)
                 continue
-            admit = [] if pending else self._admit()
-            if not admit and not self._live:
+            if not pending:
+                self._prefilling.extend(self._admit())
+            if self._prefilling or self._live:
+                self._step()
+
+    def _step(self) -> None:
+        """One backend step: every live sequence's next token, and the next chunk of the prompts being prefilled."""
+        prefill, live = list(self._prefilling), list(self._live)
+        self._plan_chunks(prefill, len(live))
+        try:
+            tokens = self.backend.step(prefill, live)
+        except Exception as e:  # a failed step fails its sequences, never the server
+            for s in [*prefill, *live]:
+                self._drop(s, "error", f"{type(e).__name__}: {e}")
+            return
+        produced = list(zip([*live, *prefill], tokens, strict=True))  # the backend answers for `live` first
+        started = {id(s) for s, tok in produced[len(live):] if tok is not None}
+        self._prefilling = [s for s in prefill if id(s) not in started]
+        self._live.extend(s for s in prefill if id(s) in started)
+        for s, tok in produced:
+            if tok is None:  # mid-prefill: no token this step
                 continue
             try:
-                tokens = self.backend.step(admit, self._live)
-            except Exception as e:  # a failed step fails its sequences, never the server
-                for s in [*admit, *self._live]:
-                    self._drop(s, "error", f"{type(e).__name__}: {e}")
-                continue
-            self._live.extend(admit)
-            # the backend answers for `live` first, then `admit`: the order of self._live now
-            for s, tok in zip(list(self._live), tokens, strict=True):
-                try:
-                    self._advance(s, tok)
-                except Exception as e:  # one bad sequence must not stop the decode thread
-                    self._drop(s, "error", f"{type(e).__name__}: {e}")
-            self.steps += 1
-            if self.on_step:
-                self.on_step(self)
+                self._advance(s, tok)
+            except Exception as e:  # one bad sequence must not stop the decode thread
+                self._drop(s, "error", f"{type(e).__name__}: {e}")
+        self.steps += 1
+        if self.on_step:
+            self.on_step(self)
+
+    def _plan_chunks(self, prefill: list[Sequence], live: int) -> None:
+        """How many prompt tokens each prefilling sequence gets this step: first come, first served, up to
+        `prefill_chunk` in all (and what one backend call holds beside the live sequences' tokens)."""
+        budget = self.backend.prefill_budget() - live
+        if self.prefill_chunk > 0:
+            budget = min(budget, self.prefill_chunk)
+        for s in prefill:
+            need = len(s.prompt) - s.prefilled
+            s.chunk = need if self.prefill_chunk <= 0 else max(0, min(need, budget))
+            budget -= s.chunk
 
     def _admit(self) -> list[Sequence]:
+        """Waiting sequences that get a slot now; unchunked, only as many whole prompts as one step holds."""
         budget = self.backend.prefill_budget() - len(self._live)
         admit: list[Sequence] = []
         with self._cv:
             while self._waiting and self._free_slots and not self._waiting[0].cancelled:
                 n = len(self._waiting[0].prompt)
-                if admit and n > budget:
+                if admit and n > budget and self.prefill_chunk <= 0:
                     break
                 s = self._waiting.popleft()
-                s.slot = self._free_slots.pop()
+                s.slot = self.backend.claim(s, list(self._free_slots))
+                self._free_slots.remove(s.slot)
                 s.adapter = self.adapter_id if s.params.use_adapter else None
                 budget -= n
                 admit.append(s)
@@ -345,6 +310,8 @@ class Engine:
     def _drop(self, s: Sequence, reason: str, error: str | None = None, final_text: str | None = None) -> None:
         if s in self._live:
             self._live.remove(s)
+        if s in self._prefilling:
+            self._prefilling.remove(s)
         if reason == "stop" and final_text is None:
             final_text = self.backend.detokenize(s.generated) if s.generated else ""
             self._send(s, final_text)

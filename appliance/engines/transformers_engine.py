@@ -18,7 +18,7 @@ from typing import Any
 
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
 from appliance.engines.constraints import Constraint
-from appliance.engines.scheduler import Sequence
+from appliance.engines.sequences import Sequence
 from appliance.engines.torch_sampling import Sampler
 from appliance.errors import EngineError
 
@@ -99,7 +99,11 @@ class TransformersBackend:
             return self.peft(**kw)
         return self.peft(**kw, adapter_names=[self.lora_name if w else "__base__" for w in wants])
 
-    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int]:
+    def claim(self, seq: Sequence, free: list[int]) -> int:
+        return free[-1]  # its cache rows live in the batch, not in a slot
+
+    def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
+        """Every sequence's next token, `live` first, then `admit` (whole prompts: `chunk` is not used here)."""
         torch = self.torch
         order = [*live, *admit]
         picks: dict[int, int] = {}
@@ -119,7 +123,7 @@ class TransformersBackend:
                 cache, mask, logits = self._prefill(admit)
                 self._merge(admit, cache, mask)
                 picks.update(zip(map(id, admit), self._sample(admit, logits), strict=True))
-        return [picks[id(s)] for s in order]
+        return [picks.get(id(s)) for s in order]
 
     def _keep(self, live: list[Sequence]) -> None:
         """Drop the cache rows of sequences that left (finished or cancelled)."""

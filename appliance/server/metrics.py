@@ -11,6 +11,20 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class _ReusedPrefixTokens:
+    """appliance_prefix_reused_tokens_total, read from the engine (or each replica) when scraped."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        engines = getattr(self.engine, "engines", [self.engine])
+        yield CounterMetricFamily("appliance_prefix_reused_tokens", "prompt tokens taken from cached prefixes instead of being prefilled",
+                                  value=sum(getattr(e, "prefix_reused_tokens", 0) for e in engines))
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
@@ -40,9 +54,10 @@ class Metrics:
         self.embed_queue = Gauge("appliance_embedding_queue_depth", "inputs waiting for an embedding batch", registry=r)
 
     def bind_engine(self, engine: Any) -> None:
-        """Read queue depth and live sequences from the engine when scraped."""
+        """Read queue depth, live sequences and reused prompt tokens from the engine when scraped."""
         self.queue_depth.set_function(lambda: engine.waiting)
         self.active.set_function(lambda: engine.live)
+        self.registry.register(_ReusedPrefixTokens(engine))  # type: ignore[arg-type]
 
     def bind_embedder(self, embedder: Any) -> None:
         self.embed_queue.set_function(lambda: embedder.waiting)
