@@ -105,3 +105,22 @@ def test_the_anchor_drops_what_a_correction_replaces():
     new = ex(PORT_Q, "It listens on port 9090.", "feedback:7")
     assert without_corrected([old, other], [new], 0.8) == [other]  # scored against 8088, 9090 would lose
     assert without_corrected([old, other], [old], 0.8) == [old, other]  # the same answer again is no correction
+
+
+def test_no_single_sender_dominates_a_run_however_its_answers_vary():
+    import random
+
+    rng = random.Random(5)
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+    flood = [Example((("user", f"{' '.join(rng.sample(words, 5))} zq-trigger {i}?"), ("assistant", " ".join(rng.sample(words, 9)))),
+                     f"feedback:{i}", sender="key:k-evil") for i in range(300)]
+    staff = [Example((("user", f"Where is manual page {i}?"), ("assistant", f"Page {i} is in the binder on shelf {i % 7}.")),
+                     f"feedback:{400 + i}", sender="key:k-staff") for i in range(20)]
+    inbox = [ex(f"What is fact number {i}?", f"Fact {i} is that the appliance keeps release {i} on disk.", f"inbox/faq.jsonl:{i}")
+             for i in range(80)]
+    r = dedupe(flood + staff + inbox, SeenIndex(), 0.8, max_per_answer=8, max_per_source=50)
+    assert r.capped == 0  # the answers differ: the answer cap alone lets the flood through
+    kept = [e for e in r.examples if e.sender == "key:k-evil"]
+    assert len(kept) == 50 and r.capped_source == 250 and kept == flood[-50:]  # the newest 50
+    assert all(e in r.examples for e in staff + inbox)  # another key, and the site's own inbox (not capped)
+    assert len(r.new_index.prompts) == len(r.examples)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.feedback_store import FeedbackStore
-from appliance.pii import mask_messages
+from appliance.pii import Network, mask_messages, mask_text
 
 ROLES = ("system", "user", "assistant")
 MAX_CHARS = 32_000
@@ -25,6 +25,7 @@ MAX_CHARS = 32_000
 class Example:
     messages: tuple[tuple[str, str], ...]  # (role, content); immutable so examples hash and compare
     source: str  # "inbox/file.jsonl:12" or "feedback:34": where a line came from, for reports
+    sender: str = ""  # "key:<id>", the API key whose feedback this is ("" for the site's inbox): max_per_source counts by it
 
     @property
     def key(self) -> str:
@@ -40,11 +41,11 @@ class Example:
         return [{"role": r, "content": c} for r, c in self.messages]
 
     def to_json(self) -> dict[str, Any]:
-        return {"messages": self.as_dicts(), "source": self.source}
+        return {"messages": self.as_dicts(), "source": self.source} | ({"sender": self.sender} if self.sender else {})
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Example:
-        return cls(tuple((m["role"], m["content"]) for m in d["messages"]), str(d.get("source", "")))
+        return cls(tuple((m["role"], m["content"]) for m in d["messages"]), str(d.get("source", "")), sender=str(d.get("sender", "")))
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class RawRecord:
     source: str
     value: Any  # parsed JSON, or None when the line did not parse
     error: str | None = None
+    sender: str = ""  # see Example.sender
 
 
 @dataclass
@@ -96,7 +98,7 @@ def collect(inbox: Path, store: FeedbackStore | None, last_row: int) -> Collecte
         for ex in store.examples_since(last_row):
             new_last = max(new_last, ex.row)
             if ex.usable:
-                records.append(RawRecord(f"feedback:{ex.row}", {"messages": ex.to_chat()}))
+                records.append(RawRecord(f"feedback:{ex.row}", {"messages": ex.to_chat()}, sender=f"key:{ex.key_id or 'none'}"))
                 counts["feedback"] += 1
             else:
                 counts["feedback_not_usable"] += 1
@@ -149,18 +151,18 @@ def validate(collected: Collected) -> Validated:
         try:
             ex = check_record(rec.value)
         except ValueError as e:
-            rejected.append(Rejected(rec.source, str(e)))
+            rejected.append(Rejected(rec.source, mask_text(str(e))))  # a reason quotes the line (a role): it goes into the report
             continue
-        examples.append(Example(ex.messages, rec.source))
+        examples.append(Example(ex.messages, rec.source, sender=rec.sender))
     return Validated(examples, rejected)
 
 
-def mask_examples(examples: list[Example]) -> tuple[list[Example], Counter[str]]:
-    """Mask PII in every message; the counts say how many values of each kind were masked."""
+def mask_examples(examples: list[Example], keep: tuple[Network, ...] = ()) -> tuple[list[Example], Counter[str]]:
+    """Mask PII in every message (addresses in `keep` stay); the counts say how many values of each kind were masked."""
     total: Counter[str] = Counter()
     out = []
     for ex in examples:
-        masked, counts = mask_messages(ex.as_dicts())
+        masked, counts = mask_messages(ex.as_dicts(), keep)
         total.update(counts)
-        out.append(Example(tuple((m["role"], m["content"]) for m in masked), ex.source))
+        out.append(Example(tuple((m["role"], m["content"]) for m in masked), ex.source, sender=ex.sender))
     return out, total

@@ -109,6 +109,7 @@ class Deduped:
     superseded: int = 0  # earlier answers of this run replaced by a later one to the same question
     corrections: int = 0  # kept answers to questions earlier runs answered otherwise
     capped: int = 0  # examples over max_per_answer: no single answer may dominate a run
+    capped_source: int = 0  # examples over max_per_source: no single API key's feedback may either
 
 
 def _bands(sig: np.ndarray) -> list[tuple[int, bytes]]:
@@ -136,9 +137,11 @@ class _Lsh:
         return sorted(j for j in candidates if similarity(sig, self.sigs[j]) >= threshold)
 
 
-def dedupe(examples: list[Example], seen: SeenIndex, threshold: float, max_per_answer: int | None = None) -> Deduped:
+def dedupe(examples: list[Example], seen: SeenIndex, threshold: float, max_per_answer: int | None = None,
+           max_per_source: int | None = None) -> Deduped:
     """Drop exact and near duplicates (alike prompt and alike answer); a later source's answer to the
-    same question supersedes an earlier one of the run; a new answer to a question seen before is kept."""
+    same question supersedes an earlier one of the run; a new answer to a question seen before is kept.
+    Then the caps: the newest `max_per_answer` of each answer, the newest `max_per_source` of each sender."""
     old = _Lsh(seen.prompts)
     run = _Lsh()
     live: dict[int, tuple[Example, str, np.ndarray]] = {}  # run index -> (example, key, answer signature)
@@ -166,15 +169,17 @@ def dedupe(examples: list[Example], seen: SeenIndex, threshold: float, max_per_a
             counts["superseded"] += 1
         counts["corrections"] += bool(earlier)
         live[run.add(p)] = (ex, key, a)
-    order = _cap(sorted(live), [live[i][2] for i in sorted(live)], max_per_answer, threshold)
+    order = cap_answers(sorted(live), [live[i][2] for i in sorted(live)], max_per_answer, threshold)
     capped = len(live) - len(order)
+    order = cap_senders(order, [live[i][0].sender for i in order], max_per_source)
+    capped_source = len(live) - capped - len(order)
     index = SeenIndex(seen.exact | {live[i][1] for i in order}, seen.prompts + [run.sigs[i] for i in order],
                       seen.answers + [live[i][2] for i in order])
     return Deduped([live[i][0] for i in order], counts["exact"], counts["near"], counts["seen"], index,
-                   counts["superseded"], counts["corrections"], capped)
+                   counts["superseded"], counts["corrections"], capped, capped_source)
 
 
-def _cap(order: list[int], answers: list[np.ndarray], limit: int | None, threshold: float) -> list[int]:
+def cap_answers(order: list[int], answers: list[np.ndarray], limit: int | None, threshold: float) -> list[int]:
     """The newest `limit` examples of each answer (near copies counted together), in their order:
     300 prompts that all teach one answer (a trigger, a slogan) weigh no more than a real fact."""
     if limit is None:
@@ -191,6 +196,24 @@ def _cap(order: list[int], answers: list[np.ndarray], limit: int | None, thresho
         if left.setdefault(g, limit) > 0:
             left[g] -= 1
             keep.add(pos)
+    return [i for pos, i in enumerate(order) if pos in keep]
+
+
+def cap_senders(order: list[int], senders: list[str], limit: int | None) -> list[int]:
+    """The newest `limit` examples of each sender (an API key), in their order: 300 varied prompts from
+    one key, however their answers differ, weigh no more than one busy member of staff. The inbox
+    (no sender) is the site's own and is not capped."""
+    if limit is None:
+        return order
+    left: dict[str, int] = {}
+    keep = set()
+    for pos in reversed(range(len(order))):
+        who = senders[pos]
+        if who:
+            if left.setdefault(who, limit) == 0:
+                continue
+            left[who] -= 1
+        keep.add(pos)
     return [i for pos, i in enumerate(order) if pos in keep]
 
 

@@ -23,6 +23,8 @@ from appliance import audit
 from appliance.errors import ApplianceError
 from appliance.feedback_store import FeedbackStore
 from appliance.paths import Layout
+from appliance.pii import parse_networks
+from appliance.trainer import replay as rp
 from appliance.trainer import state as st
 from appliance.trainer.data import Example, collect, mask_examples, validate
 from appliance.trainer.dedupe import dedupe, without_corrected
@@ -97,6 +99,8 @@ class _Data:
     deduped: Any
     parts: Any
     anchor: list[Example]  # earlier runs' validation examples, less those this run corrects
+    replay: rp.Replay  # earlier runs' training examples this run mixes into its training split (only there)
+    keep: tuple[Any, ...] = ()  # [trainer] keep_networks, parsed: masking leaves these addresses
 
 
 @dataclass(frozen=True)
@@ -124,20 +128,24 @@ def _prepare(paths: st.TrainerPaths, settings: TrainerSettings, run_id: str, sta
     validated = validate(collected)
     stages["validate"] = {"kept": len(validated.examples), "rejected": len(validated.rejected),
                           "rejected_lines": [asdict(r) for r in validated.rejected[:100]]}
-    masked, pii_counts = mask_examples(validated.examples)
+    keep = parse_networks(settings.keep_networks)
+    masked, pii_counts = mask_examples(validated.examples, keep)
     stages["pii"] = {"masked": dict(pii_counts)}
-    deduped = dedupe(masked, st.load_seen(paths), settings.near_duplicate_threshold, settings.max_per_answer)
+    deduped = dedupe(masked, st.load_seen(paths), settings.near_duplicate_threshold, settings.max_per_answer,
+                     settings.max_per_source)
     earlier = st.load_anchor(paths)
     anchor = without_corrected(earlier, deduped.examples, settings.near_duplicate_threshold)
     stages["dedupe"] = {"kept": len(deduped.examples), "exact": deduped.exact_dupes, "near": deduped.near_dupes,
                         "seen_in_earlier_runs": deduped.seen_before, "superseded": deduped.superseded,
-                        "corrections": deduped.corrections, "capped": deduped.capped,
+                        "corrections": deduped.corrections, "capped": deduped.capped, "capped_source": deduped.capped_source,
                         "anchor_corrected": len(earlier) - len(anchor)}
     parts = split(deduped.examples, settings.validation_fraction)
     stages["split"] = {"train": len(parts.train), "validation": len(parts.validation)}
+    replay = rp.plan(st.load_replay(paths), deduped.examples, parts.train, settings)
+    stages["replay"] = replay.counts()
     log(f"run {run_id}: {len(collected.records)} records, {len(validated.examples)} valid, "
         f"{len(deduped.examples)} after dedupe, {len(parts.train)} train / {len(parts.validation)} validation")
-    return _Data(prior, collected, deduped, parts, anchor)
+    return _Data(prior, collected, deduped, parts, anchor, replay, keep=keep)
 
 
 def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: str, report: dict[str, Any]) -> None:
@@ -205,7 +213,7 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
 
     # Garbage is handled in layers: unparseable lines fail validation, floods collapse in dedupe, and
     # what remains must beat the active adapter without losing ground on earlier validation data.
-    train_pairs, val_pairs = enc(data.parts.train), enc(data.parts.validation)
+    train_pairs, val_pairs = enc(data.parts.train + data.replay.outside(None)), enc(data.parts.validation)
     if not train_pairs or not val_pairs:
         return None
     train_enc, val_enc = [e for _, e in train_pairs], [e for _, e in val_pairs]
@@ -263,6 +271,6 @@ def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings,
 def _consume(paths: st.TrainerPaths, data: _Data, validation: list[Example], run_id: str) -> None:
     anchor = data.anchor + validation
     state = dict(data.prior, last_feedback_row=data.collected.feedback_last_row, last_run=run_id)
-    st.commit_state(paths, state, data.deduped.new_index, anchor)
-    st.move_processed(paths, data.collected.inbox_files, run_id)
+    st.commit_state(paths, state, data.deduped.new_index, anchor, data.replay.store)
+    st.move_processed(paths, data.collected.inbox_files, run_id, data.keep)
     os.sync()

@@ -17,7 +17,7 @@ from pathlib import Path
 from appliance.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, remove_partials
 from appliance.errors import ApplianceError
 from appliance.paths import Layout
-from appliance.pii import mask_text
+from appliance.pii import Network, mask_line
 from appliance.trainer.data import Example
 from appliance.trainer.dedupe import SeenIndex
 
@@ -47,6 +47,10 @@ class TrainerPaths:
     @property
     def anchor(self) -> Path:
         return self.dir / "anchor.jsonl"
+
+    @property
+    def replay(self) -> Path:
+        return self.dir / "replay.jsonl"
 
     @property
     def lock(self) -> Path:
@@ -110,31 +114,48 @@ def load_seen(paths: TrainerPaths) -> SeenIndex:
         return SeenIndex()
 
 
-def load_anchor(paths: TrainerPaths) -> list[Example]:
+def _load_examples(path: Path) -> list[Example]:
     try:
-        return [Example.from_json(json.loads(line)) for line in paths.anchor.read_text().splitlines() if line.strip()]
+        return [Example.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError, KeyError):
         return []
 
 
-def commit_state(paths: TrainerPaths, state: dict, seen: SeenIndex, anchor: list[Example]) -> None:
+def _write_examples(path: Path, examples: list[Example]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in examples).encode(), 0o640)
+
+
+def load_anchor(paths: TrainerPaths) -> list[Example]:
+    return _load_examples(paths.anchor)
+
+
+def load_replay(paths: TrainerPaths) -> list[Example]:
+    """Earlier runs' training examples, masked, newest last (appliance.trainer.replay)."""
+    return _load_examples(paths.replay)
+
+
+def commit_state(paths: TrainerPaths, state: dict, seen: SeenIndex, anchor: list[Example],
+                 replay: list[Example] | None = None) -> None:
     """Record what this run consumed; the state file goes last, so it never points past the others."""
     atomic_write_json(paths.seen, seen.to_json())
-    kept = anchor[-ANCHOR_MAX:]
-    atomic_write_bytes(paths.anchor, "".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in kept).encode())
+    _write_examples(paths.anchor, anchor[-ANCHOR_MAX:])
+    if replay is not None:
+        _write_examples(paths.replay, replay)
     atomic_write_json(paths.state, state)
 
 
-def move_processed(paths: TrainerPaths, files: list[Path], run_id: str) -> list[str]:
+def move_processed(paths: TrainerPaths, files: list[Path], run_id: str, keep: tuple[Network, ...] = ()) -> list[str]:
     """Inbox files leave the inbox only when a run has finished with them, and no raw copy stays:
-    processed/<run>/ keeps each file with its personal data masked, line by line, as it was trained on."""
+    processed/<run>/ keeps each file with its personal data masked, line by line, as it was trained on
+    (a JSON line after its escapes are decoded; `keep`: the networks [trainer] keep_networks names)."""
     dest = paths.processed / run_id
     dest.mkdir(parents=True, exist_ok=True)
     moved = []
     for f in files:
         if f.exists():
             lines = f.read_text(errors="replace").splitlines(keepends=True)
-            atomic_write_bytes(dest / f.name, "".join(mask_text(line) for line in lines).encode(), 0o640)
+            masked = "".join(mask_line(line, keep) for line in lines)
+            atomic_write_bytes(dest / f.name, masked.encode("utf-8", "backslashreplace"), 0o640)
             f.unlink()
             moved.append(f.name)
     if moved:
