@@ -18,7 +18,7 @@ from appliance.paths import Layout
 from appliance.trainer import run
 from appliance.trainer import state as st
 from appliance.trainer.settings import TrainerSettings
-from tests.trainer_fixtures import gguf_sha, trainer_base_dir  # noqa: F401
+from tests.trainer_fixtures import TrainerRoot
 
 S = TrainerSettings()
 PORT_Q = "What port does the appliance API listen on?"
@@ -166,14 +166,12 @@ def test_no_raw_personal_data_stays_on_disk_after_a_failed_or_a_finished_run(tmp
 
 
 @pytest.mark.slow
-def test_replayed_examples_reach_the_training_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2_gguf: Path,
-                                                   gguf_sha: str, trainer_base_dir: Path):
+def test_replayed_examples_reach_the_training_loop(trainer_root: TrainerRoot, monkeypatch: pytest.MonkeyPatch):
     """Through the real pipeline up to the loop (SmolLM2's tokenizer and weights): the second night trains on
     its own split plus the replayed examples, and validates on its own split only."""
     from appliance.trainer import train
-    from tests.trainer_fixtures import make_root
 
-    root = make_root(tmp_path / "root", smollm2_gguf, gguf_sha, trainer_base_dir)
+    root = trainer_root
     paths = st.TrainerPaths(root.layout)
     add_inbox(paths, "night1.jsonl", facts("1", 40))
     first, _ = night(paths, "r1")
