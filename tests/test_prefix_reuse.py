@@ -1,0 +1,146 @@
+"""Prefix reuse on the llama.cpp engine (SmolLM2 GGUF): a prompt that starts like a cached one (the same
+long system prompt, a chat's earlier turns resent as history) reuses those KV cells, and greedy answers
+are the same as without reuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.engines.prefix_cache import PrefixIndex, common_prefix
+from appliance.engines.scheduler import SamplingParams, generate
+from appliance.engines.sequences import Finished
+from tests.server_fixtures import install_adapter, make_root
+from tests.waiting import wait_until
+
+SYSTEM = ("You are the help desk of the Northwind water utility. " +
+          " ".join(f"Rule {i}: answer briefly, cite the customer's meter number, and never promise a repair date." for i in range(12)))
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def reuse_root(tmp_path_factory, smollm2_gguf):
+    return make_root(tmp_path_factory.mktemp("reuse"), smollm2_gguf, max_batch=3, context=1024)
+
+
+@pytest.fixture
+def engine(reuse_root):
+    """A fresh engine per test: what is cached depends only on the test's own requests."""
+    from appliance.engines import load_engine
+
+    cfg = reuse_root.config
+    e = load_engine(cfg.model, reuse_root.layout, max_batch=cfg.server.max_batch, max_queue=cfg.server.max_queue)
+    e.start()
+    yield e
+    e.close()
+
+
+def chat(engine, messages) -> list[int]:
+    return engine.tokenize(engine.render_chat(messages))
+
+
+def answer(engine, prompt: list[int], params: SamplingParams = GREEDY):
+    return generate(engine, prompt, params, 300)
+
+
+def answers(engine, prompts: list[list[int]]) -> list[str]:
+    """Submitted all at once, so they are admitted together."""
+    boxes: list[list] = [[] for _ in prompts]
+    for p, box in zip(prompts, boxes, strict=True):
+        engine.submit(p, GREEDY, box.append)
+    wait_until(lambda: all(box and isinstance(box[-1], Finished) for box in boxes), "every answer", 300)
+    return [box[-1].text for box in boxes]
+
+
+def without_reuse(engine, prompts: list[list[int]]) -> list[str]:
+    """The answers with every cached cell ignored (each prompt prefilled whole)."""
+    real = engine.backend.index.best
+    engine.backend.index.best = lambda *a: (None, 0)
+    try:
+        return [answer(engine, p).text for p in prompts]
+    finally:
+        engine.backend.index.best = real
+
+
+def test_longest_match_wins_and_least_recently_used_goes_first():
+    index = PrefixIndex()
+    index.set(0, [1, 2, 3], "base")
+    index.set(1, [1, 2, 3, 4, 5], "base")
+    index.set(2, [1, 2, 3, 4, 5, 6], "lora")  # computed under other weights: never a match for "base"
+    assert index.best([1, 2, 3, 4, 9], "base", [0, 1, 2]) == (1, 4)
+    assert index.best([7], "base", [0, 1, 2]) == (None, 0)
+    index.touch(0)
+    assert index.oldest([0, 1, 2]) == 1 and index.oldest([0, 3]) == 3  # an empty slot goes first
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+def test_shared_system_prompt_is_prefilled_once(engine):
+    questions = ["My meter reads 0042, is that normal?", "Why is my bill higher this month?"]
+    prompts = [chat(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]) for q in questions]
+    shared = common_prefix(*prompts)
+    assert shared > 200
+    expected = without_reuse(engine, prompts)
+    before = engine.prefix_reused_tokens
+    got = [answer(engine, p).text for p in prompts]
+    assert got == expected
+    # the second reuses the first's system prompt (the first finds the second-to-last of the no-reuse run)
+    assert engine.prefix_reused_tokens - before >= 2 * shared
+
+
+def test_a_chats_earlier_turns_are_not_prefilled_again(engine):
+    first = [{"role": "user", "content": "Name a large river in Europe."}]
+    p1 = chat(engine, first)
+    a1 = answer(engine, p1).text
+    second = [*first, {"role": "assistant", "content": a1}, {"role": "user", "content": "Which countries does it cross?"}]
+    p2 = chat(engine, second)
+    expected = without_reuse(engine, [p2])
+    engine.backend.index.clear()  # nothing cached but what this turn's first request leaves
+    assert answer(engine, p1).text == a1
+    before = engine.prefix_reused_tokens
+    assert answer(engine, p2).text == expected[0]
+    assert engine.prefix_reused_tokens - before >= len(p1)  # the first turn's prompt, and its answer's tokens
+
+
+def test_a_live_sequences_cells_are_copied_to_a_newcomer(engine):
+    """The longest match is a sequence still decoding: its cells are copied (another KV stream), not shared."""
+    system = SYSTEM.replace("Northwind", "Southbay")
+    long_one = chat(engine, [{"role": "system", "content": system}, {"role": "user", "content": "Write a long essay on water."}])
+    newcomer = chat(engine, [{"role": "system", "content": system}, {"role": "user", "content": "What is a meter?"}])
+    expected = without_reuse(engine, [newcomer])
+    engine.backend.index.clear()
+    events: list = []
+    held = engine.submit(long_one, SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True), events.append)
+    try:
+        wait_until(lambda: events, "the long answer started")
+        before = engine.prefix_reused_tokens
+        assert answer(engine, newcomer).text == expected[0]
+        assert engine.prefix_reused_tokens - before >= common_prefix(long_one, newcomer)
+        assert engine.live == 1  # the long one goes on in its own slot
+    finally:
+        held.cancel()
+        wait_until(lambda: engine.live == 0, "the long answer cancelled")
+
+
+def test_an_adapter_swap_forgets_every_cached_cell(engine, reuse_root, random_lora):
+    from appliance import adapters
+
+    prompt = chat(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello?"}])
+    for adapter_id in ("lora-a", "lora-b"):
+        install_adapter(reuse_root.layout, adapter_id, random_lora)
+        assert engine.swap_adapter(adapters.active_adapter(reuse_root.layout), wait=300) and engine.adapter_id == adapter_id
+        before = engine.prefix_reused_tokens
+        answer(engine, prompt)
+        # cells computed under the previous adapter are not reused: at most the template's preamble
+        assert engine.prefix_reused_tokens - before <= len(engine.backend.prefix)
+    before = engine.prefix_reused_tokens
+    answer(engine, prompt)
+    assert engine.prefix_reused_tokens - before == len(prompt) - 1  # same adapter: all but the last token
+    assert engine.swap_adapter(None, wait=300)
+
+
+def test_greedy_answers_match_with_every_request_in_one_batch(engine):
+    """Three requests admitted together, two sharing the system prompt: answers as without reuse."""
+    prompts = [chat(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in ("Is tap water safe?", "How do I read my meter?", "Can I pay later?")]
+    expected = without_reuse(engine, prompts)
+    answers(engine, prompts[:1])  # cached: the next three find its system prompt
+    assert answers(engine, prompts) == expected
