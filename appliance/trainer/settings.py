@@ -44,7 +44,7 @@ class TrainerSettings:
                              "a flood from one key is cut to this", min=1)
     replay_fraction: float = _f(0.5, "share of the training split drawn from earlier runs' training data (0.5: as many earlier "
                                 "examples as new ones), so earlier facts are not forgotten; 0 turns replay off", min=0.0, max=0.9)
-    replay_max: int = _f(500, "most earlier examples mixed into one run", min=0)
+    replay_max: int = _f(200, "most earlier examples mixed into one run (each costs training time as a new one does)", min=0)
     keep_networks: tuple[str, ...] = _f((), "IP networks PII masking keeps, e.g. [\"10.20.0.0/16\"] for the site's server subnet "
                                         "(loopback and 0.0.0.0 always stay; other private addresses can point at a person's machine)")
     anchor_tolerance: float = _f(0.05, "how much worse the candidate may be on earlier runs' validation data", min=0.0, max=1.0)
