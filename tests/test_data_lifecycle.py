@@ -192,3 +192,14 @@ def test_replayed_examples_reach_the_training_loop(trainer_root: TrainerRoot, mo
     mixed, split = report["stages"]["replay"]["mixed"], report["stages"]["split"]
     assert mixed > 0 and seen == {"train": split["train"] + mixed, "validation": split["validation"]}
     assert mixed <= len(first.parts.train)
+
+
+def test_keep_networks_is_checked_when_the_settings_are_read():
+    from appliance.trainer.settings import TrainerConfigError, parse_trainer_settings
+
+    assert parse_trainer_settings({"keep_networks": []}).keep_networks == ()
+    assert parse_trainer_settings({"keep_networks": ["10.20.0.0/16", "fd00::/8"]}).keep_networks == ("10.20.0.0/16", "fd00::/8")
+    with pytest.raises(TrainerConfigError, match=r"keep_networks: '10.0.0.0/33' is not an IP network; write it like 10.0.0.0/8"):
+        parse_trainer_settings({"keep_networks": ["10.0.0.0/33"]})
+    with pytest.raises(TrainerConfigError, match="keep_networks must be a list of strings"):
+        parse_trainer_settings({"keep_networks": "10.0.0.0/8"})
