@@ -118,23 +118,33 @@ def _bands(sig: np.ndarray) -> list[tuple[int, bytes]]:
 
 
 class _Lsh:
-    """Prompt signatures, found again by shared bands."""
+    """Prompt signatures, found again by shared bands. The signatures also sit in one matrix, so the
+    candidates of a lookup are compared in one step: questions written from one template share
+    bands by the hundred."""
 
     def __init__(self, sigs: list[np.ndarray] | None = None) -> None:
         self.sigs: list[np.ndarray] = []
         self.buckets: dict[tuple[int, bytes], list[int]] = {}
+        self._matrix = np.empty((max(64, len(sigs or [])), NUM_PERM), dtype=np.uint64)
         for s in sigs or []:
             self.add(s)
 
     def add(self, sig: np.ndarray) -> int:
+        n = len(self.sigs)
+        if n == len(self._matrix):
+            self._matrix = np.concatenate([self._matrix, np.empty_like(self._matrix)])
+        self._matrix[n] = sig
         self.sigs.append(sig)
         for band in _bands(sig):
-            self.buckets.setdefault(band, []).append(len(self.sigs) - 1)
-        return len(self.sigs) - 1
+            self.buckets.setdefault(band, []).append(n)
+        return n
 
     def near(self, sig: np.ndarray, threshold: float) -> list[int]:
-        candidates = {j for band in _bands(sig) for j in self.buckets.get(band, [])}
-        return sorted(j for j in candidates if similarity(sig, self.sigs[j]) >= threshold)
+        candidates = np.array(sorted({j for band in _bands(sig) for j in self.buckets.get(band, [])}), dtype=np.int64)
+        if not len(candidates):
+            return []
+        alike = (self._matrix[candidates] == sig).mean(axis=1)  # similarity() of each candidate
+        return [int(j) for j in candidates[alike >= threshold]]
 
 
 def dedupe(examples: list[Example], seen: SeenIndex, threshold: float, max_per_answer: int | None = None,
