@@ -3,8 +3,15 @@
 The GGUF file follows llama.cpp's own adapter layout (as its convert_lora_to_gguf.py writes it):
 `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha` as float32, and for each
 adapted base tensor `<gguf name>.weight.lora_a` (rank x in) and `.lora_b` (out x rank) under the
-base model's GGUF tensor names. llama.cpp stores Q and K rows permuted for its rotary layout, so the
-B matrices of q_proj/k_proj get the same row permutation as the base weights did.
+base model's GGUF tensor names.
+
+Q/K row order: for some architectures llama.cpp's converter (convert_hf_to_gguf.py) permutes the rows
+of q_proj and k_proj into its interleaved rotary layout, and transformers' GGUF loader (which makes the
+trainer's base weights) permutes them back; the B matrices of q_proj/k_proj then need the converter's
+permutation too. Of the architectures transformers can load from GGUF that is only `llama` (LlamaModel,
+`undo_permute = True`; Mistral GGUFs are `llama` too). Qwen2, Qwen3, Phi-3, Gemma and the rest keep
+Hugging Face's row order (their rotary embedding is NeoX-style in both), so their B matrices are
+written as trained.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ def save_peft(model: Any, out: Path, base_model_id: str) -> Path:
     return out
 
 
+# GGUF architectures whose Q/K rows llama.cpp's converter permutes and transformers' loader un-permutes.
+QK_PERMUTED = frozenset({"llama"})
+
+
 def rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's row order for Q/K: within each head, interleaved halves instead of split halves."""
     dim = rows.shape[0] // n_head // 2
@@ -44,7 +55,7 @@ def rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf_lora(peft_dir: Path, out: Path, model_config: dict[str, Any], arch: str = "llama") -> Path:
-    """Convert a PEFT LoRA (safetensors) for a Llama-architecture base into llama.cpp's GGUF adapter."""
+    """Convert a PEFT LoRA (safetensors) into llama.cpp's GGUF adapter for a base of GGUF architecture `arch`."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -78,9 +89,9 @@ def write_gguf_lora(peft_dir: Path, out: Path, model_config: dict[str, Any], arc
         if gguf_name is None:
             raise ExportError(f"llama.cpp has no tensor for {module}.", "Choose lora_targets among the attention and MLP projections.")
         a, b = ab["A"], ab["B"]
-        if module.endswith("self_attn.q_proj"):
+        if arch in QK_PERMUTED and module.endswith("self_attn.q_proj"):
             b = rope_permute(b, n_head)
-        elif module.endswith("self_attn.k_proj"):
+        elif arch in QK_PERMUTED and module.endswith("self_attn.k_proj"):
             b = rope_permute(b, n_kv)
         writer.add_tensor(f"{gguf_name}.weight.lora_a", np.ascontiguousarray(a))
         writer.add_tensor(f"{gguf_name}.weight.lora_b", np.ascontiguousarray(b))
