@@ -22,7 +22,6 @@ from tests.scripted_engine import ScriptedBackend
 from tests.server_fixtures import live_server, running, scripted_root
 from tests.waiting import wait_until
 
-
 # --- the estimator, on synthetic timestamps -----------------------------------------------------
 
 def drained(finishes: list[float], window: int = 8, start: float = 0.0) -> DrainRate:
