@@ -1,4 +1,4 @@
-"""Trainer stages without a model: settings, collect/validate, split, gate, batching."""
+"""Trainer stages without a model: settings, collect/validate, split, batching (the gate: tests/test_scoring.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from appliance.feedback_store import FeedbackStore
 from appliance.paths import Layout
 from appliance.trainer.data import Example, collect, mask_examples, validate
-from appliance.trainer.promotion import Losses, decide
 from appliance.trainer.settings import TrainerConfigError, load_base_model_ref, load_trainer_settings
 from appliance.trainer.split import split
 from appliance.trainer.train import length_grouped
@@ -91,20 +90,6 @@ def test_split_is_deterministic_and_keeps_questions_on_one_side():
     assert not {e.prompt_key for e in a.train} & {e.prompt_key for e in a.validation}
     tiny = split(exs[:2], 0.1)
     assert len(tiny.train) == 0 or len(tiny.validation) >= 1
-
-
-@pytest.mark.parametrize("losses, promote, words", [
-    (Losses(4.0, None, 3.0), True, "below the base model"),
-    (Losses(4.0, None, 3.99), False, "not 2.0% below the base model"),
-    (Losses(4.0, 3.0, 2.9), True, "below the active adapter"),
-    (Losses(4.0, 3.0, 2.99), False, "not 2.0% below the active adapter"),
-    (Losses(4.0, 3.0, float("nan")), False, "not a finite number"),
-    (Losses(4.0, 3.0, 2.0, anchor_reference=2.0, anchor_candidate=3.0), False, "earlier runs' validation data"),
-    (Losses(4.0, 3.0, 2.0, anchor_reference=2.0, anchor_candidate=2.05), True, "below the active adapter"),
-])
-def test_gate(losses, promote, words):
-    d = decide(losses, margin=0.02, anchor_tolerance=0.05)
-    assert d.promote is promote and words in d.reason
 
 
 def test_length_grouped_batches_cover_everything_with_little_padding():

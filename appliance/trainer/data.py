@@ -25,6 +25,9 @@ MAX_CHARS = 32_000
 class Example:
     messages: tuple[tuple[str, str], ...]  # (role, content); immutable so examples hash and compare
     source: str  # "inbox/file.jsonl:12" or "feedback:34": where a line came from, for reports
+    # The words a right answer must contain (a record's "key": a string or a list of them), for the
+    # outcome gate's key recall; none: the answer is scored by token F1 against the reference.
+    answer_keys: tuple[str, ...] = ()
     sender: str = ""  # "key:<id>", the API key whose feedback this is ("" for the site's inbox): max_per_source counts by it
 
     @property
@@ -41,11 +44,13 @@ class Example:
         return [{"role": r, "content": c} for r, c in self.messages]
 
     def to_json(self) -> dict[str, Any]:
-        return {"messages": self.as_dicts(), "source": self.source} | ({"sender": self.sender} if self.sender else {})
+        return ({"messages": self.as_dicts(), "source": self.source} | ({"key": list(self.answer_keys)} if self.answer_keys else {})
+                | ({"sender": self.sender} if self.sender else {}))
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Example:
-        return cls(tuple((m["role"], m["content"]) for m in d["messages"]), str(d.get("source", "")), sender=str(d.get("sender", "")))
+        return cls(tuple((m["role"], m["content"]) for m in d["messages"]), str(d.get("source", "")), _answer_keys(d),
+                   str(d.get("sender", "")))
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,16 @@ def _to_messages(value: Any) -> list[dict[str, Any]]:
     raise ValueError('neither "messages" nor "prompt" and "completion"')
 
 
+def _answer_keys(value: dict[str, Any]) -> tuple[str, ...]:
+    key = value.get("key")
+    if key is None:
+        return ()
+    keys = [key] if isinstance(key, str) else key
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k.strip() for k in keys):
+        raise ValueError("key is not a non-empty string or a list of them")
+    return tuple(keys)
+
+
 def check_record(value: Any) -> Example:
     """One record as an Example, or ValueError saying what is wrong with it."""
     msgs = _to_messages(value)
@@ -138,7 +153,7 @@ def check_record(value: Any) -> Example:
         raise ValueError("there is no user message")
     if sum(len(c) for _, c in out) > MAX_CHARS:
         raise ValueError(f"longer than {MAX_CHARS} characters")
-    return Example(tuple(out), "")
+    return Example(tuple(out), "", _answer_keys(value) if isinstance(value, dict) else ())
 
 
 def validate(collected: Collected) -> Validated:
@@ -153,7 +168,7 @@ def validate(collected: Collected) -> Validated:
         except ValueError as e:
             rejected.append(Rejected(rec.source, mask_text(str(e))))  # a reason quotes the line (a role): it goes into the report
             continue
-        examples.append(Example(ex.messages, rec.source, sender=rec.sender))
+        examples.append(Example(ex.messages, rec.source, ex.answer_keys, sender=rec.sender))
     return Validated(examples, rejected)
 
 
@@ -164,5 +179,5 @@ def mask_examples(examples: list[Example], keep: tuple[Network, ...] = ()) -> tu
     for ex in examples:
         masked, counts = mask_messages(ex.as_dicts(), keep)
         total.update(counts)
-        out.append(Example(tuple((m["role"], m["content"]) for m in masked), ex.source, sender=ex.sender))
+        out.append(Example(tuple((m["role"], m["content"]) for m in masked), ex.source, ex.answer_keys, sender=ex.sender))
     return out, total
