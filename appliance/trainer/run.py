@@ -26,6 +26,7 @@ from appliance.paths import Layout
 from appliance.pii import parse_networks
 from appliance.trainer import replay as rp
 from appliance.trainer import state as st
+from appliance.trainer.checkpoint import controls, finish
 from appliance.trainer.data import Example, collect, mask_examples, validate
 from appliance.trainer.dedupe import dedupe, without_corrected
 from appliance.trainer.promotion import decide
@@ -42,6 +43,7 @@ class RunOptions:
     max_steps: int | None = None  # cap optimizer steps (tests, smoke runs)
     before_micro: MicroHook | None = None  # fault injection point (tests)
     log: Callable[[str], None] = print
+    clock: Callable[[], datetime] | None = None  # local time the [trainer] deadline is measured by (tests)
 
 
 def new_run_id() -> str:
@@ -166,6 +168,7 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
         _consume(paths, data, [], run_id)
         return
     _register(layout, paths, settings, model_ref, data, candidate, run_id, report, opts.log)
+    finish(paths.dir, report, candidate.result)  # the checkpoint has served; resumed / deadline / privacy in the reason
 
 
 def _helper_rank(layout: Layout, paths: st.TrainerPaths, opts: RunOptions) -> dict[str, Any]:
@@ -222,7 +225,8 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     model = new_lora(base.model, settings, parent=active)
     log(f"base model {model_ref.id} ready in {time.perf_counter() - stage_t:.1f}s; training on {len(train_enc)} examples")
     result = train_lora(model, train_enc, val_enc, settings, base.pad_id, log=log, before_micro=opts.before_micro,
-                        max_steps=opts.max_steps, world=world, precision=precision)
+                        max_steps=opts.max_steps, world=world, precision=precision,
+                        **controls(paths.dir, settings, train_enc, val_enc, base.sha256, active.id if active else None, world.main, log, opts.clock))
     if not world.main:
         return None
     stages["train"] = {k: v for k, v in asdict(result).items() if k != "history"} | {"history": result.history}
@@ -253,6 +257,7 @@ def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings,
         "metrics": stages["evaluate"], "gate": c.decision.to_json(),
         "lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "targets": list(settings.lora_targets)},
         "training": {"learning_rate": settings.learning_rate, "steps": c.result.steps, "stopped_early": c.result.stopped_early},
+        "privacy": c.result.privacy,  # ε, δ of a differentially private run (None: not private)
     }
     adapter = registry.register(layout, run_id, staged, metadata)
     report["adapter"] = adapter.id

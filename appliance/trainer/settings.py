@@ -53,6 +53,19 @@ class TrainerSettings:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: far less memory for about a third more time "
                                       "(bundles/README.md sizes the 7B GPU tiers with it)")
     gpu_memory_mib: int = _f(0, "free memory each planned GPU must have before training starts (0: the bf16 weights + 25% + 1 GiB)", min=0)
+    deadline: str = _f("06:30", 'local time of day (HH:MM) by which a run has finished: training stops in time to evaluate, '
+                       'gate and export before it ("": no deadline)')
+    deadline_reserve_minutes: float = _f(15.0, "minutes kept before the deadline for the gate and the export, on top of the "
+                                         "evaluation passes as measured in the run", min=0.0)
+    checkpoint_minutes: float = _f(10.0, "minutes between checkpoints; a killed run resumes from the last one (0: after every step)",
+                                   min=0.0)
+    dp_epsilon: float = _f(0.0, "differential privacy: the ε to reach over the run with DP-SGD on the LoRA weights; the noise is "
+                           "chosen for it (0: off unless dp_noise_multiplier is set)", min=0.0)
+    dp_noise_multiplier: float = _f(0.0, "differential privacy: fixed noise (standard deviation / dp_max_grad_norm) instead of a "
+                                    "target ε; the run reports the ε it spent (0: off unless dp_epsilon is set)", min=0.0)
+    dp_max_grad_norm: float = _f(1.0, "differential privacy: each example's gradient is clipped to this norm", min=1e-6)
+    dp_delta: float = _f(0.0, "differential privacy: δ of the (ε, δ) guarantee (0: 1 / the number of training examples)",
+                         min=0.0, max=0.1)
     seed: int = _f(0, "random seed of LoRA initialisation and shuffling")
 
     @classmethod

@@ -6,7 +6,9 @@ positions that carry a label (the 49k-wide vocabulary projection is skipped for 
 Out of memory halves the micro-batch and accumulates gradients (below a floor the run gives up), and
 the micro-batch doubles back after a few steps without one; evaluation halves its batch the same way.
 On a GPU it computes in bf16 (fp16 with a gradient scaler), and under torchrun each rank takes its
-share of every step (appliance/trainer/distributed.py).
+share of every step (appliance/trainer/distributed.py). A run checkpoints and stops for its deadline
+(appliance/trainer/checkpoint.py); under differential privacy each example's gradient is clipped and
+each step noised (appliance/trainer/privacy.py).
 """
 
 from __future__ import annotations
@@ -19,69 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.errors import ApplianceError
-from appliance.trainer.data import Example
+from appliance.trainer.checkpoint import Checkpointer, Deadline, LoopState, load_weights, lora_state, resume, tuple_state
 from appliance.trainer.distributed import FP32, Precision, World
+from appliance.trainer.encoding import IGNORE as IGNORE
+from appliance.trainer.encoding import Encoded as Encoded
+from appliance.trainer.encoding import collate as collate
+from appliance.trainer.encoding import encode as encode
+from appliance.trainer.encoding import length_grouped, uniform_batches
+from appliance.trainer.privacy import attach, spent
 from appliance.trainer.settings import TrainerSettings
-
-IGNORE = -100
 
 
 class TrainingError(ApplianceError):
     """A training run that cannot start or did not finish."""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE except on assistant tokens
-
-    @property
-    def n_labels(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
-
-
-def encode(tokenizer: Any, ex: Example, max_length: int) -> Encoded | None:
-    """Chat template applied; labels only on assistant content and its end-of-turn token."""
-    msgs = ex.as_dicts()
-    text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    spans = []
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False))
-        spans.append((start, end))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = [], []
-    for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-        ids.append(tok)
-        labels.append(tok if any(s <= a and b <= e for s, e in spans) and b > a else IGNORE)
-    ids, labels = ids[:max_length], labels[:max_length]
-    out = Encoded(ids, labels)
-    return out if out.n_labels > 0 else None
-
-
-def length_grouped(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Batches of similar length (sorted, random tie-break), in random order."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(items: list[Encoded], pad_id: int) -> dict[str, Any]:
-    import torch
-
-    width = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for r, e in enumerate(items):
-        n = len(e.input_ids)
-        ids[r, :n] = torch.tensor(e.input_ids)
-        labels[r, :n] = torch.tensor(e.labels)
-        mask[r, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def causal_lm(model: Any) -> Any:
@@ -89,8 +41,8 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def loss_sum(model: Any, batch: dict[str, Any], precision: Precision = FP32) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+def token_losses(model: Any, batch: dict[str, Any], precision: Precision = FP32) -> tuple[Any, Any]:
+    """Next-token cross-entropy at each labelled position, and the batch row each one belongs to."""
     import torch.nn.functional as F
 
     lm = causal_lm(model)
@@ -100,7 +52,13 @@ def loss_sum(model: Any, batch: dict[str, Any], precision: Precision = FP32) -> 
     with precision.compute(str(dev)):
         hidden = lm.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
         logits = lm.lm_head(hidden[:, :-1][sel]).float()
-    return F.cross_entropy(logits, targets[sel], reduction="sum"), int(sel.sum())
+    return F.cross_entropy(logits, targets[sel], reduction="none"), sel.nonzero()[:, 0]
+
+
+def loss_sum(model: Any, batch: dict[str, Any], precision: Precision = FP32) -> tuple[Any, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+    losses, _ = token_losses(model, batch, precision)
+    return losses.sum(), int(losses.numel())
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -173,6 +131,10 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     micro_regrown: int = 0  # times the micro-batch doubled back after running without out-of-memory
+    planned_steps: int = 0
+    stopped_at_deadline: bool = False
+    resumed_at_step: int | None = None  # the checkpoint's step this run went on from
+    privacy: dict[str, Any] | None = None  # ε, δ and the noise of a differentially private run
 
 
 # Optimizer steps without an out-of-memory after which a halved micro-batch doubles again (the memory
@@ -194,6 +156,18 @@ class _Loop:
     world: World
     precision: Precision
     scaler: Any  # torch.amp.GradScaler for fp16, else None
+    dp: Any = None  # privacy.DPSGD of a differentially private run
+
+
+def _micro_loss(loop: _Loop, chunk: list[Encoded], n_labels: int) -> float:
+    """One micro-batch's forward and backward; its summed loss. Under DP each example's loss is its mean per
+    token, so clipping bounds one example's influence however long its answer is."""
+    if loop.dp is None:
+        s, _ = loss_sum(loop.model, collate(chunk, loop.pad_id), loop.precision)
+        scaled = s / n_labels  # the whole step's labels: summed over ranks, the one-process gradient
+        (loop.scaler.scale(scaled) if loop.scaler else scaled).backward()
+        return float(s.detach())
+    return float(loop.dp.backward(token_losses(loop.model, collate(chunk, loop.pad_id), loop.precision), len(chunk)))
 
 
 def _backward(loop: _Loop, items: list[Encoded], n_labels: int, micro: int) -> tuple[float, int, int, int]:
@@ -203,16 +177,17 @@ def _backward(loop: _Loop, items: list[Encoded], n_labels: int, micro: int) -> t
     while True:
         try:
             loop.opt.zero_grad(set_to_none=True)
+            if loop.dp:
+                loop.dp.start_step()
             step_loss, step_tokens = 0.0, 0
             for j in range(0, len(mine), micro):
                 chunk = mine[j : j + micro]
                 if loop.before_micro:
                     loop.before_micro(len(chunk))
-                s, _ = loss_sum(loop.model, collate(chunk, loop.pad_id), loop.precision)
-                scaled = s / n_labels  # the whole step's labels: summed over ranks, the one-process gradient
-                (loop.scaler.scale(scaled) if loop.scaler else scaled).backward()
-                step_loss += float(s.detach())
+                step_loss += _micro_loss(loop, chunk, n_labels)
                 step_tokens += sum(len(e.input_ids) for e in chunk)
+            if loop.dp:
+                loop.dp.load_clipped()
             return step_loss, step_tokens, micro, ooms
         except Exception as e:
             if not _is_oom(e):
@@ -227,11 +202,15 @@ def _backward(loop: _Loop, items: list[Encoded], n_labels: int, micro: int) -> t
             loop.log(f"out of memory: micro-batch {micro}, accumulating {math.ceil(loop.settings.batch_size / micro)} steps")
 
 
-def _apply(loop: _Loop) -> None:
-    """Sum the gradients over the ranks, clip, step (through the scaler in fp16)."""
+def _apply(loop: _Loop, n_examples: int) -> None:
+    """Sum the gradients over the ranks, clip (per example and noised under DP), step (through the scaler in fp16)."""
     import torch
 
     loop.world.sum_grads(loop.params)
+    if loop.dp is not None:
+        loop.dp.add_noise(n_examples)
+        loop.opt.step()
+        return
     if loop.scaler is not None:
         loop.scaler.unscale_(loop.opt)
     torch.nn.utils.clip_grad_norm_(loop.params, 1.0)
@@ -256,11 +235,12 @@ def _new_loop(model: Any, settings: TrainerSettings, pad_id: int, log: Callable[
 @dataclass
 class _Progress:
     micro: int
-    steps: int = 0
-    tokens: int = 0
     ooms: int = 0
     calm: int = 0  # steps since the last out-of-memory
     regrown: int = 0
+    step_s: list[float] = field(default_factory=list)  # this process's step times
+    eval_s: float = 0.0  # the last validation pass
+    last_loss: float = math.nan  # the last step's train loss per label
 
     def after_step(self, oom: int, batch_size: int, log: Callable[[str], None]) -> None:
         """A halved micro-batch doubles back after GROW_AFTER steps without an out-of-memory."""
@@ -270,68 +250,132 @@ class _Progress:
             self.micro, self.calm, self.regrown = min(batch_size, self.micro * 2), 0, self.regrown + 1
             log(f"no out-of-memory for {GROW_AFTER} steps: micro-batch back up to {self.micro}")
 
+    def next_step_s(self) -> float:
+        """A cautious estimate of the next step: the slower of the last one and the mean."""
+        return max(self.step_s[-1], sum(self.step_s) / len(self.step_s)) if self.step_s else 0.0
+
+
+@dataclass
+class _Run:
+    """One call of train_lora: the loop, its schedule and where it is."""
+
+    loop: _Loop
+    sched: Any
+    s: LoopState
+    p: _Progress
+    train: list[Encoded]
+    val: list[Encoded]
+    total: int
+    eval_every: int
+    before_eval: MicroHook | None
+    checkpoint: Checkpointer | None
+
+
+def _evaluate(r: _Run, train_loss: float) -> bool:
+    """Validation pass; the best weights kept. True when patience has run out (early stop)."""
+    t = time.perf_counter()
+    v = evaluate_loss(r.loop.model, r.val, r.loop.pad_id, precision=r.loop.precision, before_batch=r.before_eval)
+    r.p.eval_s = time.perf_counter() - t
+    s = r.s
+    s.history.append({"step": s.steps, "train_loss": train_loss, "val_loss": v})
+    r.loop.log(f"step {s.steps}/{r.total} epoch {s.epoch + 1} train_loss {train_loss:.4f} val_loss {v:.4f}")
+    if v < s.best:
+        s.best, s.bad_evals, s.best_state = v, 0, lora_state(r.loop.model)
+        return False
+    s.bad_evals += 1
+    if s.bad_evals >= r.loop.settings.patience:
+        r.loop.log(f"early stop: validation loss has not improved for {s.bad_evals} evaluations")
+        return True
+    return False
+
+
+def _step(r: _Run, items: list[Encoded]) -> float:
+    """One optimizer step; its mean train loss per label."""
+    t = time.perf_counter()
+    n_labels = sum(e.n_labels for e in items)
+    step_loss, step_tokens, r.p.micro, oom = _backward(r.loop, items, n_labels, r.p.micro)
+    _apply(r.loop, len(items))
+    r.sched.step()
+    step_loss, step_tokens_f = r.loop.world.sum_floats(step_loss, step_tokens)
+    r.s.steps, r.s.tokens = r.s.steps + 1, r.s.tokens + int(step_tokens_f)
+    r.p.after_step(oom, r.loop.settings.batch_size, r.loop.log)
+    r.p.step_s.append(time.perf_counter() - t)
+    r.p.last_loss = float(step_loss / n_labels)
+    return r.p.last_loss
+
+
+def _out_of_time(r: _Run, deadline: Deadline | None) -> bool:
+    stop = deadline is not None and not deadline.leaves_time(r.p.next_step_s(), r.p.eval_s)
+    return bool(r.loop.world.sum_floats(float(stop))[0])  # every rank stops together
+
+
+def _loop(r: _Run, lengths: list[int], rng: random.Random, deadline: Deadline | None) -> tuple[bool, bool]:
+    """Steps until the planned total, the end of the epochs, an early stop or the deadline: (early stop, deadline)."""
+    s, st = r.s, r.loop.settings
+    while s.steps < r.total and not s.stopped_early:
+        if s.pos >= len(s.order):
+            if s.order:
+                s.epoch, s.order, s.pos = s.epoch + 1, [], 0
+            if s.epoch >= st.epochs:
+                break
+            s.order = (uniform_batches if r.loop.dp else length_grouped)(lengths, st.batch_size, rng)
+            s.rng = list(rng.getstate())
+        if _out_of_time(r, deadline):
+            assert deadline is not None
+            r.loop.log(f"deadline {deadline.describe()}: training stops at step {s.steps}/{r.total} to evaluate and export in time")
+            return False, True
+        items = [r.train[i] for i in s.order[s.pos]]
+        s.pos += 1
+        loss = _step(r, items)
+        if (s.steps % r.eval_every == 0 or s.steps == r.total) and _evaluate(r, loss):
+            s.stopped_early = True
+        if r.checkpoint and r.checkpoint.due():
+            r.checkpoint.save(s, lora_state(r.loop.model), r.loop.opt, r.sched)
+    return s.stopped_early, False
+
 
 def train_lora(model: Any, train: list[Encoded], val: list[Encoded], settings: TrainerSettings, pad_id: int,
                log: Callable[[str], None] = print, before_micro: MicroHook | None = None,
                max_steps: int | None = None, world: World | None = None, precision: Precision | None = None,
-               before_eval: MicroHook | None = None) -> TrainResult:
+               before_eval: MicroHook | None = None, checkpoint: Checkpointer | None = None,
+               deadline: Deadline | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model`; on return it holds the best weights seen on validation.
-    Under torchrun every rank calls it with the same data (`world`: this rank's share of each step)."""
+    Under torchrun every rank calls it with the same data (`world`: this rank's share of each step).
+    With `checkpoint` it resumes from a saved state of the same run and saves one periodically; with
+    `deadline` it stops in time to evaluate and export before it."""
     import torch
 
     if not train:
         raise TrainingError("There are no training examples left after filtering.")
     loop = _new_loop(model, settings, pad_id, log, before_micro, world, precision)
-    rng = random.Random(settings.seed)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs if max_steps is None else min(max_steps, steps_per_epoch * settings.epochs)
+    dp = attach(loop, len(train), total_steps)
     warmup = max(1, total_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         loop.opt, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
-    eval_every = max(1, steps_per_epoch // 2)
-    p = _Progress(settings.batch_size)
-    best, best_state, bad_evals, stopped = math.inf, None, 0, False
-    history: list[dict[str, float]] = []
+    r = _Run(loop, sched, LoopState(), _Progress(settings.batch_size), train, val, total_steps, max(1, steps_per_epoch // 2),
+             before_eval, checkpoint)
+    saved = resume(checkpoint, model, loop.opt, sched, loop.world, total_steps) if checkpoint else None
+    r.s = saved or r.s
+    resumed_at = saved.steps if saved else None
+    rng = random.Random(settings.seed)
+    if r.s.rng:
+        rng.setstate(tuple_state(r.s.rng))
     t0 = time.perf_counter()
     model.train()
-    for epoch in range(settings.epochs):
-        for batch_idx in length_grouped([len(e.input_ids) for e in train], settings.batch_size, rng):
-            if p.steps >= total_steps:
-                break
-            items = [train[i] for i in batch_idx]
-            n_labels = sum(e.n_labels for e in items)
-            step_loss, step_tokens, p.micro, oom = _backward(loop, items, n_labels, p.micro)
-            _apply(loop)
-            sched.step()
-            step_loss, step_tokens_f = loop.world.sum_floats(step_loss, step_tokens)
-            p.steps, p.tokens = p.steps + 1, p.tokens + int(step_tokens_f)
-            p.after_step(oom, settings.batch_size, log)
-            if p.steps % eval_every == 0 or p.steps == total_steps:
-                v = evaluate_loss(model, val, pad_id, precision=loop.precision, before_batch=before_eval)
-                history.append({"step": p.steps, "train_loss": step_loss / n_labels, "val_loss": v})
-                log(f"step {p.steps}/{total_steps} epoch {epoch + 1} train_loss {step_loss / n_labels:.4f} val_loss {v:.4f}")
-                if v < best:
-                    best, bad_evals = v, 0
-                    best_state = {n: t.detach().clone() for n, t in model.named_parameters() if t.requires_grad}
-                else:
-                    bad_evals += 1
-                    if bad_evals >= settings.patience:
-                        stopped = True
-                        log(f"early stop: validation loss has not improved for {bad_evals} evaluations")
-                        break
-        if stopped or p.steps >= total_steps:
-            break
-    _restore(model, best_state)
-    return TrainResult(best, p.steps, round(p.steps / steps_per_epoch, 3), stopped, p.micro,
-                       math.ceil(settings.batch_size / p.micro), p.ooms, p.tokens, time.perf_counter() - t0, history, p.regrown)
-
-
-def _restore(model: Any, best_state: dict[str, Any] | None) -> None:
-    import torch
-
-    if best_state is not None:
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, v in best_state.items():
-                named[n].copy_(v)
+    try:
+        stopped, at_deadline = _loop(r, [len(e.input_ids) for e in train], rng, deadline)
+    finally:
+        if loop.dp:
+            loop.dp.close()
+    evaluated = bool(r.s.history) and r.s.history[-1]["step"] == r.s.steps
+    if at_deadline and r.p.step_s and not evaluated:
+        _evaluate(r, r.p.last_loss)  # the weights it stopped with are a candidate too
+    if checkpoint and r.s.steps:
+        checkpoint.save(r.s, lora_state(model), loop.opt, sched)  # a run killed while it evaluates or exports resumes here
+    load_weights(model, r.s.best_state)
     model.eval()
+    return TrainResult(r.s.best, r.s.steps, round(r.s.steps / steps_per_epoch, 3), stopped, r.p.micro,
+                       math.ceil(settings.batch_size / r.p.micro), r.p.ooms, r.s.tokens, time.perf_counter() - t0, r.s.history,
+                       r.p.regrown, total_steps, at_deadline, resumed_at, spent(dp, r.s.steps) if dp else None)
