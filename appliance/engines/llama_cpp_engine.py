@@ -29,7 +29,8 @@ from appliance.errors import EngineError
 
 
 class LlamaCppBackend:
-    def __init__(self, model_path: Path, *, context_length: int, max_batch: int, threads: int, gpu_layers: int = 0) -> None:
+    def __init__(self, model_path: Path, *, context_length: int, max_batch: int, threads: int, gpu_layers: int = 0,
+                 ubatch: int = 512) -> None:
         from appliance.engines import cpu_backend
 
         self.cpu_variant = cpu_backend.load()  # before llama_backend_init, which would search elsewhere
@@ -53,6 +54,7 @@ class LlamaCppBackend:
         self.prefix_seq, self.base_prefix_seq = max_batch, max_batch + 1
         cp.n_ctx = context_length * (max_batch + 2)
         cp.n_batch = self.n_batch
+        cp.n_ubatch = min(ubatch, self.n_batch)  # tokens computed at once (llama.cpp's own default: 512)
         cp.n_seq_max = max_batch + 2
         cp.n_threads = cp.n_threads_batch = threads
         cp.kv_unified = False
@@ -203,42 +205,48 @@ class LlamaCppBackend:
         return [picks.get(id(s)) for s in [*live, *admit]]
 
     def _decode(self, admit: list[Sequence], live: list[Sequence]) -> dict[int, int]:
-        b, n, rows, placed = self.batch, 0, [], []
+        """The live sequences' next tokens in one llama_decode, the prompt chunks in a second.
 
-        def put(tok: int, pos: int, slot: int, want: bool) -> None:
-            nonlocal n
-            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos, 1, want
-            b.seq_id[n][0] = slot
-            n += 1
-
-        for s in live:
-            put(s.generated[-1], len(s.prompt) + len(s.generated) - 1, s.slot, True)
-            rows.append((s, n - 1))
-            placed.append((s, s.generated[-1:], 0))
+        With a KV stream per sequence llama.cpp splits a call into ubatches of consecutive sequence
+        ids with as many tokens each: beside the live tokens a chunk would be cut differently from the
+        same prompt decoded alone (and rounding differs with the cut), so it goes on its own.
+        """
+        picks = self._run([(s, s.generated[-1:], len(s.prompt) + len(s.generated) - 1, True) for s in live])
+        work = []
         for s in admit:
             if s.state is None:
                 s.state = llama_sampling.make_chain(self.L, self.vocab, self.n_vocab, s.params, self.context_length)
-            start, end = s.prefilled, min(len(s.prompt), s.prefilled + s.chunk)
-            for i in range(start, end):
-                put(s.prompt[i], i, s.slot, i == len(s.prompt) - 1)
-            if end > start:
-                placed.append((s, s.prompt[start:end], end))
-                if end == len(s.prompt):
-                    rows.append((s, n - 1))
-        if not n:
+            end = min(len(s.prompt), s.prefilled + s.chunk)
+            if end > s.prefilled:
+                work.append((s, s.prompt[s.prefilled:end], s.prefilled, end == len(s.prompt)))
+        picks.update(self._run(work))
+        return picks
+
+    def _run(self, work: list[tuple[Sequence, list[int], int, bool]]) -> dict[int, int]:
+        """Decode each (sequence, tokens, position of the first, wants the next token) in one call; the
+        picked tokens. Ordered by slot: a ubatch holds only a run of consecutive sequence ids."""
+        if not work:
             return {}
+        b, n, rows = self.batch, 0, []
+        for s, toks, pos, want in sorted(work, key=lambda w: w[0].slot):
+            for i, tok in enumerate(toks):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos + i, 1, want and i == len(toks) - 1
+                b.seq_id[n][0] = s.slot
+                n += 1
+            if want:
+                rows.append((s, n - 1))
         b.n_tokens = n
         rc = self.L.llama_decode(self.ctx, b)
         if rc != 0:
             mem = self.L.llama_get_memory(self.ctx)
-            for s, _, _ in placed:  # what those cells hold is not known now
+            for s, _, _, _ in work:  # what those cells hold is not known now
                 self.L.llama_memory_seq_rm(mem, s.slot, -1, -1)
                 self.index.drop(s.slot)
             raise EngineError(f"llama_decode returned {rc} for a batch of {n} tokens.")
-        for s, toks, end in placed:
+        for s, toks, pos, _ in work:
             self.index.extend(s.slot, toks)
-            if end:
-                s.prefilled = end
+            if pos < len(s.prompt):
+                s.prefilled = pos + len(toks)
         return {id(s): self._pick(s, row) for s, row in rows}
 
     def _pick(self, s: Sequence, row: int) -> int:

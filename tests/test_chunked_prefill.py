@@ -1,0 +1,162 @@
+"""Chunked prefill: a long prompt is prefilled `prefill_chunk` tokens a step, between the live answers'
+tokens, so it never holds up the live streams for a whole prompt's work. Counted in steps and tokens per
+decode call, never in time."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from appliance.engines.scheduler import Engine, SamplingParams, generate
+from appliance.engines.sequences import Delta, Finished
+from tests.scripted_engine import ScriptedBackend
+from tests.server_fixtures import make_root
+from tests.waiting import wait_until
+
+LONG = 2000  # prompt tokens of the long request
+LIVE = 7  # streams already decoding when it arrives
+CHUNK = 256
+
+
+def scripted(chunk: int) -> tuple[Engine, ScriptedBackend]:
+    backend = ScriptedBackend()
+    return Engine(backend, model_id="m", context_length=4096, max_batch=8, max_queue=8, prefill_chunk=chunk), backend
+
+
+def collect(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[object, list]:
+    events: list = []
+    return engine.submit(prompt, params, events.append), events
+
+
+def test_prompts_share_the_chunk_first_come_first_served():
+    engine, backend = scripted(CHUNK)
+    a = collect(engine, [65] * 600, SamplingParams(max_tokens=3))[1]
+    b = collect(engine, [66] * 100, SamplingParams(max_tokens=3))[1]
+    engine.start()  # both waiting: admitted at the same step
+    try:
+        wait_until(lambda: a and b and isinstance(a[-1], Finished) and isinstance(b[-1], Finished), "both answered")
+    finally:
+        engine.close()
+    # 600 + 100 prompt tokens at 256 a step: 256, 256, then the last 88 and all of the second (188)
+    first_token = next(i for i, seqs in enumerate(backend.answered) if seqs)
+    assert first_token == 2 and len(backend.answered[2]) == 2
+    assert a[-1].text == b[-1].text == "Hel" and a[-1].prompt_tokens == 600
+
+
+class GatedBackend(ScriptedBackend):
+    """Each step waits for `go`, so a test can act between two steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def step(self, admit, live):
+        assert self.go.wait(60), "the test never let the engine go on"
+        return super().step(admit, live)
+
+
+def test_a_sequence_cancelled_mid_prefill_frees_its_slot():
+    backend = GatedBackend()
+    engine = Engine(backend, model_id="m", context_length=4096, max_batch=2, max_queue=2, prefill_chunk=16)
+    engine.start()
+    try:
+        seq, events = collect(engine, [65] * 4000, SamplingParams(max_tokens=3))
+        wait_until(lambda: engine.live == 1, "the long prompt admitted")
+        seq.cancel()
+        backend.go.set()
+        wait_until(lambda: events, "the cancellation reported")
+        assert events[-1].reason == "cancelled" and events[-1].completion_tokens == 0
+        assert seq.prefilled < 4000 and not any(isinstance(e, Delta) for e in events) and engine.live == 0
+    finally:
+        backend.go.set()
+        engine.close()
+
+
+def test_live_streams_get_a_token_every_step_of_a_long_prefill_scripted():
+    engine, backend = scripted(CHUNK)
+    engine.start()
+    try:
+        live = [collect(engine, [67], SamplingParams(max_tokens=500, ignore_eos=True))[0] for _ in range(LIVE)]
+        wait_until(lambda: all(s.generated for s in live), "the live streams started")
+        _, events = collect(engine, [68] * LONG, SamplingParams(max_tokens=2))
+        wait_until(lambda: events and isinstance(events[-1], Finished), "the long prompt answered")
+        for s in live:
+            s.cancel()
+    finally:
+        engine.close()
+    during = [i for i, (admitted, _) in enumerate(backend.steps) if admitted]
+    assert len(during) >= LONG // CHUNK
+    assert all(all(s in backend.answered[i] for s in live) for i in during)
+
+
+@pytest.fixture(scope="module")
+def long_engine(tmp_path_factory, smollm2_gguf):
+    """SmolLM2 with room for a 2,000-token prompt beside 7 live streams."""
+    from appliance.engines import load_engine
+
+    root = make_root(tmp_path_factory.mktemp("chunk"), smollm2_gguf, max_batch=LIVE + 1, context=LONG + 160)
+    engine = load_engine(root.config.model, root.layout, max_batch=LIVE + 1, max_queue=4)
+    engine.backend.index.best = lambda *a: (None, 0)  # every prompt prefilled whole: this is about chunks
+    engine.start()
+    yield engine
+    engine.close()
+
+
+def long_prompt(engine) -> list[int]:
+    text = " ".join(f"Line {i}: the pump at station {i % 17} ran for {i * 3 % 50} minutes." for i in range(107))
+    tokens = engine.tokenize(engine.render_chat([{"role": "user", "content": text + "\nWhich station ran longest?"}]))
+    assert abs(len(tokens) - LONG) < 200, len(tokens)
+    return tokens
+
+
+def unchunked_answer(model, prompt: list[int], params: SamplingParams) -> str:
+    """The answer with the whole prompt in one llama_decode call, which llama.cpp computes in pieces of
+    CHUNK tokens (its ubatch): the same pieces as the chunked prefill, so the same rounding. (Other
+    piece sizes round differently, and on a long prompt that can change a greedy answer: llama.cpp's
+    own answers depend on its batch size the same way.)"""
+    from appliance.engines.llama_cpp_engine import LlamaCppBackend
+
+    backend = LlamaCppBackend(model, context_length=LONG + 160, max_batch=1, threads=1, ubatch=CHUNK)
+    backend.index.best = lambda *a: (None, 0)
+    engine = Engine(backend, model_id="m", context_length=LONG + 160, max_batch=1, max_queue=1, prefill_chunk=0)
+    engine.start()
+    try:
+        return generate(engine, prompt, params, 300).text
+    finally:
+        engine.close()
+
+
+def test_llama_cpp_live_streams_get_a_token_every_step_and_the_answer_is_unchanged(long_engine, smollm2_gguf, monkeypatch):
+    import llama_cpp
+
+    engine = long_engine
+    prompt = long_prompt(engine)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    unchunked = unchunked_answer(smollm2_gguf, prompt, params)
+    assert engine.prefill_chunk == CHUNK
+
+    sizes: list[int] = []
+    real = llama_cpp.llama_decode
+    monkeypatch.setattr(llama_cpp, "llama_decode", lambda ctx, batch: sizes.append(batch.n_tokens) or real(ctx, batch))
+    steps: list[tuple[list[int], int]] = []  # (each live stream's tokens so far, the long prompt's prefilled tokens)
+    live = [engine.submit(engine.tokenize(engine.render_chat([{"role": "user", "content": f"Count to {n}."}])),
+                          SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True), lambda e: None) for n in range(LIVE)]
+    wait_until(lambda: all(s.generated for s in live), "the live streams started", 300)
+    box: list = []
+    held: list = []
+    engine.on_step = lambda e: held and steps.append(([len(s.generated) for s in live], held[0].prefilled))
+    held.append(engine.submit(prompt, params, box.append))
+    try:
+        wait_until(lambda: box and isinstance(box[-1], Finished), "the long prompt answered", 300)
+    finally:
+        engine.on_step = None
+        for s in live:
+            s.cancel()
+        wait_until(lambda: engine.live == 0, "the live streams cancelled")
+    assert box[-1].text == unchunked
+    prefill = [i for i in range(1, len(steps)) if steps[i - 1][1] < len(prompt)]  # steps that prefilled part of it
+    assert len(prefill) >= len(prompt) // CHUNK
+    for i in prefill:
+        assert [b - a for a, b in zip(steps[i - 1][0], steps[i][0], strict=True)] == [1] * LIVE
+    assert max(sizes) <= CHUNK  # no decode call carried more than a chunk (the live tokens go in a call of their own)
