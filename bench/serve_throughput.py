@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,7 @@ def transformers_model(args: argparse.Namespace) -> Path:
 def stress(args: argparse.Namespace, servers: list[Contender], model: Path, tmp: Path) -> dict[str, object]:
     out: dict[str, object] = {}
     if args.long_prompt:
-        print("long prompt among live streams (7 streams of 64 tokens; one 1,992-token prompt at a quarter):", flush=True)
+        print("long prompt among live streams (7 streams of 64 tokens; one prompt of about 2,000 tokens at a quarter of their answers):", flush=True)
         results = [serve_cases.long_prompt_case(s) for s in servers]
         for r in results:
             print("  " + r.line(), flush=True)
@@ -161,6 +162,7 @@ def commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers started are stopped on the way out
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     print(f"engine={args.engine} threads={args.threads} max_tokens={args.max_tokens} greedy rate={args.rate or 'all at once'}; "
           f"commit {commit()}; cpu count {os.cpu_count()}, load average at start {os.getloadavg()[0]:.2f}; logs in {tmp}",

@@ -129,6 +129,7 @@ def our_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield target
 
 
+@pytest.mark.slow
 def test_the_client_streams_from_our_real_server_and_carries_the_answers_into_the_next_turn(our_server: Target) -> None:
     convs = [serve_workloads.multi_turn(1, turns=2)[0], *serve_workloads.short(1)]
     records, seconds = serve_client.run(our_server, convs, concurrency=2, max_tokens=6)
@@ -141,3 +142,16 @@ def test_the_client_streams_from_our_real_server_and_carries_the_answers_into_th
     assert second.prompt_tokens > first.prompt_tokens + first.tokens
     s = summarize(records, seconds)
     assert s.requests == 3 and s.tokens == sum(r.tokens for r in records) and not math.isnan(s.ttft.p50)
+
+
+def test_the_ratios_are_ours_over_llama_server_per_workload_and_concurrency() -> None:
+    from bench.serve_report import Row, ratio_lines, ratios
+
+    def run(rate: float, ttft: float) -> object:
+        return summarize([Record(sent=0.0, chunks=[ttft, ttft + 0.1], end=ttft + 0.1, status=200, usage_tokens=2)], 2 / rate)
+
+    rows = [Row("llama-server", "short", 8, run(100.0, 0.2)), Row("ours", "short", 8, run(120.0, 0.1)),  # type: ignore[arg-type]
+            Row("ours", "multi-turn", 8, run(50.0, 0.1))]  # type: ignore[arg-type]
+    ((workload, clients, rate, ttft),) = ratios(rows, "ours", "llama-server")  # multi-turn has no llama-server row
+    assert (workload, clients) == ("short", 8) and rate == pytest.approx(1.2) and ttft == pytest.approx(0.5)
+    assert ratio_lines(rows, "ours", "llama-server")[-1] == "ratio_vs_llama_server short@8=1.20"
