@@ -144,3 +144,25 @@ def test_greedy_answers_match_with_every_request_in_one_batch(engine):
     expected = without_reuse(engine, prompts)
     answers(engine, prompts[:1])  # cached: the next three find its system prompt
     assert answers(engine, prompts) == expected
+
+
+def test_transformers_reuses_saved_cells_and_answers_the_same(tf_engine, monkeypatch):
+    """The transformers engine saves a finished row's cells: a shared system prompt and a chat's earlier
+    turn are not prefilled again, rows with different reused lengths share one batch, answers unchanged."""
+    engine, backend = tf_engine, tf_engine.backend
+    system = SYSTEM[:900]
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "Name a large river in Europe."}]
+    p1 = chat(engine, first)
+    a1 = answer(engine, p1).text
+    p2 = chat(engine, [*first, {"role": "assistant", "content": a1}, {"role": "user", "content": "Which countries does it cross?"}])
+    p3 = chat(engine, [{"role": "system", "content": system}, {"role": "user", "content": "Why is my bill high?"}])
+    p4 = chat(engine, [{"role": "user", "content": "What is 2 + 2?"}])
+    with monkeypatch.context() as m:
+        m.setattr(backend, "_reusable", lambda text, adapter: (None, 0))
+        expected = [answer(engine, p).text for p in (p2, p3, p4)]
+    backend.saved.clear()
+    assert answer(engine, p1).text == a1
+    before = engine.prefix_reused_tokens
+    assert answers(engine, [p2, p3, p4]) == expected  # reused: all of p1 and its answer, the system prompt, the preamble
+    assert engine.prefix_reused_tokens - before >= len(p1) + common_prefix(p1, p3) + len(backend.prefix)
+    assert backend.saved.cells <= backend.saved.max_cells

@@ -75,3 +75,49 @@ class PrefixIndex:
     def oldest(self, keys: Iterable[int]) -> int:
         """The least recently used of `keys` (one that holds nothing counts as oldest)."""
         return min(keys, key=lambda k: self.entries[k].used if k in self.entries else -1)
+
+
+class PrefixStore:
+    """Saved KV cells of recent prompts (any payload, e.g. per-layer tensors), `max_cells` tokens in all.
+
+    A new entry replaces any entry it extends (a chat's previous turn); beyond the bound the least
+    recently used go first.
+    """
+
+    def __init__(self, max_cells: int) -> None:
+        self.max_cells = max_cells
+        self.index = PrefixIndex()
+        self.payloads: dict[int, object] = {}
+        self._next = 0
+
+    @property
+    def cells(self) -> int:
+        return sum(len(e.tokens) for e in self.index.entries.values())
+
+    def put(self, tokens: Sequence[int], tag: Hashable, payload: object) -> None:
+        if not tokens or len(tokens) > self.max_cells:
+            return
+        for key, e in list(self.index.entries.items()):
+            if e.tag == tag and common_prefix(e.tokens, tokens) == len(e.tokens):
+                self._drop(key)
+        while self.cells + len(tokens) > self.max_cells:
+            self._drop(self.index.oldest(self.payloads))
+        self._next += 1
+        self.index.set(self._next, tokens, tag)
+        self.payloads[self._next] = payload
+
+    def get(self, tokens: Sequence[int], tag: Hashable) -> tuple[object, int]:
+        """(the payload sharing the longest prefix with `tokens` under `tag`, that length); (None, 0) when none."""
+        key, n = self.index.best(tokens, tag, list(self.payloads))
+        if key is None:
+            return None, 0
+        self.index.touch(key)
+        return self.payloads[key], n
+
+    def _drop(self, key: int) -> None:
+        self.index.drop(key)
+        self.payloads.pop(key, None)
+
+    def clear(self) -> None:
+        self.index.clear()
+        self.payloads.clear()

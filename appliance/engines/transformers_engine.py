@@ -5,9 +5,12 @@ forward pass. When a sequence leaves, its row is dropped from the cache; when so
 prompts are prefilled in one pass of their own and their cache rows are appended to the batch
 (the shorter side left-padded), so a join never recomputes the others.
 
-Every chat prompt starts with the template's system preamble: its cache is computed once (with and
-without the adapter) and copied into each newcomer's rows, so a prefill computes only the rest of
-the prompt; the padding then sits between the preamble and the rest, which the mask hides.
+A finished sequence's cells (its row's keys and values) are saved in a store of recent prompts
+(appliance.engines.prefix_cache, bounded in tokens); a newcomer whose prompt starts like a saved one
+(the same system prompt, a chat's earlier turns resent) gets those cells copied into its row, as it
+does the template's system preamble (computed once, with and without the adapter), and its prefill
+computes only the rest of the prompt; the padding then sits between the reused cells and the rest,
+which the mask hides. An adapter swap forgets every saved cell.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
 from appliance.engines.constraints import Constraint
+from appliance.engines.prefix_cache import PrefixStore
 from appliance.engines.sequences import Sequence
 from appliance.engines.torch_sampling import Sampler
 from appliance.errors import EngineError
@@ -25,7 +29,7 @@ from appliance.errors import EngineError
 
 class TransformersBackend:
     def __init__(self, model_path: Path, *, context_length: int, dtype: str = "float32", device: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prefix_cache_tokens: int | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,6 +62,9 @@ class TransformersBackend:
         self.n_vocab = int(self.base.config.vocab_size)
         self.prefix = shared_prefix(self.tokenize, self.render_chat)
         self._prefix_kv: dict[bool, list[tuple[Any, Any]]] = {}  # adapter on? -> each layer's (keys, values)
+        # finished sequences' cells: two contexts' worth by default
+        self.saved = PrefixStore(2 * context_length if prefix_cache_tokens is None else prefix_cache_tokens)
+        self.reused_tokens = 0  # prompt tokens taken from saved cells instead of being prefilled
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
         self.cache: Any = None
         self.mask: Any = None
@@ -79,7 +86,16 @@ class TransformersBackend:
         return self.context_length * 8
 
     def release(self, seq: Sequence) -> None:
-        seq.state = None  # its row leaves the cache at the next step
+        """Save its row's cells for a later prompt that starts the same way; the row leaves the cache at the next step."""
+        seq.state = None
+        row = next((i for i, s in enumerate(self.rows) if s is seq), None)
+        if row is None or self.cache is None or not self.saved.max_cells:
+            return
+        cells = self.mask[row].nonzero().squeeze(1)  # in position order: padding is all the mask hides
+        tokens = (seq.prompt + seq.generated)[:len(cells)]
+        if len(tokens) == len(cells):
+            kv = [(layer.keys[row:row + 1, :, cells], layer.values[row:row + 1, :, cells]) for layer in self.cache.layers]
+            self.saved.put(tokens, self._wants([seq])[0], kv)
 
     def _wants(self, seqs: list[Sequence]) -> list[bool]:
         """Per row: does it run with the adapter?"""
@@ -140,28 +156,43 @@ class TransformersBackend:
 
         torch = self.torch
         texts = [s.prompt + s.generated for s in seqs]
-        k = len(self.prefix)
-        if not (k and all(len(t) > k and t[:k] == self.prefix for t in texts)):
-            k = 0
-        rests = [t[k:] for t in texts]
+        reused = [self._reusable(t, w) for t, w in zip(texts, self._wants(seqs), strict=True)]
+        k = max(n for _, n in reused)
+        rests = [t[n:] for t, (_, n) in zip(texts, reused, strict=True)]
         width = max(len(t) for t in rests)
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, t in enumerate(rests):  # padded on the left: every row's next token is at the last column
+        mask = torch.zeros((len(seqs), k + width), dtype=torch.long)
+        for i, (t, (_, n)) in enumerate(zip(rests, reused, strict=True)):  # padded on the left: every row's next token is at the last column
             ids[i, width - len(t):] = torch.tensor(t)
-            mask[i, width - len(t):] = 1
+            mask[i, k - n:k] = 1
+            mask[i, k + width - len(t):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
         if k:
-            per_row = [self._prefix_cache(w) for w in self._wants(seqs)]
-            for layer in range(len(per_row[0])):
-                cache.update(torch.cat([kv[layer][0] for kv in per_row]), torch.cat([kv[layer][1] for kv in per_row]), layer)
-            mask = torch.cat([mask.new_ones((len(seqs), k)), mask], dim=1)
+            ref = next(kv for kv, n in reused if n)  # one row's cells: the shape every row's take, layer by layer
+            for layer in range(len(ref)):
+                cache.update(*(torch.cat([self._left_padded(kv, n, k, ref[layer][side], layer, side) for kv, n in reused])
+                               for side in (0, 1)), layer)
+            self.reused_tokens += sum(n for _, n in reused)
         pos = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, k:]
         # logits_to_keep=1: the vocabulary projection only for the last position, not every prompt token.
         out = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                             use_cache=True, logits_to_keep=1)
         return out.past_key_values, mask, out.logits[:, -1, :]
+
+    def _reusable(self, text: list[int], adapter: bool) -> tuple[Any, int]:
+        """The cells of the longest cached start of `text` (saved, or the template's preamble) and its
+        length; (None, 0) when none. The last token is always computed: it gives the next one."""
+        kv, n = self.saved.get(text[:-1], adapter)
+        k = len(self.prefix)
+        if k > n and len(text) > k and text[:k] == self.prefix:
+            return self._prefix_cache(adapter), k
+        return kv, n
+
+    def _left_padded(self, kv: Any, n: int, k: int, like: Any, layer: int, side: int) -> Any:
+        """The first `n` cells of one row's `kv[layer][side]` (keys 0, values 1), after k - n zeros."""
+        pad = like.new_zeros((1, like.shape[1], k - n, like.shape[3]))
+        return pad if not n else self.torch.cat([pad, kv[layer][side][:, :, :n]], dim=2)
 
     def _prefix_cache(self, adapter: bool) -> list[tuple[Any, Any]]:
         """The shared prefix's keys and values per layer (one row), computed on first use."""
@@ -211,6 +242,7 @@ class TransformersBackend:
         """
         self.rows, self.cache, self.mask = [], None, None
         self._prefix_kv.clear()  # computed with the weights that are about to change
+        self.saved.clear()
         if adapter is None:
             self.lora_name = None
             return
