@@ -235,12 +235,14 @@ def _ready(url: str, key: str) -> bool:
 def serve_main(rounds: int, max_tokens: int) -> int:
     counts = sorted({1, 2, *(n for n in (4, 8, 16) if n <= (os.cpu_count() or 1))})
     runs: dict[tuple[int, int], list[dict[str, float]]] = {}
+    print(f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     with tempfile.TemporaryDirectory(prefix="serve-threads-") as d:
-        for _ in range(rounds):
+        for r in range(rounds):
             for threads in counts:  # alternating, so a change in the machine's load shows in both
                 for clients, row in serve_threads(threads, max_tokens, Path(d)).items():
                     runs.setdefault((threads, clients), []).append(row)
-    print(f"{os.cpu_count()} cores; {rounds} rounds; median of the rounds", flush=True)
+                    print(f"  round {r + 1}: {threads} threads, {clients} clients: {row['tok_s']:.1f} tok/s", flush=True)
+    print(f"{os.cpu_count()} cores; {rounds} rounds; median of the rounds; load average {os.getloadavg()[0]:.1f} at the end", flush=True)
     print(f"{'threads':>7} {'clients':>7} {'tok/s':>7} {'ttft p50':>9} {'itl p50':>8} {'itl p99':>8} "
           f"{'loop cpu-s/1k tok':>17} {'decode cpu-s/1k tok':>19} {'cores busy':>10}")
     best: dict[int, tuple[float, int]] = {}
