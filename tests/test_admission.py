@@ -46,6 +46,15 @@ def test_a_whole_batch_finishing_at_once_averages_out():
     assert d.rate(40.0) == pytest.approx(2.0, rel=0.3)
 
 
+def test_a_request_behind_a_batch_that_finishes_together_waits_a_whole_batch_first():
+    """Even finishes: the first needed one comes an interval away; a batch finishing in one step: a round away."""
+    even = drained([0.5 * i for i in range(1, 81)], window=32)
+    assert admission.expected_wait(even, 40.0, waiting=8, free_slots=0) == pytest.approx(9 * 0.5)
+    bursts = drained([4.0 * r for r in range(1, 11) for _ in range(8)], window=32)
+    # 9 finishes needed: this round's 8, then one of the next: 2 rounds, 8 s (not 9 x 0.5 s)
+    assert admission.expected_wait(bursts, 40.0, waiting=8, free_slots=0) == pytest.approx(8.0, rel=0.15)
+
+
 def test_idle_time_does_not_count_and_nothing_measured_is_none():
     assert DrainRate(window=4).interval(5.0) is None
     d = drained([1.0, 2.0, 3.0, 4.0])
@@ -224,3 +233,22 @@ def test_the_openai_client_gets_429_with_the_computed_retry_after(tmp_path):
         assert [ev[-1].reason for ev in events] == ["length"] * 3 and all(s.slot == -1 for s in seqs)
         scraped = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {root.user_key}"}).text
         assert 'appliance_overload_refusals_total{reason="queue_wait"} 1.0' in scraped
+
+
+# --- the setting ---------------------------------------------------------------------------------
+
+def test_the_setting_is_validated_and_reaches_the_engine(tmp_path, smollm2_gguf):
+    from appliance.config import ConfigError, ServerConfig, validate_section
+    from appliance.engines import load_engine
+    from tests.server_fixtures import make_root
+
+    assert ServerConfig().max_queue_wait_s == 10.0
+    assert validate_section(ServerConfig, "server", {"max_queue_wait_s": 3}).max_queue_wait_s == 3.0
+    with pytest.raises(ConfigError, match="max_queue_wait_s is -1.0; it must be at least 0"):
+        validate_section(ServerConfig, "server", {"max_queue_wait_s": -1})
+    root = make_root(tmp_path, smollm2_gguf, max_batch=2, max_queue=2)
+    engine = load_engine(root.config.model, root.layout, max_batch=2, max_queue=2, max_queue_wait_s=3.5)
+    try:
+        assert engine.max_queue_wait_s == 3.5
+    finally:
+        engine.close()

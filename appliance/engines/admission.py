@@ -29,6 +29,7 @@ class DrainRate:
         self.finished = 0  # sequences seen finishing, ever
         self.outstanding = 0  # submitted and not yet finished
         self._num = 0.0  # weighted sum of intervals
+        self._sq = 0.0  # weighted sum of their squares
         self._den = 0.0  # sum of the weights (the average is unbiased from the first finish on)
         self._busy = 0.0  # busy seconds since the last finish
         self._last: float | None = None
@@ -46,6 +47,7 @@ class DrainRate:
         self._advance(now)
         self.outstanding = max(0, self.outstanding - 1)
         self._num = self._num * self.decay + self._busy
+        self._sq = self._sq * self.decay + self._busy ** 2
         self._den = self._den * self.decay + 1.0
         self._busy = 0.0
         self.finished += 1
@@ -62,6 +64,15 @@ class DrainRate:
         mean = self._num / self._den
         return max(mean, (self._num * self.decay + self._busy) / (self._den * self.decay + 1.0))
 
+    def gap(self, now: float) -> float | None:
+        """The gap between finishes that a request arriving at a random moment falls into, on average
+        (E[x²]/E[x]): the interval itself when finishes are evenly spread, a whole batch's time when
+        the batch finishes together. What the first of a request's needed finishes may take."""
+        mean = self.interval(now)
+        if mean is None or self._num <= 0:
+            return mean
+        return max(mean, self._sq / self._num)
+
     def rate(self, now: float) -> float | None:
         """Sequences finished per busy second (None: not measured yet)."""
         gap = self.interval(now)
@@ -76,13 +87,14 @@ class Refusal:
 
 
 def expected_wait(drain: DrainRate, now: float, *, waiting: int, free_slots: int) -> float | None:
-    """Seconds a request queued now waits for a slot: the finishes needed before it gets one, times
-    the measured interval (0 while a slot is free for it; None before anything was measured)."""
+    """Seconds a request queued now waits for a slot (0 while a slot is free for it; None before
+    anything was measured): the gap it arrives in, then the measured interval for each further
+    finish it needs. Bursty finishes (a batch of equal answers) make the first gap long."""
     needed = waiting + 1 - free_slots
     if needed <= 0:
         return 0.0
-    gap = drain.interval(now)
-    return None if gap is None else needed * gap
+    mean, first = drain.interval(now), drain.gap(now)
+    return None if mean is None or first is None else first + (needed - 1) * mean
 
 
 def check(drain: DrainRate, now: float, *, waiting: int, free_slots: int, max_queue: int, max_wait_s: float) -> Refusal | None:
