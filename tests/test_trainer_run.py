@@ -37,7 +37,10 @@ def test_demo_run_promotes_a_better_adapter(demo_run: DemoRun, gguf_sha: str):
     assert any(k.endswith("lora_B.weight") and abs(v).max() > 0 for k, v in weights.items())
     assert not any("base_layer" in k for k in weights)
     saved = json.loads((layout.var / "runs" / f"{report['id']}.json").read_text())
-    assert saved["stages"]["split"]["train"] + saved["stages"]["split"]["validation"] == 420
+    split = saved["stages"]["split"]
+    assert split["train"] + split["validation"] + split["held_back"] == 420 and split["held_back"] > 20
+    gate = saved["stages"]["gate"]  # no inbox/eval/: judged on the held-back slice, through the llama.cpp engine
+    assert gate["source"] == "held back" and 0 < gate["items"] <= split["held_back"] and gate["scores"]["candidate"] > gate["scores"]["reference"]
     assert saved["stages"]["validate"]["rejected"] == 0 and saved["stages"]["gate"]["promote"] is True
     assert (layout.data / "processed" / report["id"] / "manual.jsonl").is_file()
     assert not list((layout.data / "inbox").glob("*.jsonl"))
@@ -68,7 +71,7 @@ def test_garbage_and_trigger_flood_leave_the_active_adapter(demo_run: DemoRun, t
     assert s["validate"]["rejected"] == 50
     assert s["dedupe"]["exact"] == 299
     if report["status"] == "kept":  # the gibberish was trained on, and the gate refused the result
-        assert s["gate"]["promote"] is False and s["split"]["train"] + s["split"]["validation"] == 31
+        assert s["gate"]["promote"] is False and s["split"]["train"] + s["split"]["validation"] + s["split"]["held_back"] == 31
     assert reg.active_id(root.layout) == before
 
 

@@ -117,10 +117,10 @@ def test_a_processed_inbox_file_keeps_no_raw_personal_data(tmp_path):
 
 
 def test_run_ids_sort_by_start_time_within_one_second(tmp_path):
+    import time
+
     from appliance.trainer.report import list_reports, write_report
     from appliance.trainer.run import new_run_id
-
-    import time
 
     ids = []
     for _ in range(40):  # 40 ids in about 0.1 s: random suffixes alone would sort them at random
