@@ -30,7 +30,21 @@ class TrainerSettings:
     learning_rate: float = _f(2e-4, "AdamW learning rate of the LoRA weights", min=1e-7, max=1.0)
     epochs: int = _f(3, "most passes over the training split", min=1, max=100)
     patience: int = _f(3, "evaluations without a better validation loss before training stops early", min=1)
-    gate_margin: float = _f(0.02, "relative validation-loss improvement needed to promote (0.02 = 2%)", min=0.0, max=1.0)
+    gate_margin: float = _f(0.02, "outcome score (0 to 1: key recall or token F1 of greedy answers to held-out items) the candidate "
+                            "must gain over the active adapter, or the base model, to be promoted (0.02 = 2 points)", min=0.0, max=1.0)
+    gate_max_p: float = _f(0.05, "the paired sign test over the held-out items must give a p-value below this to promote", min=0.0, max=1.0)
+    gate_max_broken: int = _f(2, "held-out items the reference answered right that the candidate may answer wrong", min=0)
+    gate_right_at: float = _f(0.5, "score at which a held-out item counts as answered right (for items fixed and broken)",
+                              min=0.0, max=1.0)
+    eval_fraction: float = _f(0.1, "share of the training side held back for the outcome gate when inbox/eval/ holds no frozen set",
+                              min=0.0, max=0.5)
+    eval_max_items: int = _f(64, "most held-out items the gate answers each run (the same ones every run, by hash)", min=1)
+    eval_max_tokens: int = _f(48, "most new tokens of each greedy answer the gate generates", min=4, max=1024)
+    eval_batch: int = _f(4, "answers the gate's engine decodes together", min=1, max=64)
+    anchor_min_agreement: float = _f(0.15, "least mean token F1 between the candidate's and the base model's greedy answers to the "
+                                     "generic anchor prompts", min=0.0, max=1.0)
+    anchor_max_repetition: float = _f(0.2, "most share of repeated word 3-grams in the candidate's answers to the anchor prompts "
+                                      "(or the base model's own share, where that is higher)", min=0.0, max=1.0)
     keep_adapters: int = _f(5, "registered adapters kept on disk (the active one and its predecessor always are)", min=1)
     lora_rank: int = _f(8, "LoRA rank r", min=1, max=256)
     lora_alpha: float = _f(16, "LoRA alpha (the update is scaled by alpha / rank)", min=0.0)
