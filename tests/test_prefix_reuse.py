@@ -84,6 +84,11 @@ def test_shared_system_prompt_is_prefilled_once(engine):
     assert got == expected
     # the second reuses the first's system prompt (the first finds the second-to-last of the no-reuse run)
     assert engine.prefix_reused_tokens - before >= 2 * shared
+    from appliance.server.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.bind_engine(engine)
+    assert f"appliance_prefix_reused_tokens_total {float(engine.prefix_reused_tokens)}" in metrics.render().decode()
 
 
 def test_a_chats_earlier_turns_are_not_prefilled_again(engine):
