@@ -116,8 +116,8 @@ def _export(model: Any, base_dir: Path, gguf_file: Path, out: Path) -> Path:
 
 
 def _line(name: str, check: ExportCheck) -> str:
-    return f"{name}: agree={check.agree} gain={check.gain:.1f} " + " ".join(
-        f"corr={p.correlation:.3f}/size={p.norm_ratio:.2f}/top1={p.top1_agreement:.2f}" for p in check.probes)
+    return f"{name}: agree={check.agree} " + " ".join(
+        f"{p.part}:gain={p.gain:.0f}/corr={p.correlation:.3f}/size={p.norm_ratio:.2f}/top1={p.top1_agreement:.2f}" for p in check.probes)
 
 
 def test_the_converter_permutes_qk_rows_exactly_for_the_architectures_the_exporter_permutes(tiny: dict[str, Any]) -> None:
@@ -189,5 +189,37 @@ def test_export_check_on_smollm2_q4_1_with_a_weak_adapter(smollm2_gguf: Path, sm
     wrong = check_export(model, tok, smollm2_gguf, _export(model, smollm2_safetensors, smollm2_gguf, tmp_path / "wrong"))
     print(f"SmolLM2 Q4_1\n{_line('permuted', right)}\n{_line('not permuted', wrong)}")
     assert right.agree, right.reason
-    assert right.gain > 1.0
+    assert all(p.gain > 1.0 for p in right.probes) and {p.part for p in right.probes} == {"all", "q_k"}
     assert not wrong.agree
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row_order", ["right", "wrong"])
+def test_a_run_registers_its_adapter_and_promotes_it_only_when_the_gguf_agrees(trainer_root: Any, row_order: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from appliance import adapters as reg
+    from appliance.trainer import run
+    from tests.trainer_fixtures import demo_lines, quick_settings
+
+    trainer_root.add_inbox("manual.jsonl", demo_lines("train.jsonl")[:60])
+    if row_order == "wrong":
+        monkeypatch.setattr(export, "QK_PERMUTED", frozenset())  # SmolLM2 is llama: q_proj/k_proj's B rows in the wrong order
+    gate = run.decide  # whatever the outcome gate makes of two steps, here it says promote: the export check must decide
+    monkeypatch.setattr(run, "decide", lambda *a, **k: replace(gate(*a, **k), promote=True))
+    report = run.run_training(trainer_root.layout, run.RunOptions(now=True, settings=quick_settings(min_new_examples=5), max_steps=2,
+                                                                  log=lambda s: None))
+    check = report["stages"]["export"]["check"]
+    print(row_order, check)
+    assert report["stages"]["gate"]["promote"] is True
+    assert {p["part"] for p in check["probes"]} == {"all", "q_k"} and len(check["probes"]) == 2 * len(PROBES)
+    assert [a.id for a in reg.list_adapters(trainer_root.layout)] == [report["adapter"]]
+    active = reg.active_adapter(trainer_root.layout)
+    if row_order == "right":
+        assert check["agree"] is True, check["reason"]
+        assert report["status"] == "promoted" and active is not None and active.id == report["adapter"]
+    else:
+        assert check["agree"] is False
+        assert report["status"] == "kept" and report["reason"] == check["reason"] and active is None
+        assert any(f"on the probe {p!r}" in report["reason"] for p in PROBES)
