@@ -209,7 +209,7 @@ def eval_set(inbox: Path, parts: Split, settings: TrainerSettings) -> tuple[Spli
     if frozen:
         rest, _, dropped = hold_back(parts, 0.0, frozenset(x.prompt_key for x in frozen))
         return rest, EvalSet(cap(frozen, settings.eval_max_items), f"inbox/{EVAL_DIR}", files, rejected), dropped
-    rest, held, _ = hold_back(parts, settings.eval_fraction)
+    rest, held, _ = hold_back(parts, settings.eval_fraction, max_prompts=settings.eval_max_items)
     return rest, EvalSet(cap(held, settings.eval_max_items), "held back", files, rejected), 0
 
 

@@ -36,8 +36,8 @@ class TrainerSettings:
     gate_max_broken: int = _f(2, "held-out items the reference answered right that the candidate may answer wrong", min=0)
     gate_right_at: float = _f(0.5, "score at which a held-out item counts as answered right (for items fixed and broken)",
                               min=0.0, max=1.0)
-    eval_fraction: float = _f(0.1, "share of the training side held back for the outcome gate when inbox/eval/ holds no frozen set",
-                              min=0.0, max=0.5)
+    eval_fraction: float = _f(0.2, "most share of the training side's questions held back for the outcome gate when inbox/eval/ "
+                              "holds no frozen set (and never more than eval_max_items questions)", min=0.0, max=0.5)
     eval_max_items: int = _f(64, "most held-out items the gate answers each run (the same ones every run, by hash)", min=1)
     eval_max_tokens: int = _f(48, "most new tokens of each greedy answer the gate generates", min=4, max=1024)
     eval_batch: int = _f(4, "answers the gate's engine decodes together", min=1, max=64)

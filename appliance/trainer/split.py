@@ -28,19 +28,24 @@ def split(examples: list[Example], validation_fraction: float) -> Split:
     return Split(train, val)
 
 
-def hold_back(parts: Split, fraction: float, exclude: frozenset[str] = frozenset()) -> tuple[Split, list[Example], int]:
+def hold_back(parts: Split, fraction: float, exclude: frozenset[str] = frozenset(),
+              max_prompts: int | None = None) -> tuple[Split, list[Example], int]:
     """(parts without the held-back slice, the slice, how many examples were dropped as `exclude`d prompts).
 
-    The slice comes out of the training side only, by another part of the prompt's hash than the
-    validation split, so early stopping never sees it and validation stays as it was. Prompts in
-    `exclude` (a site's frozen evaluation set) are never trained or validated on.
+    The slice is the training side's questions with the lowest values of another part of the prompt's
+    hash than the validation split uses: `fraction` of them, at most `max_prompts`, so a large run
+    holds back only what the gate asks. Early stopping never sees it and validation stays as it
+    was. Prompts in `exclude` (a site's frozen evaluation set) are never trained or validated on.
     """
     train = [e for e in parts.train if e.prompt_key not in exclude]
     validation = [e for e in parts.validation if e.prompt_key not in exclude]
     dropped = len(parts.train) + len(parts.validation) - len(train) - len(validation)
-    cut = int(fraction * 10_000)
-    held = [e for e in train if int(e.prompt_key[8:16], 16) % 10_000 < cut]
-    if len(held) >= len(train):  # a tiny run trains on what it has rather than on nothing
-        held = []
-    keep = {id(e) for e in held}
-    return Split([e for e in train if id(e) not in keep], validation), held, dropped
+    prompts = sorted({e.prompt_key for e in train}, key=lambda k: (k[8:16], k))
+    n = int(fraction * len(prompts))
+    if max_prompts is not None:
+        n = min(n, max_prompts)
+    if n >= len(prompts):  # a tiny run trains on what it has rather than on nothing
+        n = 0
+    chosen = set(prompts[:n])
+    held = [e for e in train if e.prompt_key in chosen]
+    return Split([e for e in train if e.prompt_key not in chosen], validation), held, dropped
