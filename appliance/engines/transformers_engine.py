@@ -120,6 +120,13 @@ class TransformersBackend:
 
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
         """Every sequence's next token, `live` first, then `admit` (whole prompts: `chunk` is not used here)."""
+        try:
+            return self._step(admit, live)
+        except BaseException:
+            self.rows, self.cache, self.mask = [], None, None  # half-updated: nothing in it may be saved or reused
+            raise
+
+    def _step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
         torch = self.torch
         order = [*live, *admit]
         picks: dict[int, int] = {}
