@@ -242,13 +242,19 @@ def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings,
               c: _Candidate, run_id: str, report: dict[str, Any], log: Callable[[str], None]) -> None:
     """export → register → (promote) → prune."""
     from appliance.trainer.export import gguf_architecture, save_peft, write_gguf_lora
+    from appliance.trainer.export_check import check_export
 
     stages = report["stages"]
     staged = registry.staging_dir(layout, run_id)
     save_peft(c.model, staged / "peft", model_ref.id)
+    stages["export"] = {"peft": True, "gguf": model_ref.backend == "llama.cpp"}
     if model_ref.backend == "llama.cpp":
         write_gguf_lora(staged / "peft", staged / "adapter.gguf", c.base.config, gguf_architecture(model_ref.path))
-    stages["export"] = {"peft": True, "gguf": model_ref.backend == "llama.cpp"}
+        check = check_export(c.model, c.base.tokenizer, model_ref.path, staged / "adapter.gguf",
+                             settings.threads or max(1, (os.cpu_count() or 2) // 2))
+        stages["export"]["check"] = check.to_json()
+        log(f"export check: {check.reason}")
+    export_ok = stages["export"].get("check", {"agree": True})["agree"]
     metadata = {
         "created_at": report["started_at"], "run": run_id, "parent": c.active.id if c.active else None,
         "base_model": {"id": model_ref.id, "backend": model_ref.backend, "sha256": c.base.sha256},
@@ -264,12 +270,12 @@ def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings,
     # State before promotion: a crash between the two leaves a registered, unpromoted adapter and
     # consumed data, which is what a "keep" decision would have left too.
     _consume(paths, data, c.validation, run_id)
-    if c.decision.promote:
+    if c.decision.promote and export_ok:
         registry.promote(layout, adapter.id)
         report.update(status="promoted", reason=c.decision.reason)
         log(f"promoted {adapter.id}; the server switches to it by itself within about a second")
-    else:
-        report.update(status="kept", reason=c.decision.reason)
+    else:  # a candidate the gate would promote but whose GGUF disagrees with PEFT stays registered, unpromoted
+        report.update(status="kept", reason=c.decision.reason if not c.decision.promote else stages["export"]["check"]["reason"])
     stages["prune"] = {"removed": registry.prune(layout, settings.keep_adapters)}
 
 
