@@ -38,6 +38,8 @@ class Metrics:
         self.overloaded = Counter("appliance_overload_refusals", "generation requests the engine refused with 429, by reason: "
                                   "queue_full (max_queue waiting) or queue_wait (expected wait over max_queue_wait_s)",
                                   ["reason"], registry=r)
+        for reason in ("queue_full", "queue_wait"):
+            self.overloaded.labels(reason)  # both series from the start, at 0
         self.tokens_in = Counter("appliance_prompt_tokens", "prompt tokens accepted", registry=r)
         self.tokens_out = Counter("appliance_completion_tokens", "answer tokens generated", registry=r)
         self.queue_depth = Gauge("appliance_queue_depth", "requests waiting for a slot", registry=r)
