@@ -111,3 +111,9 @@ def test_served_model_knows_the_domain_better_than_the_base(engines, demo_run: D
     print(f"held-out facts answered: transformers base {hf_base} adapter {hf_adapter}; llama.cpp base {cpp_base} adapter {cpp_adapter}")
     assert hf_adapter > hf_base and cpp_adapter > cpp_base
     assert hf_adapter >= 3 and cpp_adapter >= 3
+
+
+def test_the_demo_runs_gguf_export_passed_the_check_against_peft(demo_run: DemoRun):
+    check = demo_run.report["stages"]["export"]["check"]
+    assert check["agree"] is True, check["reason"]
+    assert {p["part"] for p in check["probes"]} == {"all", "q_k"}  # the demo trains q_proj and k_proj too
