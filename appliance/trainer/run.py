@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -102,6 +102,7 @@ class _Data:
     parts: Any
     anchor: list[Example]  # earlier runs' validation examples, less those this run corrects
     replay: rp.Replay  # earlier runs' training examples this run mixes into its training split (only there)
+    evaluation: Any = None  # the outcome gate's items (outcome.EvalSet)
     keep: tuple[Any, ...] = ()  # [trainer] keep_networks, parsed: masking leaves these addresses
 
 
@@ -114,6 +115,37 @@ class _Candidate:
     decision: Any
     train: list[Example]
     validation: list[Example]
+    losses: Any = None  # validation losses, reported beside the outcome gate
+
+
+def _with_eval_set(paths: st.TrainerPaths, settings: TrainerSettings, data: _Data, stages: dict[str, Any]) -> _Data:
+    """The outcome gate's items: inbox/eval/ or a held-back slice; neither is trained or validated on."""
+    from appliance.trainer.outcome import eval_set
+
+    parts, evaluation, dropped = eval_set(paths.inbox, data.parts, settings)
+    stages["split"] = dict(stages.get("split", {}), train=len(parts.train), validation=len(parts.validation),
+                           held_back=len(data.parts.train) - len(parts.train), in_eval_set=dropped, evaluation=evaluation.summary())
+    return replace(data, parts=parts, evaluation=evaluation)
+
+
+def _gate(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings, data: _Data, c: _Candidate, run_id: str,
+          staged: Any, stages: dict[str, Any], log: Callable[[str], None]) -> _Candidate:
+    """The exported candidate's answers through the serving engine, scored, decide promote-or-keep."""
+    from appliance.trainer.outcome import evaluate, gate_rules
+    from appliance.trainer.promotion import Outcome
+
+    items = data.evaluation.items
+    details: dict[str, Any] = {}
+    log(f"gate: answering {len(items)} held-out items ({data.evaluation.source}) and the anchor prompts through the engine")
+    try:
+        outcome, details = evaluate(layout, paths.dir, settings, items, registry.Adapter(run_id, staged), c.active, c.base.sha256, log) \
+            if items else (Outcome("active adapter" if c.active else "base model", (), None), {})
+    except ApplianceError as e:
+        outcome = Outcome("active adapter" if c.active else "base model", (), None, error=f"the candidate could not be evaluated: {e.message}")
+    decision = decide(replace(outcome, source=data.evaluation.source), c.losses, gate_rules(settings))
+    stages["gate"] = decision.to_json() | details
+    log(f"gate: {'promote' if decision.promote else 'keep'}: {decision.reason}")
+    return replace(c, decision=decision)
 
 
 def _prepare(paths: st.TrainerPaths, settings: TrainerSettings, run_id: str, stages: dict[str, Any],
@@ -153,7 +185,7 @@ def _prepare(paths: st.TrainerPaths, settings: TrainerSettings, run_id: str, sta
 def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: str, report: dict[str, Any]) -> None:
     settings = opts.settings or load_trainer_settings(layout)
     model_ref = load_base_model_ref(layout)
-    data = _prepare(paths, settings, run_id, report["stages"], opts.log)
+    data = _with_eval_set(paths, settings, _prepare(paths, settings, run_id, report["stages"], opts.log), report["stages"])
     new = len(data.deduped.examples)
     if not opts.now and new < settings.min_new_examples:
         report.update(status="skipped", reason=f"{new} new examples, fewer than min_new_examples = {settings.min_new_examples}")
@@ -174,7 +206,7 @@ def _pipeline(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, run_id: 
 def _helper_rank(layout: Layout, paths: st.TrainerPaths, opts: RunOptions) -> dict[str, Any]:
     """A torchrun rank other than 0: the same data and steps as rank 0, its share of each; rank 0 does the rest."""
     settings = opts.settings or load_trainer_settings(layout)
-    data = _prepare(paths, settings, "rank", {}, lambda _m: None)
+    data = _with_eval_set(paths, settings, _prepare(paths, settings, "rank", {}, lambda _m: None), {})
     if data.parts.train and data.parts.validation and (opts.now or len(data.deduped.examples) >= settings.min_new_examples):
         _train(layout, paths, RunOptions(opts.now, settings, opts.max_steps, opts.before_micro, lambda _m: None),
                settings, load_base_model_ref(layout), data, {})
@@ -216,7 +248,7 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
 
     # Garbage is handled in layers: unparseable lines fail validation, floods collapse in dedupe, and
     # what remains must beat the active adapter without losing ground on earlier validation data.
-    train_pairs, val_pairs = enc(data.parts.train + data.replay.outside(None)), enc(data.parts.validation)
+    train_pairs, val_pairs = enc(data.parts.train + data.replay.outside(data.evaluation)), enc(data.parts.validation)
     if not train_pairs or not val_pairs:
         return None
     train_enc, val_enc = [e for _, e in train_pairs], [e for _, e in val_pairs]
@@ -232,10 +264,7 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     stages["train"] = {k: v for k, v in asdict(result).items() if k != "history"} | {"history": result.history}
     losses = evaluate_all(model, active, val_enc, anchor_enc, base.pad_id, precision)
     stages["evaluate"] = {k: _finite(v) for k, v in asdict(losses).items()}
-    decision = decide(losses, settings.gate_margin, settings.anchor_tolerance)
-    stages["gate"] = decision.to_json()
-    log(f"gate: {'promote' if decision.promote else 'keep'}: {decision.reason}")
-    return _Candidate(model, base, active, result, decision, [x for x, _ in train_pairs], [x for x, _ in val_pairs])
+    return _Candidate(model, base, active, result, None, [x for x, _ in train_pairs], [x for x, _ in val_pairs], losses)
 
 
 def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings, model_ref: Any, data: _Data,
@@ -255,6 +284,7 @@ def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings,
         stages["export"]["check"] = check.to_json()
         log(f"export check: {check.reason}")
     export_ok = stages["export"].get("check", {"agree": True})["agree"]
+    c = _gate(layout, paths, settings, data, c, run_id, staged, stages, log)
     metadata = {
         "created_at": report["started_at"], "run": run_id, "parent": c.active.id if c.active else None,
         "base_model": {"id": model_ref.id, "backend": model_ref.backend, "sha256": c.base.sha256},
