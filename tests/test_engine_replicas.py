@@ -31,9 +31,10 @@ def test_requests_spread_over_replicas_and_answers_match(pair):
     held = [submit(pair, "Write a very long essay about the sea.", 300, ignore_eos=True) for _ in range(4)]
     wait_until(lambda: pair.live >= 4, "all four requests live")
     assert [e.live for e in pair.engines] == [2, 2] and pair.live == 4
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull, match="Each of the 2 replicas refused: ") as refused:
         for _ in range(3):
             submit(pair, "hello", 2)
+    assert refused.value.code == "queue_full"
     for seq, _, _ in held:
         seq.cancel()
     for _, done, _ in held:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.config import ModelConfig
-from appliance.engines.scheduler import Engine, Finished, QueueFull, SamplingParams
+from appliance.engines.scheduler import DEFAULT_PREFILL_CHUNK, Engine, Finished, QueueFull, SamplingParams
 from appliance.errors import EngineError
 from appliance.paths import Layout
 
@@ -13,8 +13,9 @@ __all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "load_engine"]
 
 
 def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any = None,
-                devices: list[str] | None = None, max_queue_wait_s: float = 0.0) -> Any:
+                devices: list[str] | None = None, **scheduling: Any) -> Any:
     """Load the configured model with `adapter` (an appliance.adapters.Adapter or None) applied; not started.
+    `scheduling` goes to each Engine as it is: max_queue_wait_s, prefill_chunk ([server] settings).
 
     With [model] replicas > 1 (transformers on multi-GPU tiers) this is a ReplicaSet: one engine
     per device, the same interface.
@@ -29,11 +30,11 @@ def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue
 
     with ThreadPoolExecutor(1, thread_name_prefix="engine-load") as pool:
         return pool.submit(_load, model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, devices=devices,
-                           max_queue_wait_s=max_queue_wait_s).result()
+                           **scheduling).result()
 
 
 def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, devices: list[str] | None,
-          max_queue_wait_s: float) -> Any:
+          **scheduling: Any) -> Any:
     if model.replicas > 1 and model.backend != "transformers":
         raise EngineError(f"[model] replicas = {model.replicas} needs the transformers backend, not {model.backend}.",
                           "Set replicas = 1 for llama.cpp tiers.")
@@ -50,13 +51,12 @@ def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int,
         from appliance.engines.replicas import ReplicaSet
 
         return ReplicaSet([_load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=d,
-                                     max_queue_wait_s=max_queue_wait_s) for d in placed], placed)
-    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=placed[0],
-                     max_queue_wait_s=max_queue_wait_s)
+                                     **scheduling) for d in placed], placed)
+    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=placed[0], **scheduling)
 
 
 def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, device: str | None,
-              max_queue_wait_s: float = 0.0) -> Engine:
+              **scheduling: Any) -> Engine:
     path = model.resolve_path(layout)
     if not path.exists():
         raise EngineError(f"The model {path} does not exist.", "Install a bundle (`appliance install`) or fix [model] path.")
@@ -65,8 +65,11 @@ def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: 
 
         if not path.is_file():
             raise EngineError(f"The llama.cpp backend needs a GGUF file, and {path} is not a file.")
+        # Sub-batches as long as a prefill chunk: a prompt is cut the same way chunked or whole, so greedy
+        # answers do not depend on how busy the engine was when it arrived.
+        chunk = scheduling.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)
         backend: Any = LlamaCppBackend(path, context_length=model.context_length, max_batch=max_batch,
-                                       threads=model.threads, gpu_layers=model.gpu_layers)
+                                       threads=model.threads, gpu_layers=model.gpu_layers, ubatch=chunk if chunk > 0 else 512)
     elif model.backend == "transformers":
         from appliance.engines.transformers_engine import TransformersBackend
 
@@ -83,6 +86,6 @@ def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: 
         except EngineError as e:
             adapter_error = f"{adapter.id}: {e.message}"
     engine = Engine(backend, model_id=model.id, context_length=model.context_length, max_batch=max_batch,
-                    max_queue=max_queue, adapter_id=adapter_id, backend_name=model.backend, max_queue_wait_s=max_queue_wait_s)
+                    max_queue=max_queue, adapter_id=adapter_id, backend_name=model.backend, **scheduling)
     engine.adapter_error = adapter_error
     return engine

@@ -105,13 +105,15 @@ class ReplicaSet:
         return self.engines[0].render_chat(messages)
 
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> Sequence:
-        """To the least busy replica; QueueFull only when every replica's queue is full."""
+        """To the least busy replica; QueueFull only when every replica refuses, with the soonest Retry-After of theirs."""
+        refusals: list[QueueFull] = []
         for e in sorted(self.engines, key=lambda e: e.live + e.waiting):
             try:
                 return e.submit(prompt, params, sink)
-            except QueueFull:
-                continue
-        raise QueueFull(f"{self.waiting} requests are already waiting on {len(self.engines)} replicas.")
+            except QueueFull as refused:
+                refusals.append(refused)
+        soonest = min(refusals, key=lambda r: r.retry_after if r.retry_after is not None else float("inf"))
+        raise QueueFull(f"Each of the {len(self.engines)} replicas refused: {soonest.message}", soonest.retry_after, soonest.code)
 
     def swap_adapter(self, adapter: Any, wait: float | None = None) -> bool:
         results = [e.swap_adapter(adapter) for e in self.engines]
