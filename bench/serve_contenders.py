@@ -110,11 +110,11 @@ def ours(model: Path, backend: str, threads: int, tmp: Path, max_queue: int = 64
     @contextlib.contextmanager
     def start(slots: int, context: int) -> Iterator[Target]:
         n = next(runs)
-        root, key = our_root(tmp / f"root-{n}", model, backend, threads, context, slots, max_queue, server_extra)
+        root, key = our_root(tmp / f"{name}-root-{n}", model, backend, threads, context, slots, max_queue, server_extra)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "appliance.cli", "serve", "--root", str(root), "--port", str(port)]
-        with process(name, argv, url, tmp / f"ours-{n}.log", {"PYTHONPATH": str(REPO)}, "/health/ready"):
+        with process(name, argv, url, tmp / f"{name}-{n}.log", {"PYTHONPATH": str(REPO)}, "/health/ready"):
             yield Target(name, url, {"Authorization": f"Bearer {key}"})
 
     return Contender(name, start)
