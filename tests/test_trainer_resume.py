@@ -147,10 +147,19 @@ def test_a_run_at_its_deadline_stops_early_and_still_goes_through_the_gate(train
 
     trainer_root.add_inbox("manual.jsonl", demo_lines("train.jsonl")[:24])
     almost = datetime(2026, 3, 2, 6, 29, 59, 900_000).astimezone()  # the first step takes longer than the 0.1 s left
-    report = run_training(trainer_root.layout, RunOptions(now=True, settings=quick_settings(deadline="06:30", deadline_reserve_minutes=0),
-                                                          clock=lambda: almost, log=quiet))
+    # The scheduled run (not --now, which trains to the end): 24 new examples are enough with min_new_examples = 1.
+    settings = quick_settings(deadline="06:30", deadline_reserve_minutes=0, min_new_examples=1)
+    report = run_training(trainer_root.layout, RunOptions(now=False, settings=settings, clock=lambda: almost, log=quiet))
     train = report["stages"]["train"]
     assert train["stopped_at_deadline"] and train["steps"] == 1 < train["planned_steps"]
     assert report["status"] in ("promoted", "kept") and "gate" in report["stages"]
     assert f"stopped at the deadline after 1 of {train['planned_steps']} steps" in report["reason"]
     assert report.get("adapter")
+
+
+def test_an_explicit_run_now_is_not_bound_by_the_morning_deadline():
+    from appliance.trainer.run import RunOptions, _deadline_for
+
+    scheduled = quick_settings(deadline="06:30")
+    assert _deadline_for(scheduled, RunOptions(now=False)).deadline == "06:30"
+    assert _deadline_for(scheduled, RunOptions(now=True)).deadline == ""

@@ -67,7 +67,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction, root_parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", help="run one training pass (what the trainer unit runs)", parents=[root_parent])
-    p.add_argument("--now", action="store_true", help="train even below min_new_examples")
+    p.add_argument("--now", action="store_true", help="train even below min_new_examples, and to the end whatever the [trainer] deadline says")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
     p.add_argument("--json", action="store_true", help="print the whole run report")
     p.set_defaults(func=cmd_train)

@@ -213,6 +213,12 @@ def _helper_rank(layout: Layout, paths: st.TrainerPaths, opts: RunOptions) -> di
     return {"status": "rank", "rank": int(os.environ.get("RANK", "0"))}
 
 
+def _deadline_for(settings: TrainerSettings, opts: RunOptions) -> TrainerSettings:
+    """The morning deadline binds the scheduled run; `appliance train --now` is an administrator's
+    explicit request, like its disregard of min_new_examples, and trains to the end."""
+    return replace(settings, deadline="") if opts.now else settings
+
+
 def _devices(settings: TrainerSettings, model_ref: Any) -> tuple[Any, Any]:
     """This process's World and Precision; a GPU with too little free memory stops the run before it loads anything."""
     from appliance.trainer import distributed
@@ -258,7 +264,8 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     log(f"base model {model_ref.id} ready in {time.perf_counter() - stage_t:.1f}s; training on {len(train_enc)} examples")
     result = train_lora(model, train_enc, val_enc, settings, base.pad_id, log=log, before_micro=opts.before_micro,
                         max_steps=opts.max_steps, world=world, precision=precision,
-                        **controls(paths.dir, settings, train_enc, val_enc, base.sha256, active.id if active else None, world.main, log, opts.clock))
+                        **controls(paths.dir, _deadline_for(settings, opts), train_enc, val_enc, base.sha256,
+                                   active.id if active else None, world.main, log, opts.clock))
     if not world.main:
         return None
     stages["train"] = {k: v for k, v in asdict(result).items() if k != "history"} | {"history": result.history}

@@ -67,8 +67,8 @@ class TrainerSettings:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: far less memory for about a third more time "
                                       "(bundles/README.md sizes the 7B GPU tiers with it)")
     gpu_memory_mib: int = _f(0, "free memory each planned GPU must have before training starts (0: the bf16 weights + 25% + 1 GiB)", min=0)
-    deadline: str = _f("06:30", 'local time of day (HH:MM) by which a run has finished: training stops in time to evaluate, '
-                       'gate and export before it ("": no deadline)')
+    deadline: str = _f("06:30", 'local time of day (HH:MM) by which a scheduled run has finished: training stops in time to '
+                       'evaluate, gate and export before it ("": no deadline; `appliance train --now` is not bound by it)')
     deadline_reserve_minutes: float = _f(15.0, "minutes kept before the deadline for the gate and the export, on top of the "
                                          "evaluation passes as measured in the run", min=0.0)
     checkpoint_minutes: float = _f(10.0, "minutes between checkpoints; a killed run resumes from the last one (0: after every step)",
