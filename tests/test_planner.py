@@ -78,7 +78,7 @@ def test_appliance_toml_settings_from_the_plan(demo: list[Tier]) -> None:
         "tier": "cpu", "id": "smollm2-135m-instruct-q4_1", "backend": "llama.cpp", "context_length": 2048,
         "threads": 8, "gpu_layers": 0, "replicas": 1, "tensor_parallel": 1, "gpus": [], "quantization": "Q4_1",
         "cuda_visible_devices": ""}  # empty: CUDA sees no GPU at all
-    assert cpu.chosen.trainer_settings() == {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ["q_proj", "v_proj"], "batch_size": 4}
+    assert cpu.chosen.trainer_settings() == {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "batch_size": 4}
     h100 = plan(load_machine(MACHINES / "8x-h100-80g.json"), demo).model_settings()
     assert (h100["backend"], h100["dtype"], h100["replicas"], h100["gpus"]) == ("transformers", "bfloat16", 8, list(range(8)))
     h100_gpus = load_machine(MACHINES / "8x-h100-80g.json").gpus

@@ -137,7 +137,7 @@ def test_install_serve_restart_upgrade_rollback(container: tuple[Container, Path
     c.sh(f"kill -9 {main_pid}")
     # Back = systemd restarted it and it sent READY=1 again (model loaded, warm-up done): `active`.
     t0, back = time.monotonic(), None
-    while time.monotonic() - t0 < 10:
+    while time.monotonic() - t0 < 90:  # the self-test and the warm-up first: seconds when quiet, far more on a shared machine
         pid = c.sh("systemctl show -p MainPID --value appliance-server").stdout.strip()
         if pid not in ("0", main_pid) and c.sh("systemctl is-active appliance-server", check=False).stdout.strip() == "active":
             back = time.monotonic() - t0

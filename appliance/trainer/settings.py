@@ -27,8 +27,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainerSettings:
     schedule: str = _f("*-*-* 03:00:00", "systemd OnCalendar expression of the nightly run")
     min_new_examples: int = _f(50, "new examples a scheduled run needs before it trains (`--now` ignores it)", min=0)
-    learning_rate: float = _f(2e-4, "AdamW learning rate of the LoRA weights", min=1e-7, max=1.0)
-    epochs: int = _f(3, "most passes over the training split", min=1, max=100)
+    learning_rate: float = _f(2e-3, "AdamW learning rate of the LoRA weights", min=1e-7, max=1.0)
+    epochs: int = _f(2, "most passes over the training split", min=1, max=100)
     patience: int = _f(3, "evaluations without a better validation loss before training stops early", min=1)
     gate_margin: float = _f(0.02, "outcome score (0 to 1: key recall or token F1 of greedy answers to held-out items) the candidate "
                             "must gain over the active adapter, or the base model, to be promoted (0.02 = 2 points)", min=0.0, max=1.0)
@@ -48,7 +48,7 @@ class TrainerSettings:
     keep_adapters: int = _f(5, "registered adapters kept on disk (the active one and its predecessor always are)", min=1)
     lora_rank: int = _f(8, "LoRA rank r", min=1, max=256)
     lora_alpha: float = _f(16, "LoRA alpha (the update is scaled by alpha / rank)", min=0.0)
-    lora_targets: list[str] = _f(["q_proj", "v_proj"], "module names that get LoRA weights")
+    lora_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names that get LoRA weights")
     batch_size: int = _f(8, "examples per optimizer step (halved with gradient accumulation on out-of-memory)", min=1)
     max_length: int = _f(512, "tokens per example; longer examples are cut", min=16)
     validation_fraction: float = _f(0.1, "share of examples held out for validation (by hash, never trained on)", min=0.01, max=0.5)
