@@ -12,7 +12,6 @@ from appliance.errors import StateError, UsageError
 from installer.steps.framework import Skip, Step, StepEvent, run_steps
 from installer.system.config_file import desired_values, merge, render
 
-
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the CPU tier's, measured (bench/RESULTS.md)
 
 
