@@ -151,6 +151,34 @@ def test_greedy_answers_match_with_every_request_in_one_batch(engine):
     assert answers(engine, prompts) == expected
 
 
+def test_requests_that_arrive_together_compute_their_system_prompt_once(engine):
+    """Nothing cached, three requests at once with one system prompt: the first prefills it, the other
+    two wait and copy its cells instead of each computing them; answers as without reuse."""
+    prompts = [chat(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in ("Is tap water safe?", "How do I read my meter?", "Can I pay later?")]
+    shared = min(common_prefix(prompts[0], p) for p in prompts[1:])
+    expected = without_reuse(engine, prompts)
+    engine.backend.index.clear()  # not even the template's preamble is cached now
+    before = engine.prefix_reused_tokens
+    assert answers(engine, prompts) == expected
+    assert engine.prefix_reused_tokens - before >= 2 * shared
+
+
+def test_waiting_requests_go_on_alone_when_the_one_they_wait_for_is_cancelled(engine):
+    prompts = [chat(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in ("Is tap water safe?", "How do I read my meter?", "Can I pay later?")]
+    expected = without_reuse(engine, prompts[1:])
+    engine.backend.index.clear()
+    engine.prefill_chunk = 32  # the system prompt takes the first request several steps
+    boxes: list[list] = [[] for _ in prompts]
+    seqs = [engine.submit(p, GREEDY, box.append) for p, box in zip(prompts, boxes, strict=True)]
+    engine.on_step = lambda e: seqs[0].cancel()  # after its first chunk, long before the others' shared part is in
+    wait_until(lambda: all(box and isinstance(box[-1], Finished) for box in boxes), "every answer", 300)
+    engine.on_step = None
+    assert boxes[0][-1].reason == "cancelled" and boxes[0][-1].completion_tokens == 0
+    assert [box[-1].text for box in boxes[1:]] == expected
+
+
 def test_transformers_reuses_saved_cells_and_answers_the_same(tf_engine, monkeypatch):
     """The transformers engine saves a finished row's cells: a shared system prompt and a chat's earlier
     turn are not prefilled again, rows with different reused lengths share one batch, answers unchanged."""

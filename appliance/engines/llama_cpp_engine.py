@@ -10,7 +10,8 @@ system prompt, the previous turns of a chat resent as history) and keeps those c
 slot shares more, its cells are copied over (llama_memory_seq_cp; across KV streams only whole
 streams copy, so the tail is then removed). The template's system preamble, which every chat prompt
 starts with, is decoded once into a spare sequence and serves as such a source too. The newcomer
-then prefills only the rest, in chunks the scheduler plans. Cells computed with one adapter are
+then prefills only the rest, in chunks the scheduler plans; newcomers that arrive together with one
+long system prompt wait while the first of them prefills it, and then copy its cells (`adopt`). Cells computed with one adapter are
 reused only under that adapter; an adapter swap forgets them all.
 """
 
@@ -183,6 +184,15 @@ class LlamaCppBackend:
         seq.prefilled = n
         self.reused_tokens += n
         return slot
+
+    def adopt(self, seq: Sequence, src: int, n: int) -> None:
+        """Copy slot `src`'s first `n` cells (another sequence has just prefilled them) into `seq`'s slot."""
+        mem = self.L.llama_get_memory(self.ctx)
+        self.L.llama_memory_seq_cp(mem, src, seq.slot, -1, -1)  # a whole stream; the tail goes next
+        self.L.llama_memory_seq_rm(mem, seq.slot, n, -1)
+        self.index.set(seq.slot, seq.prompt[:n], self._lora is not None and seq.params.use_adapter)
+        self.reused_tokens += n - seq.prefilled
+        seq.prefilled = n
 
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
         """Decode one step; return the next token of each sequence, `live` first, then `admit` (None for

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from appliance.config import ServerConfig
 from appliance.engines import admission
+from appliance.engines.prefix_cache import common_prefix
 from appliance.engines.sequences import Delta, Event, Finished, SamplingParams, Sequence, Sink, TokenLogprob
 from appliance.errors import EngineError
 
@@ -26,6 +27,7 @@ __all__ = ["Delta", "Engine", "Event", "Finished", "QueueFull", "SamplingParams"
            "generate", "warm_up"]
 
 DEFAULT_PREFILL_CHUNK = ServerConfig.prefill_chunk
+MIN_FOLLOW = 32  # shared prompt tokens worth waiting for another sequence to prefill, instead of computing them
 
 
 class QueueFull(EngineError):
@@ -52,6 +54,8 @@ class Backend(Protocol):
     def claim(self, seq: Sequence, free: list[int]) -> int: ...
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]: ...
     def release(self, seq: Sequence) -> None: ...
+    # Optional, `adopt(seq, src, n)`: copy the first `n` prompt cells of slot `src` into `seq`'s slot and
+    # set its `prefilled` to n (a newcomer that waited for another sequence to prefill the same start).
     def detokenize(self, tokens: list[int]) -> str: ...
     def is_end(self, token: int) -> bool: ...
     def apply_adapter(self, adapter: Any) -> None: ...
@@ -94,6 +98,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._live: list[Sequence] = []
         self._prefilling: list[Sequence] = []  # admitted, holding a slot, prompt not all in the cache yet
+        self._adopt: Callable[[Sequence, int, int], None] | None = getattr(backend, "adopt", None)
         self.prefill_chunk = prefill_chunk  # prompt tokens computed per step, all prefilling sequences together; 0: whole prompts
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._pending_adapter: tuple[Any, threading.Event] | None = None
@@ -218,6 +223,7 @@ class Engine:
             for s in [*prefill, *live]:
                 self._drop(s, "error", f"{type(e).__name__}: {e}")
             return
+        self._adopt_ready(prefill)
         produced = list(zip([*live, *prefill], tokens, strict=True))  # the backend answers for `live` first
         started = {id(s) for s, tok in produced[len(live):] if tok is not None}
         self._prefilling = [s for s in prefill if id(s) not in started]
@@ -240,7 +246,9 @@ class Engine:
         if self.prefill_chunk > 0:
             budget = min(budget, self.prefill_chunk)
         for s in prefill:
-            need = len(s.prompt) - s.prefilled
+            if s.follows and s.follows[0].slot < 0:  # the one it waited for is gone (cancelled, failed): on its own
+                s.follows = None
+            need = 0 if s.follows else len(s.prompt) - s.prefilled
             s.chunk = need if self.prefill_chunk <= 0 else max(0, min(need, budget))
             budget -= s.chunk
 
@@ -258,8 +266,30 @@ class Engine:
                 self._free_slots.remove(s.slot)
                 s.adapter = self.adapter_id if s.params.use_adapter else None
                 budget -= n
+                self._find_leader(s, [*self._prefilling, *admit])
                 admit.append(s)
         return admit
+
+    def _find_leader(self, s: Sequence, prefilling: list[Sequence]) -> None:
+        """Have `s` wait for the prefilling sequence whose prompt starts like its own for the most tokens
+        beyond what its slot already holds (requests that arrive together with one system prompt): that
+        start is then computed once and copied, not prefilled by each."""
+        if self._adopt is None:
+            return
+        best, most = None, s.prefilled + MIN_FOLLOW
+        for leader in prefilling:
+            if leader.params.use_adapter == s.params.use_adapter:
+                n = common_prefix(leader.prompt[:-1], s.prompt[:-1])  # the last prompt token is always decoded
+                if n >= most:
+                    best, most = leader, n
+        s.follows = (best, most) if best else None
+
+    def _adopt_ready(self, prefill: list[Sequence]) -> None:
+        """Copy the cells of each leader that has now prefilled what its followers wait for."""
+        for s in prefill:
+            if s.follows and s.follows[0].prefilled >= s.follows[1] and s.follows[0].slot >= 0 and self._adopt:
+                self._adopt(s, s.follows[0].slot, s.follows[1])
+                s.follows = None
 
     def _apply_adapter(self, adapter: Any, done: threading.Event) -> None:
         try:

@@ -81,6 +81,7 @@ class Sequence:
     lp_sent: int = 0  # entries of `logprobs` already sent
     prefilled: int = 0  # prompt tokens already in its KV cache (reused from a cached prefix, or computed)
     chunk: int = 0  # prompt tokens the backend may compute for it in this step (chunked prefill)
+    follows: tuple[Sequence, int] | None = None  # (a sequence prefilling the same first n tokens, n): wait, then copy them
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence at the next step (safe from any thread)."""
