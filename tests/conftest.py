@@ -35,4 +35,4 @@ from tests.bundle_fixtures import slim, slim_master  # noqa: E402,F401  (shared 
 from tests.demo_fixtures import demo_bundle  # noqa: E402,F401
 from tests.embedding_fixtures import minilm_dir  # noqa: E402,F401  (all-MiniLM-L6-v2, the embedding model)
 from tests.server_fixtures import gguf_root, llama_engine, random_lora, smollm2_safetensors, st_root, tf_engine  # noqa: E402,F401  (server and engine fixtures)
-from tests.trainer_fixtures import demo_run, gguf_sha, trainer_base_dir, trainer_root  # noqa: E402,F401  (trainer fixtures; demo_run is one session-wide training run)
+from tests.trainer_fixtures import base_answers_dir, demo_run, gguf_sha, trainer_base_dir, trainer_root  # noqa: E402,F401  (trainer fixtures; demo_run is one session-wide training run)

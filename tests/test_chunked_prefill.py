@@ -5,6 +5,7 @@ decode call, never in time."""
 from __future__ import annotations
 
 import threading
+from itertools import pairwise
 
 import pytest
 
@@ -98,6 +99,7 @@ def long_engine(tmp_path_factory, smollm2_gguf):
     root = make_root(tmp_path_factory.mktemp("chunk"), smollm2_gguf, max_batch=LIVE + 1, context=LONG + 160)
     engine = load_engine(root.config.model, root.layout, max_batch=LIVE + 1, max_queue=4)
     engine.backend.index.best = lambda *a: (None, 0)  # every prompt prefilled whole: this is about chunks
+    engine.prefill_share = 1.0  # chunks of CHUNK whatever they cost (the test of the time share sets its own)
     engine.start()
     yield engine
     engine.close()
@@ -160,3 +162,37 @@ def test_llama_cpp_live_streams_get_a_token_every_step_and_the_answer_is_unchang
     for i in prefill:
         assert [b - a for a, b in zip(steps[i - 1][0], steps[i][0], strict=True)] == [1] * LIVE
     assert max(sizes) <= CHUNK  # no decode call carried more than a chunk (the live tokens go in a call of their own)
+
+
+def test_llama_cpp_prefill_beside_streaming_answers_takes_only_its_share_of_the_step(long_engine, monkeypatch):
+    """With prefill_share, the long prompt's chunks beside 7 streams are sized from the measured step times,
+    far below CHUNK (which alone took a step of many decode steps' time), and every stream still gets a
+    token each step."""
+    from appliance.engines.step_cost import MIN_CHUNK, StepCost
+
+    engine = long_engine
+    monkeypatch.setattr(engine, "prefill_share", 0.4)
+    monkeypatch.setattr(engine, "cost", StepCost())  # measured afresh from this test's steps
+    prompt = long_prompt(engine)
+    live = [engine.submit(engine.tokenize(engine.render_chat([{"role": "user", "content": f"Count to {n}."}])),
+                          SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True), lambda e: None) for n in range(LIVE)]
+    wait_until(lambda: all(s.generated for s in live), "the live streams started", 300)
+    box: list = []
+    held: list = []
+    steps: list[tuple[list[int], int]] = []  # (each stream's tokens so far, the long prompt's prefilled tokens)
+    engine.on_step = lambda e: held and steps.append(([len(s.generated) for s in live], held[0].prefilled))
+    held.append(engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0.0), box.append))
+    try:
+        wait_until(lambda: box and isinstance(box[-1], Finished), "the long prompt answered", 600)
+    finally:
+        engine.on_step = None
+        for s in live:
+            s.cancel()
+        wait_until(lambda: engine.live == 0, "the live streams cancelled")
+    assert box[-1].reason == "length" and box[-1].prompt_tokens == len(prompt)
+    done = [0, *(prefilled for _, prefilled in steps)]
+    chunks = [b - a for a, b in pairwise(done) if b > a]
+    assert sum(chunks) == len(prompt) and all(MIN_CHUNK <= c < CHUNK for c in chunks[:-1]), chunks
+    assert len(chunks) > 2 * len(prompt) // CHUNK  # well below CHUNK: a step's prefill is timed against its decode
+    for (before, _), (after, _) in pairwise(steps):
+        assert [b - a for a, b in zip(before, after, strict=True)] == [1] * LIVE

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance import adapters as reg
+from appliance.trainer.anchor_prompts import PROMPTS
+from appliance.trainer.base_answers import base_answers
 from appliance.trainer.outcome import EVAL_DIR, cap, load_frozen
 from appliance.trainer.run import RunOptions, run_training
 from tests.trainer_fixtures import TrainerRoot, demo_lines, quick_settings
@@ -37,14 +39,14 @@ def test_frozen_set_is_read_checked_and_capped(tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_a_candidate_trained_on_shuffled_answers_is_not_promoted(trainer_root: TrainerRoot):
+def test_a_candidate_trained_on_shuffled_answers_is_not_promoted(trainer_root: TrainerRoot, gguf_sha: str):
     """The loss-only gate promoted it (its validation loss falls as it learns the style); answers tell."""
     train = trainer_root.add_inbox("manual.jsonl", _shuffled(demo_lines("train.jsonl")))
     eval_dir = trainer_root.inbox / EVAL_DIR
     eval_dir.mkdir()
     frozen = eval_dir / "heldout.jsonl"
     frozen.write_text("\n".join(demo_lines("heldout.jsonl")[:16]) + "\n")
-    settings = quick_settings(eval_max_tokens=32)
+    settings = quick_settings(eval_max_items=16, eval_max_tokens=32)
     report = run_training(trainer_root.layout, RunOptions(now=True, settings=settings, max_steps=16, log=lambda s: None))
     gate = report["stages"]["gate"]
     assert report["status"] == "kept" and gate["promote"] is False, report["reason"]
@@ -60,5 +62,12 @@ def test_a_candidate_trained_on_shuffled_answers_is_not_promoted(trainer_root: T
     assert (processed / "manual.jsonl").is_file() and not list(processed.rglob("heldout.jsonl"))
     assert report["stages"]["split"]["evaluation"] == {"source": "inbox/eval", "items": 16, "files": ["heldout.jsonl"],
                                                        "rejected": 0, "rejected_lines": [], "keyed": 16}
-    # The base model's anchor answers are kept for the next run.
-    assert len(list((trainer_root.layout.var / "trainer" / "anchor-answers").glob("*.json"))) == 1
+    # The base model's answers (to the anchor prompts and to the items) are kept: the next run does not ask it again.
+    items, _, _ = load_frozen(trainer_root.inbox)
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS] + [list(x.as_dicts()[:-1]) for x in items]
+
+    def ask(convs: list, adapter: bool) -> list:
+        raise AssertionError(f"the base model was asked {len(convs)} questions again")
+
+    kept = base_answers(trainer_root.layout.var / "trainer" / "base-answers", gguf_sha, "llama.cpp", 32, conversations, ask)
+    assert len(kept) == 36 and all(isinstance(a, str) for a in kept)

@@ -15,7 +15,7 @@ __all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "load_engine"]
 def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any = None,
                 devices: list[str] | None = None, **scheduling: Any) -> Any:
     """Load the configured model with `adapter` (an appliance.adapters.Adapter or None) applied; not started.
-    `scheduling` goes to each Engine as it is: max_queue_wait_s, prefill_chunk ([server] settings).
+    `scheduling` goes to each Engine as it is: max_queue_wait_s, prefill_chunk, prefill_share ([server] settings).
 
     With [model] replicas > 1 (transformers on multi-GPU tiers) this is a ReplicaSet: one engine
     per device, the same interface.
@@ -66,7 +66,8 @@ def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: 
         if not path.is_file():
             raise EngineError(f"The llama.cpp backend needs a GGUF file, and {path} is not a file.")
         # Sub-batches as long as a prefill chunk: a prompt is cut the same way chunked or whole, so greedy
-        # answers do not depend on how busy the engine was when it arrived.
+        # answers do not depend on how busy the engine was when it arrived (unless prefill_share makes
+        # the chunks beside streaming answers shorter).
         chunk = scheduling.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)
         backend: Any = LlamaCppBackend(path, context_length=model.context_length, max_batch=max_batch,
                                        threads=model.threads, gpu_layers=model.gpu_layers, ubatch=chunk if chunk > 0 else 512)

@@ -21,12 +21,14 @@ from appliance.config import ServerConfig
 from appliance.engines import admission
 from appliance.engines.prefix_cache import common_prefix
 from appliance.engines.sequences import Delta, Event, Finished, SamplingParams, Sequence, Sink, TokenLogprob
+from appliance.engines.step_cost import StepCost
 from appliance.errors import EngineError
 
 __all__ = ["Delta", "Engine", "Event", "Finished", "QueueFull", "SamplingParams", "Sequence", "Sink", "TokenLogprob",
            "generate", "warm_up"]
 
 DEFAULT_PREFILL_CHUNK = ServerConfig.prefill_chunk
+DEFAULT_PREFILL_SHARE = ServerConfig.prefill_share
 MIN_FOLLOW = 32  # shared prompt tokens worth waiting for another sequence to prefill, instead of computing them
 
 
@@ -82,7 +84,8 @@ class Engine:
 
     def __init__(self, backend: Backend, *, model_id: str, context_length: int, max_batch: int, max_queue: int,
                  adapter_id: str | None = None, backend_name: str = "", max_queue_wait_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefill_share: float = DEFAULT_PREFILL_SHARE) -> None:
         self.backend = backend
         self.model_id = model_id
         self.backend_name = backend_name
@@ -100,6 +103,8 @@ class Engine:
         self._prefilling: list[Sequence] = []  # admitted, holding a slot, prompt not all in the cache yet
         self._adopt: Callable[[Sequence, int, int], None] | None = getattr(backend, "adopt", None)
         self.prefill_chunk = prefill_chunk  # prompt tokens computed per step, all prefilling sequences together; 0: whole prompts
+        self.prefill_share = prefill_share  # while answers stream, the most share of a step's time the prefill takes
+        self.cost = StepCost()
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._pending_adapter: tuple[Any, threading.Event] | None = None
         self._stopping = False
@@ -217,8 +222,10 @@ class Engine:
         """One backend step: every live sequence's next token, and the next chunk of the prompts being prefilled."""
         prefill, live = list(self._prefilling), list(self._live)
         self._plan_chunks(prefill, len(live))
+        t0 = time.perf_counter()
         try:
             tokens = self.backend.step(prefill, live)
+            self.cost.observe(len(live), sum(s.chunk for s in prefill), time.perf_counter() - t0)
         except Exception as e:  # a failed step fails its sequences, never the server
             for s in [*prefill, *live]:
                 self._drop(s, "error", f"{type(e).__name__}: {e}")
@@ -241,10 +248,11 @@ class Engine:
 
     def _plan_chunks(self, prefill: list[Sequence], live: int) -> None:
         """How many prompt tokens each prefilling sequence gets this step: first come, first served, up to
-        `prefill_chunk` in all (and what one backend call holds beside the live sequences' tokens)."""
+        `prefill_chunk` in all, less while answers stream (`prefill_share` of the step's time; step_cost.py),
+        and no more than one backend call holds beside the live sequences' tokens."""
         budget = self.backend.prefill_budget() - live
         if self.prefill_chunk > 0:
-            budget = min(budget, self.prefill_chunk)
+            budget = min(budget, self.cost.chunk(live, self.prefill_share, self.prefill_chunk))
         for s in prefill:
             if s.follows and s.follows[0].slot < 0:  # the one it waited for is gone (cancelled, failed): on its own
                 s.follows = None

@@ -5,12 +5,12 @@ the base GGUF, on transformers tiers its PEFT adapter, both through appliance.en
 server runs. The items are a site's own frozen set (`inbox/eval/*.jsonl`, read each run, never
 trained on, never moved) or, without one, a slice of tonight's data held back from training and
 validation. The general-ability anchor asks the generic prompts of anchor_prompts.py; the base
-model's own answers to them are computed once per base model and kept in the trainer's state.
+model's own answers to them, and to the items while no adapter is active, are computed once per base
+model and kept in the trainer's state (base_answers.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance.adapters import Adapter
-from appliance.atomic import atomic_write_json
 from appliance.config import ModelConfig, validate_section
 from appliance.paths import Layout
 from appliance.pii import mask_text
 from appliance.trainer.anchor_prompts import PROMPTS
+from appliance.trainer.base_answers import base_answers
 from appliance.trainer.data import Example, Rejected, check_record
 from appliance.trainer.promotion import Anchor, GateRules, Item, Outcome
 from appliance.trainer.scoring import mean, repetition_rate, score_answer, token_f1
@@ -136,23 +136,6 @@ def _open_engine(layout: Layout, settings: TrainerSettings, candidate: Adapter) 
     return engine
 
 
-def _anchor_reference(cache_dir: Path, base_sha: str, backend: str, max_tokens: int,
-                      ask: Callable[[list[list[dict[str, str]]], bool], list[str | None]]) -> list[str]:
-    """The base model's greedy answers to the anchor prompts, computed once per base model, prompts and length."""
-    key = hashlib.sha256(json.dumps([base_sha, backend, max_tokens, PROMPTS]).encode()).hexdigest()[:32]
-    path = cache_dir / f"{key}.json"
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("prompts") == list(PROMPTS):
-            return [str(a) for a in cached["answers"]]
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    answers = [a or "" for a in ask([[{"role": "user", "content": p}] for p in PROMPTS], False)]
-    atomic_write_json(path, {"base_sha256": base_sha, "backend": backend, "max_tokens": max_tokens,
-                             "prompts": list(PROMPTS), "answers": answers})
-    return answers
-
-
 def _anchor(reference: list[str], answers: list[str | None]) -> tuple[Anchor, list[dict[str, Any]]]:
     got = [a or "" for a in answers]
     reps = [repetition_rate(a) for a in got]
@@ -177,8 +160,13 @@ def evaluate(layout: Layout, state_dir: Path, settings: TrainerSettings, items: 
         ask = _Answerer(engine, settings.eval_max_tokens)
         conversations = [list(x.as_dicts()[:-1]) for x in items]
         cand = ask(conversations, True)
-        anchor_ref = _anchor_reference(state_dir / "anchor-answers", base_sha, engine.backend_name, settings.eval_max_tokens, ask)
-        anchor_cand = ask([[{"role": "user", "content": p}] for p in PROMPTS], True)
+        anchors = [[{"role": "user", "content": p}] for p in PROMPTS]
+
+        def of_base(convs: list[list[dict[str, str]]]) -> list[str | None]:
+            return base_answers(state_dir / "base-answers", base_sha, engine.backend_name, settings.eval_max_tokens, convs, ask)
+
+        anchor_ref = [a or "" for a in of_base(anchors)]
+        anchor_cand = ask(anchors, True)
         ref_name, ref = "base model", None
         if active is not None:
             engine.swap_adapter(active, wait=GENERATION_TIMEOUT)
@@ -187,7 +175,7 @@ def evaluate(layout: Layout, state_dir: Path, settings: TrainerSettings, items: 
             else:
                 log(f"the active adapter {active.id} does not load in the engine ({engine.adapter_error}); comparing with the base model")
         if ref is None:
-            ref = ask(conversations, False)
+            ref = of_base(conversations)
     finally:
         engine.close()
     ref_scores, cand_scores = _scores(items, ref), _scores(items, cand)
