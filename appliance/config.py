@@ -35,9 +35,9 @@ class ServerConfig:
     prefill_chunk: int = field(default=256, metadata={
         "help": "prompt tokens prefilled per decode step (new requests together); a longer prompt is prefilled over "
                 "several steps between the live answers' tokens, so it does not stall them; 0: whole prompts at once", "min": 0})
-    prefill_share: float = field(default=0.4, metadata={
+    prefill_share: float = field(default=0.3, metadata={
         "help": "while answers stream, the most share of each decode step's time (as measured) that new prompts' prefill takes: "
-                "the streams' next token comes at most 1 / (1 - share) times later (0.4: 1.7x) and a long new prompt's first "
+                "the streams' next token comes at most 1 / (1 - share) times later (0.3: 1.4x) and a long new prompt's first "
                 "token later; 1: prefill_chunk tokens a step whatever they cost (greedy answers then never depend on the load)",
         "min": 0.05, "max": 1.0})
     max_queue_wait_s: float = field(default=10.0, metadata={

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MIN_CHUNK = 8  # prompt tokens a step prefills at least, so a long prompt always moves on
+MIN_CHUNK = 1  # prompt tokens a step prefills at least, so a long prompt always moves on
 WEIGHT = 0.2  # of each new measurement in the running averages
 
 
