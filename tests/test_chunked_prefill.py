@@ -165,7 +165,7 @@ def test_llama_cpp_live_streams_get_a_token_every_step_and_the_answer_is_unchang
 
 
 def test_llama_cpp_prefill_beside_streaming_answers_takes_only_its_share_of_the_step(long_engine, monkeypatch):
-    """With prefill_share, the long prompt's chunks beside 7 streams are sized from the measured step times,
+    """With prefill_share, a long prompt's chunks beside 7 streams are sized from the measured step times,
     far below CHUNK (which alone took a step of many decode steps' time), and every stream still gets a
     token each step."""
     from appliance.engines.step_cost import MIN_CHUNK, StepCost
@@ -173,9 +173,9 @@ def test_llama_cpp_prefill_beside_streaming_answers_takes_only_its_share_of_the_
     engine = long_engine
     monkeypatch.setattr(engine, "prefill_share", 0.4)
     monkeypatch.setattr(engine, "cost", StepCost())  # measured afresh from this test's steps
-    prompt = long_prompt(engine)
+    prompt = long_prompt(engine)[:700]  # long enough for many chunks, short enough for a quick test
     live = [engine.submit(engine.tokenize(engine.render_chat([{"role": "user", "content": f"Count to {n}."}])),
-                          SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True), lambda e: None) for n in range(LIVE)]
+                          SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True), lambda e: None) for n in range(LIVE)]
     wait_until(lambda: all(s.generated for s in live), "the live streams started", 300)
     box: list = []
     held: list = []

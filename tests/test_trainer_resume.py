@@ -111,8 +111,10 @@ def test_identity_follows_the_data_and_the_training_settings_not_the_deadline():
 
 
 def _resume_config(root: TrainerRoot) -> None:
-    cfg = root.layout.config_file.read_text().replace("epochs = 1", "epochs = 2").replace("batch_size = 8", "batch_size = 4")
-    root.layout.config_file.write_text(cfg + 'max_length = 96\npatience = 50\ncheckpoint_minutes = 0\ndeadline = ""\n')
+    cfg = (root.layout.config_file.read_text().replace("epochs = 1", "epochs = 2").replace("batch_size = 8", "batch_size = 4")
+           .replace("max_length = 160", "max_length = 96"))
+    assert "max_length = 96" in cfg
+    root.layout.config_file.write_text(cfg + 'patience = 50\ncheckpoint_minutes = 0\ndeadline = ""\n')
 
 
 def test_a_run_killed_after_its_first_checkpoint_resumes_and_trains_the_same_steps(trainer_root: TrainerRoot):

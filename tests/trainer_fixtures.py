@@ -46,6 +46,7 @@ learning_rate = 0.003
 epochs = 1
 batch_size = 8
 keep_adapters = 5
+max_length = 160
 eval_max_items = 12
 eval_max_tokens = 16
 """

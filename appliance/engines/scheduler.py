@@ -21,7 +21,7 @@ from appliance.config import ServerConfig
 from appliance.engines import admission
 from appliance.engines.prefix_cache import common_prefix
 from appliance.engines.sequences import Delta, Event, Finished, SamplingParams, Sequence, Sink, TokenLogprob
-from appliance.engines.step_cost import StepCost
+from appliance.engines.step_cost import SHORT_PROMPT, StepCost
 from appliance.errors import EngineError
 
 __all__ = ["Delta", "Engine", "Event", "Finished", "QueueFull", "SamplingParams", "Sequence", "Sink", "TokenLogprob",
@@ -56,8 +56,7 @@ class Backend(Protocol):
     def claim(self, seq: Sequence, free: list[int]) -> int: ...
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]: ...
     def release(self, seq: Sequence) -> None: ...
-    # Optional, `adopt(seq, src, n)`: copy the first `n` prompt cells of slot `src` into `seq`'s slot and
-    # set its `prefilled` to n (a newcomer that waited for another sequence to prefill the same start).
+    # Optional, `adopt(seq, src, n)`: copy slot `src`'s first `n` cells into `seq`'s slot, set its `prefilled` to n.
     def detokenize(self, tokens: list[int]) -> str: ...
     def is_end(self, token: int) -> bool: ...
     def apply_adapter(self, adapter: Any) -> None: ...
@@ -252,13 +251,15 @@ class Engine:
         and no more than one backend call holds beside the live sequences' tokens."""
         budget = self.backend.prefill_budget() - live
         if self.prefill_chunk > 0:
-            budget = min(budget, self.cost.chunk(live, self.prefill_share, self.prefill_chunk))
+            budget = min(budget, self.prefill_chunk)
+        timed = min(budget, self.cost.chunk(live, self.prefill_share, self.prefill_chunk))
         for s in prefill:
             if s.follows and s.follows[0].slot < 0:  # the one it waited for is gone (cancelled, failed): on its own
                 s.follows = None
             need = 0 if s.follows else len(s.prompt) - s.prefilled
-            s.chunk = need if self.prefill_chunk <= 0 else max(0, min(need, budget))
+            s.chunk = need if self.prefill_chunk <= 0 else max(0, min(need, budget if need <= SHORT_PROMPT else timed))
             budget -= s.chunk
+            timed = min(budget, timed - s.chunk)
 
     def _admit(self) -> list[Sequence]:
         """Waiting sequences that get a slot now; unchunked, only as many whole prompts as one step holds."""

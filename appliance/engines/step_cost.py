@@ -5,7 +5,8 @@ prefilled. Its time is about `decode + per_token * chunk`: `decode` is learnt fr
 prefill, `per_token` from the others (the decode part taken off). While answers stream, the chunk
 is sized so that the prefill takes at most `share` of the step: their next token then comes at most
 1 / (1 - share) times later than without it (0.5: twice). With nothing live, a step prefills
-`prefill_chunk` tokens whatever it costs: no one is waiting for a token.
+`prefill_chunk` tokens whatever it costs: no one is waiting for a token. A short prompt (at most
+SHORT_PROMPT tokens left) goes whole in one step either way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MIN_CHUNK = 1  # prompt tokens a step prefills at least, so a long prompt always moves on
+# A prompt with at most this many tokens left is prefilled in one step even beside streaming answers:
+# a chat turn's or a short question's first token is worth one longer gap in the streams (a step costs
+# about as much as a second decode pass whatever its size, so a few tokens a step would double the gap
+# many times over instead of lengthening it once).
+SHORT_PROMPT = 64
 WEIGHT = 0.2  # of each new measurement in the running averages
 
 
