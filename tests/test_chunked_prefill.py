@@ -22,7 +22,8 @@ CHUNK = 256
 
 def scripted(chunk: int) -> tuple[Engine, ScriptedBackend]:
     backend = ScriptedBackend()
-    return Engine(backend, model_id="m", context_length=4096, max_batch=8, max_queue=8, prefill_chunk=chunk), backend
+    # Chunks of `chunk` whatever a step costs (prefill_share 1): these count steps, the time share is tested below.
+    return Engine(backend, model_id="m", context_length=4096, max_batch=8, max_queue=8, prefill_chunk=chunk, prefill_share=1.0), backend
 
 
 def collect(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[object, list]:
