@@ -40,6 +40,10 @@ class ServerConfig:
                 "the streams' next token comes at most 1 / (1 - share) times later (0.3: 1.4x) and a long new prompt's first "
                 "token later; 1: prefill_chunk tokens a step whatever they cost (greedy answers then never depend on the load)",
         "min": 0.05, "max": 1.0})
+    prefix_cache_mib: int = field(default=1024, metadata={
+        "help": "memory for the KV cells of prompts that left the batch slots (a long system prompt, a chat's earlier turns): "
+                "a prompt that starts the same way gets them back instead of prefilling them again, the least recently "
+                "used going first (llama.cpp: host memory; transformers: the model's device); 0: none", "min": 0})
     max_queue_wait_s: float = field(default=10.0, metadata={
         "help": "a request expected to wait longer than this for a batch slot (from the measured drain rate) gets 429; 0: no bound",
         "min": 0})

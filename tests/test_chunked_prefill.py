@@ -98,7 +98,7 @@ def long_engine(tmp_path_factory, smollm2_gguf):
     from appliance.engines import load_engine
 
     root = make_root(tmp_path_factory.mktemp("chunk"), smollm2_gguf, max_batch=LIVE + 1, context=LONG + 160)
-    engine = load_engine(root.config.model, root.layout, max_batch=LIVE + 1, max_queue=4)
+    engine = load_engine(root.config.model, root.layout, max_batch=LIVE + 1, max_queue=4, prefix_cache_mib=0)
     engine.backend.index.best = lambda *a: (None, 0)  # every prompt prefilled whole: this is about chunks
     engine.prefill_share = 1.0  # chunks of CHUNK whatever they cost (the test of the time share sets its own)
     engine.start()
@@ -120,7 +120,7 @@ def unchunked_answer(model, prompt: list[int], params: SamplingParams) -> str:
     own answers depend on its batch size the same way.)"""
     from appliance.engines.llama_cpp_engine import LlamaCppBackend
 
-    backend = LlamaCppBackend(model, context_length=LONG + 160, max_batch=1, threads=1, ubatch=CHUNK)
+    backend = LlamaCppBackend(model, context_length=LONG + 160, max_batch=1, threads=1, ubatch=CHUNK, prefix_cache_mib=0)
     backend.index.best = lambda *a: (None, 0)
     engine = Engine(backend, model_id="m", context_length=LONG + 160, max_batch=1, max_queue=1, prefill_chunk=0)
     engine.start()

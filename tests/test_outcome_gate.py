@@ -47,7 +47,7 @@ def test_a_candidate_trained_on_shuffled_answers_is_not_promoted(trainer_root: T
     frozen = eval_dir / "heldout.jsonl"
     frozen.write_text("\n".join(demo_lines("heldout.jsonl")[:16]) + "\n")
     settings = quick_settings(eval_max_items=16, eval_max_tokens=32)
-    report = run_training(trainer_root.layout, RunOptions(now=True, settings=settings, max_steps=16, log=lambda s: None))
+    report = run_training(trainer_root.layout, RunOptions(now=True, settings=settings, max_steps=12, log=lambda s: None))
     gate = report["stages"]["gate"]
     assert report["status"] == "kept" and gate["promote"] is False, report["reason"]
     failed = [c["detail"] for c in gate["checks"] if not c["passed"]]

@@ -30,7 +30,7 @@ from installer.system.release import read_release
 from installer.system.runner import RecordingRunner
 from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
 
-KILLS_PER_PHASE = 16  # 32 kills in all
+KILLS_PER_PHASE = 12  # 24 kills in all
 CHAIN = 3  # kills in a row before a run is left to complete
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.engines.prefix_cache import PrefixIndex, common_prefix
+from appliance.engines.prefix_cache import PrefixIndex, PrefixStore, common_prefix
 from appliance.engines.scheduler import SamplingParams, generate
 from appliance.engines.sequences import Finished
 from tests.server_fixtures import install_adapter, make_root
@@ -53,12 +53,13 @@ def answers(engine, prompts: list[list[int]]) -> list[str]:
 
 def without_reuse(engine, prompts: list[list[int]]) -> list[str]:
     """The answers with every cached cell ignored (each prompt prefilled whole)."""
-    real = engine.backend.index.best
-    engine.backend.index.best = lambda *a: (None, 0)
+    backend = engine.backend
+    real = backend.index.best, backend.saved.get
+    backend.index.best = backend.saved.get = lambda *a: (None, 0)
     try:
         return [answer(engine, p).text for p in prompts]
     finally:
-        engine.backend.index.best = real
+        backend.index.best, backend.saved.get = real
 
 
 def test_longest_match_wins_and_least_recently_used_goes_first():
@@ -71,6 +72,52 @@ def test_longest_match_wins_and_least_recently_used_goes_first():
     index.touch(0)
     assert index.oldest([0, 1, 2]) == 1 and index.oldest([0, 3]) == 3  # an empty slot goes first
     assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+def test_the_store_keeps_the_longest_of_a_chat_and_drops_the_least_recently_used_beyond_its_bytes():
+    store = PrefixStore(max_bytes=100)
+    store.put([1, 2], "base", "turn 1", 40)
+    store.put([1, 2, 3, 4], "base", "turn 2", 40)  # extends turn 1, which goes
+    store.put([5, 6], "base", "other", 40)
+    assert store.nbytes == 80 and store.get([1, 2, 3, 9], "base") == ("turn 2", 3)
+    assert store.covers([1, 2, 3], "base") and not store.covers([1, 2, 3], "lora") and not store.covers([5, 6, 7], "base")
+    store.put([7, 8], "base", "third", 40)  # over 100 bytes: "other" was used least recently
+    assert store.get([5, 6], "base") == (None, 0) and store.get([1, 2], "base") == ("turn 2", 2) and store.nbytes == 80
+    store.put([9], "base", "too big", 101)
+    assert store.get([9], "base") == (None, 0)
+
+
+def host_cache_engine(root, mib: int):
+    from appliance.engines import load_engine
+
+    cfg = root.config
+    e = load_engine(cfg.model, root.layout, max_batch=cfg.server.max_batch, max_queue=cfg.server.max_queue, prefix_cache_mib=mib)
+    e.start()
+    return e
+
+
+def test_more_long_prompts_than_slots_get_their_cells_back_from_host_memory(reuse_root):
+    """Four chats with long system prompts of their own on three slots: the fourth takes the first one's
+    slot, which is saved first; when the first chat comes back its cells are put back, not prefilled,
+    and the greedy answer is the same (the same cells). With prefix_cache_mib = 0 nothing is kept beyond
+    the slots (and the answer may differ: a prompt prefilled from another offset is cut into other sub-batches)."""
+    results = {}
+    for mib in (64, 0):
+        engine = host_cache_engine(reuse_root, mib)
+        try:
+            prompts = [chat(engine, [{"role": "system", "content": f"Site {i} of {4}. {SYSTEM}"}, {"role": "user", "content": "Who are you?"}])
+                       for i in range(4)]
+            first = [answer(engine, p).text for p in prompts]
+            before, restored = engine.prefix_reused_tokens, engine.backend.restored_tokens
+            again = answer(engine, prompts[0]).text
+            results[mib] = (first[0], again, engine.prefix_reused_tokens - before, engine.backend.restored_tokens - restored)
+            assert engine.backend.saved.nbytes <= mib << 20
+        finally:
+            engine.close()
+    first, again, reused, restored = results[64]
+    assert again == first and reused == restored == len(prompts[0]) - 1
+    _, _, reused, restored = results[0]
+    assert reused < 16 and restored == 0  # the system prompts' first words at most
 
 
 def test_shared_system_prompt_is_prefilled_once(engine):
@@ -198,4 +245,4 @@ def test_transformers_reuses_saved_cells_and_answers_the_same(tf_engine, monkeyp
     before = engine.prefix_reused_tokens
     assert answers(engine, [p2, p3, p4]) == expected  # reused: all of p1 and its answer, the system prompt, the preamble
     assert engine.prefix_reused_tokens - before >= len(p1) + common_prefix(p1, p3) + len(backend.prefix)
-    assert backend.saved.cells <= backend.saved.max_cells
+    assert 0 < backend.saved.nbytes <= backend.saved.max_bytes

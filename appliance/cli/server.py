@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
              config.model.resolve_path(layout), active.id if active else "none")
     engine = load_engine(config.model, layout, max_batch=config.server.max_batch, max_queue=config.server.max_queue, adapter=active,
                          max_queue_wait_s=config.server.max_queue_wait_s, prefill_chunk=config.server.prefill_chunk,
-                         prefill_share=config.server.prefill_share)
+                         prefill_share=config.server.prefill_share, prefix_cache_mib=config.server.prefix_cache_mib)
     if engine.adapter_error:
         log.warning("serving the base model: the active adapter could not be loaded: %s", engine.adapter_error)
     app = create_app(Settings(layout, config.server, config.model.id, embeddings=config.embeddings, gpus=config.model.gpus), engine)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.config import ModelConfig
+from appliance.engines.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
 from appliance.engines.scheduler import DEFAULT_PREFILL_CHUNK, Engine, Finished, QueueFull, SamplingParams
 from appliance.errors import EngineError
 from appliance.paths import Layout
@@ -13,9 +14,10 @@ __all__ = ["Engine", "Finished", "QueueFull", "SamplingParams", "load_engine"]
 
 
 def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any = None,
-                devices: list[str] | None = None, **scheduling: Any) -> Any:
+                devices: list[str] | None = None, prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB, **scheduling: Any) -> Any:
     """Load the configured model with `adapter` (an appliance.adapters.Adapter or None) applied; not started.
-    `scheduling` goes to each Engine as it is: max_queue_wait_s, prefill_chunk, prefill_share ([server] settings).
+    `scheduling` goes to each Engine as it is: max_queue_wait_s, prefill_chunk, prefill_share ([server] settings);
+    `prefix_cache_mib` ([server]) to each backend.
 
     With [model] replicas > 1 (transformers on multi-GPU tiers) this is a ReplicaSet: one engine
     per device, the same interface.
@@ -30,11 +32,11 @@ def load_engine(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue
 
     with ThreadPoolExecutor(1, thread_name_prefix="engine-load") as pool:
         return pool.submit(_load, model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, devices=devices,
-                           **scheduling).result()
+                           prefix_cache_mib=prefix_cache_mib, **scheduling).result()
 
 
 def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, devices: list[str] | None,
-          **scheduling: Any) -> Any:
+          prefix_cache_mib: int, **scheduling: Any) -> Any:
     if model.replicas > 1 and model.backend != "transformers":
         raise EngineError(f"[model] replicas = {model.replicas} needs the transformers backend, not {model.backend}.",
                           "Set replicas = 1 for llama.cpp tiers.")
@@ -51,12 +53,13 @@ def _load(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int,
         from appliance.engines.replicas import ReplicaSet
 
         return ReplicaSet([_load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=d,
-                                     **scheduling) for d in placed], placed)
-    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=placed[0], **scheduling)
+                                     prefix_cache_mib=prefix_cache_mib, **scheduling) for d in placed], placed)
+    return _load_one(model, layout, max_batch=max_batch, max_queue=max_queue, adapter=adapter, device=placed[0],
+                     prefix_cache_mib=prefix_cache_mib, **scheduling)
 
 
 def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: int, adapter: Any, device: str | None,
-              **scheduling: Any) -> Engine:
+              prefix_cache_mib: int, **scheduling: Any) -> Engine:
     path = model.resolve_path(layout)
     if not path.exists():
         raise EngineError(f"The model {path} does not exist.", "Install a bundle (`appliance install`) or fix [model] path.")
@@ -70,12 +73,13 @@ def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: 
         # the chunks beside streaming answers shorter).
         chunk = scheduling.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)
         backend: Any = LlamaCppBackend(path, context_length=model.context_length, max_batch=max_batch,
-                                       threads=model.threads, gpu_layers=model.gpu_layers, ubatch=chunk if chunk > 0 else 512)
+                                       threads=model.threads, gpu_layers=model.gpu_layers, ubatch=chunk if chunk > 0 else 512,
+                                       prefix_cache_mib=prefix_cache_mib)
     elif model.backend == "transformers":
         from appliance.engines.transformers_engine import TransformersBackend
 
         backend = TransformersBackend(path, context_length=model.context_length, dtype=model.dtype, threads=model.threads,
-                                      device=device)
+                                      device=device, prefix_cache_mib=prefix_cache_mib)
     else:
         raise EngineError(f"The backend {model.backend!r} is not known.", "Use llama.cpp or transformers in [model] backend.")
     adapter_id, adapter_error = None, None

@@ -11,8 +11,14 @@ slot shares more, its cells are copied over (llama_memory_seq_cp; across KV stre
 streams copy, so the tail is then removed). The template's system preamble, which every chat prompt
 starts with, is decoded once into a spare sequence and serves as such a source too. The newcomer
 then prefills only the rest, in chunks the scheduler plans; newcomers that arrive together with one
-long system prompt wait while the first of them prefills it, and then copy its cells (`adopt`). Cells computed with one adapter are
-reused only under that adapter; an adapter swap forgets them all.
+long system prompt wait while the first of them prefills it, and then copy its cells (`adopt`).
+
+When a slot's cells are about to go (another prompt takes the slot, or keeps only its start), the
+sequence's state is first saved to host memory (llama_state_seq_get_data, `[server] prefix_cache_mib`
+in all, least recently used first); a later prompt that starts like a saved one more than like any
+slot gets that state put back into its slot (llama_state_seq_set_data) and prefills only the rest:
+more chats than slots keep their earlier turns. Cells computed with one adapter are reused only
+under that adapter; an adapter swap forgets them all, saved ones too.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ from typing import Any
 from appliance.engines import llama_sampling
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
 from appliance.engines.constraints import Constraint
-from appliance.engines.prefix_cache import PrefixIndex
+from appliance.engines.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixIndex, PrefixStore
 from appliance.engines.sequences import Sequence
 from appliance.errors import EngineError
+
+HOST_CACHE_MIN = 64  # tokens: fewer are sooner prefilled again than saved to host memory and put back
 
 
 class LlamaCppBackend:
     def __init__(self, model_path: Path, *, context_length: int, max_batch: int, threads: int, gpu_layers: int = 0,
-                 ubatch: int = 512) -> None:
+                 ubatch: int = 512, prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB) -> None:
         from appliance.engines import cpu_backend
 
         self.cpu_variant = cpu_backend.load()  # before llama_backend_init, which would search elsewhere
@@ -76,6 +84,9 @@ class LlamaCppBackend:
         self.prefix: list[int] = []
         self.index = PrefixIndex()  # what each slot's (and spare sequence's) cells hold
         self.reused_tokens = 0  # prompt tokens taken from cached cells instead of being prefilled
+        self.saved = PrefixStore(prefix_cache_mib << 20)  # states of evicted slots: (buffer, tokens)
+        self.restored_tokens = 0  # prompt tokens put back from host memory (also counted in reused_tokens)
+        self._copied: set[int] = set()  # slots a stream copy fills at the next decode: their data is not there yet
         # Decoded at the first step, on the engine's thread, like every other llama_decode. libgomp
         # lets its idle workers spin only while it manages no more threads than there are cores; one
         # decode from a second thread adds a second team, after which workers sleep between the
@@ -172,23 +183,61 @@ class LlamaCppBackend:
         spares = [] if self._prefix_due or not self.prefix else [self.prefix_seq, self.base_prefix_seq]
         # The last prompt token is always decoded: its logits give the first answer token.
         src, n = self.index.best(seq.prompt[:-1], on, [*range(self.prefix_seq), *spares])
+        saved, m = self.saved.get(seq.prompt[:-1], on)
         mem = self.L.llama_get_memory(self.ctx)
-        if src in free:
+        if src in free and m < n + HOST_CACHE_MIN:
             slot = src
         else:
             slot = self.index.oldest(free)
-            if src is not None:
+            self._save(slot, 0)
+            if m >= n + HOST_CACHE_MIN and self._restore(slot, saved, on):
+                n = m
+                self.restored_tokens += m
+            elif src == slot:  # it did not restore, and what the slot held is gone
+                n = 0
+            elif src is not None:
                 self.L.llama_memory_seq_cp(mem, src, slot, -1, -1)  # a whole stream; the tail goes next
+                self._copied.add(slot)
+        self._save(slot, n)
         self.L.llama_memory_seq_rm(mem, slot, n, -1)
         self.index.set(slot, seq.prompt[:n], on)
         seq.prefilled = n
         self.reused_tokens += n
         return slot
 
+    def _save(self, slot: int, keep: int) -> None:
+        """Save `slot`'s state to host memory before its cells beyond the first `keep` go, when that many are worth it."""
+        entry = self.index.entries.get(slot)
+        if (entry is None or len(entry.tokens) - keep < HOST_CACHE_MIN or slot in self._copied or not self.saved.max_bytes
+                or self.saved.covers(entry.tokens, entry.tag)):
+            return
+        L = self.L
+        size = L.llama_state_seq_get_size(self.ctx, slot)
+        if size > self.saved.max_bytes:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        if L.llama_state_seq_get_data(self.ctx, buf, size, slot) == size:
+            self.saved.put(entry.tokens, entry.tag, (buf, list(entry.tokens)), size)
+
+    def _restore(self, slot: int, saved: Any, on: bool) -> bool:
+        """Put a saved state back into `slot` (emptied first); False, the slot empty, when llama.cpp refuses it."""
+        if slot in self._copied:  # the pending copy would overwrite it
+            return False
+        L = self.L
+        buf, tokens = saved
+        L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), slot, -1, -1)
+        self.index.drop(slot)
+        if L.llama_state_seq_set_data(self.ctx, buf, len(buf), slot) == 0:
+            L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), slot, -1, -1)
+            return False
+        self.index.set(slot, tokens, on)
+        return True
+
     def adopt(self, seq: Sequence, src: int, n: int) -> None:
         """Copy slot `src`'s first `n` cells (another sequence has just prefilled them) into `seq`'s slot."""
         mem = self.L.llama_get_memory(self.ctx)
         self.L.llama_memory_seq_cp(mem, src, seq.slot, -1, -1)  # a whole stream; the tail goes next
+        self._copied.add(seq.slot)
         self.L.llama_memory_seq_rm(mem, seq.slot, n, -1)
         self.index.set(seq.slot, seq.prompt[:n], self._lora is not None and seq.params.use_adapter)
         self.reused_tokens += n - seq.prefilled
@@ -253,6 +302,7 @@ class LlamaCppBackend:
                 self.L.llama_memory_seq_rm(mem, s.slot, -1, -1)
                 self.index.drop(s.slot)
             raise EngineError(f"llama_decode returned {rc} for a batch of {n} tokens.")
+        self._copied.clear()  # a decode makes the pending copies first
         for s, toks, pos, _ in work:
             self.index.extend(s.slot, toks)
             if pos < len(s.prompt):
@@ -274,6 +324,7 @@ class LlamaCppBackend:
         for slot in range(self.prefix_seq):
             self.L.llama_memory_seq_rm(mem, slot, -1, -1)
         self.index.clear()
+        self.saved.clear()
         self.prefix = []
         self._prefix_due = True
 

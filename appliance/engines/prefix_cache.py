@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from appliance.config import ServerConfig
+
+DEFAULT_PREFIX_CACHE_MIB = ServerConfig.prefix_cache_mib
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens `a` and `b` share."""
@@ -78,33 +82,38 @@ class PrefixIndex:
 
 
 class PrefixStore:
-    """Saved KV cells of recent prompts (any payload, e.g. per-layer tensors), `max_cells` tokens in all.
+    """Saved KV cells of recent prompts (any payload: per-layer tensors, a llama.cpp sequence's state),
+    `max_bytes` in all.
 
     A new entry replaces any entry it extends (a chat's previous turn); beyond the bound the least
     recently used go first.
     """
 
-    def __init__(self, max_cells: int) -> None:
-        self.max_cells = max_cells
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
         self.index = PrefixIndex()
-        self.payloads: dict[int, object] = {}
+        self.payloads: dict[int, tuple[object, int]] = {}  # key -> (payload, its size in bytes)
         self._next = 0
 
     @property
-    def cells(self) -> int:
-        return sum(len(e.tokens) for e in self.index.entries.values())
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.payloads.values())
 
-    def put(self, tokens: Sequence[int], tag: Hashable, payload: object) -> None:
-        if not tokens or len(tokens) > self.max_cells:
+    def covers(self, tokens: Sequence[int], tag: Hashable) -> bool:
+        """Does an entry under `tag` hold all of `tokens` (and perhaps more)?"""
+        return any(e.tag == tag and common_prefix(e.tokens, tokens) == len(tokens) for e in self.index.entries.values())
+
+    def put(self, tokens: Sequence[int], tag: Hashable, payload: object, nbytes: int) -> None:
+        if not tokens or nbytes > self.max_bytes:
             return
         for key, e in list(self.index.entries.items()):
             if e.tag == tag and common_prefix(e.tokens, tokens) == len(e.tokens):
                 self._drop(key)
-        while self.cells + len(tokens) > self.max_cells:
+        while self.nbytes + nbytes > self.max_bytes:
             self._drop(self.index.oldest(self.payloads))
         self._next += 1
         self.index.set(self._next, tokens, tag)
-        self.payloads[self._next] = payload
+        self.payloads[self._next] = (payload, nbytes)
 
     def get(self, tokens: Sequence[int], tag: Hashable) -> tuple[object, int]:
         """(the payload sharing the longest prefix with `tokens` under `tag`, that length); (None, 0) when none."""
@@ -112,7 +121,7 @@ class PrefixStore:
         if key is None:
             return None, 0
         self.index.touch(key)
-        return self.payloads[key], n
+        return self.payloads[key][0], n
 
     def _drop(self, key: int) -> None:
         self.index.drop(key)

@@ -6,7 +6,7 @@ prompts are prefilled in one pass of their own and their cache rows are appended
 (the shorter side left-padded), so a join never recomputes the others.
 
 A finished sequence's cells (its row's keys and values) are saved in a store of recent prompts
-(appliance.engines.prefix_cache, bounded in tokens); a newcomer whose prompt starts like a saved one
+(appliance.engines.prefix_cache, `[server] prefix_cache_mib` of memory on the model's device); a newcomer whose prompt starts like a saved one
 (the same system prompt, a chat's earlier turns resent) gets those cells copied into its row, as it
 does the template's system preamble (computed once, with and without the adapter), and its prefill
 computes only the rest of the prompt; the padding then sits between the reused cells and the rest,
@@ -21,7 +21,7 @@ from typing import Any
 
 from appliance.engines.chat_template import ChatTemplate, shared_prefix
 from appliance.engines.constraints import Constraint
-from appliance.engines.prefix_cache import PrefixStore
+from appliance.engines.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixStore
 from appliance.engines.sequences import Sequence
 from appliance.engines.torch_sampling import Sampler
 from appliance.errors import EngineError
@@ -29,7 +29,7 @@ from appliance.errors import EngineError
 
 class TransformersBackend:
     def __init__(self, model_path: Path, *, context_length: int, dtype: str = "float32", device: str | None = None,
-                 threads: int | None = None, prefix_cache_tokens: int | None = None) -> None:
+                 threads: int | None = None, prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,8 +62,7 @@ class TransformersBackend:
         self.n_vocab = int(self.base.config.vocab_size)
         self.prefix = shared_prefix(self.tokenize, self.render_chat)
         self._prefix_kv: dict[bool, list[tuple[Any, Any]]] = {}  # adapter on? -> each layer's (keys, values)
-        # finished sequences' cells: two contexts' worth by default
-        self.saved = PrefixStore(2 * context_length if prefix_cache_tokens is None else prefix_cache_tokens)
+        self.saved = PrefixStore(prefix_cache_mib << 20)  # finished sequences' cells
         self.reused_tokens = 0  # prompt tokens taken from saved cells instead of being prefilled
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
         self.cache: Any = None
@@ -89,13 +88,13 @@ class TransformersBackend:
         """Save its row's cells for a later prompt that starts the same way; the row leaves the cache at the next step."""
         seq.state = None
         row = next((i for i, s in enumerate(self.rows) if s is seq), None)
-        if row is None or self.cache is None or not self.saved.max_cells:
+        if row is None or self.cache is None or not self.saved.max_bytes:
             return
         cells = self.mask[row].nonzero().squeeze(1)  # in position order: padding is all the mask hides
         tokens = (seq.prompt + seq.generated)[:len(cells)]
         if len(tokens) == len(cells):
             kv = [(layer.keys[row:row + 1, :, cells], layer.values[row:row + 1, :, cells]) for layer in self.cache.layers]
-            self.saved.put(tokens, self._wants([seq])[0], kv)
+            self.saved.put(tokens, self._wants([seq])[0], kv, sum(k.nbytes + v.nbytes for k, v in kv))
 
     def _wants(self, seqs: list[Sequence]) -> list[bool]:
         """Per row: does it run with the adapter?"""
