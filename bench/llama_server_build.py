@@ -1,6 +1,6 @@
 """llama.cpp's own C++ server, `llama-server`, built once from the llama.cpp our wheel vendors.
 
-    .venv/bin/python bench/llama_server_build.py [--cache DIR] [--jobs N]   # prints how it was built, then its path
+    .venv/bin/python bench/llama_server_build.py [--cache DIR] [--jobs N] [--host-variant]   # how it was built, its path
 
 The sources are the ones vendored in llama-cpp-python's sdist at the version the project pins
 (installer/toolchain/llama_wheel.py: fetched hash-checked by the same code), so both servers run the
@@ -44,9 +44,19 @@ CMAKE_FLAGS = (
 RECIPE = "recipe 1"
 
 
-def build_key() -> str:
-    text = "\n".join([llama_wheel.SDIST_SHA256, *CMAKE_FLAGS, *llama_wheel.VARIANTS, RECIPE])
+def build_key(variants: tuple[str, ...] = llama_wheel.VARIANTS) -> str:
+    text = "\n".join([llama_wheel.SDIST_SHA256, *CMAKE_FLAGS, *variants, RECIPE])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def host_variant() -> str:
+    """The wheel's CPU variant this host loads (the one our engine runs here)."""
+    from appliance.engines import cpu_backend
+
+    chosen, _ = cpu_backend.choose(cpu_backend.package_lib())
+    if chosen is None:
+        raise llama_wheel.BuildError("the installed llama-cpp-python has no CPU variants to choose from; run `make setup`.")
+    return chosen
 
 
 def default_cache() -> Path:
@@ -54,15 +64,19 @@ def default_cache() -> Path:
     return Path(base) / "appliance" / "llama-server"
 
 
-def cached(cache: Path) -> tuple[Path, dict[str, object]] | None:
+def home_of(cache: Path, variants: tuple[str, ...]) -> Path:
+    return cache / (llama_wheel.VERSION if variants == llama_wheel.VARIANTS else f"{llama_wheel.VERSION}-{'-'.join(variants)}")
+
+
+def cached(cache: Path, variants: tuple[str, ...] = llama_wheel.VARIANTS) -> tuple[Path, dict[str, object]] | None:
     """The built server and its record, when this recipe's build is already there."""
-    home = cache / llama_wheel.VERSION
+    home = home_of(cache, variants)
     try:
         record = json.loads((home / "build.json").read_text())
     except (OSError, ValueError):
         return None
     binary = home / "bin" / TARGET
-    if record.get("key") != build_key() or not binary.is_file():
+    if record.get("key") != build_key(variants) or not binary.is_file():
         return None
     return binary, record
 
@@ -86,9 +100,10 @@ def _variants_in(folder: Path) -> list[str]:
     return sorted(p.name.removeprefix("libggml-cpu-").removesuffix(".so") for p in folder.glob("libggml-cpu-*.so"))
 
 
-def build(cache: Path, jobs: int | None = None) -> tuple[Path, dict[str, object]]:
-    """llama-server from the pinned sdist, built once per recipe; returns its path and how it was built."""
-    hit = cached(cache)
+def build(cache: Path, jobs: int | None = None,
+          variants: tuple[str, ...] = llama_wheel.VARIANTS) -> tuple[Path, dict[str, object]]:
+    """llama-server from the pinned sdist, built once per recipe and variant list; returns its path and how it was built."""
+    hit = cached(cache, variants)
     if hit:
         return hit
     started = time.monotonic()
@@ -99,25 +114,25 @@ def build(cache: Path, jobs: int | None = None) -> tuple[Path, dict[str, object]
             tf.extractall(work, filter="data")
         src = work / llama_wheel.SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
         cmake = src / "ggml" / "src" / "CMakeLists.txt"
-        cmake.write_text(llama_wheel.keep_variants(cmake.read_text()))
+        cmake.write_text(llama_wheel.keep_variants(cmake.read_text(), variants))
         out = _compile(src, work, jobs, cache / f"build-{llama_wheel.VERSION}.log")
-        variants = _variants_in(out)
-        if variants != sorted(llama_wheel.VARIANTS):
-            raise llama_wheel.BuildError(f"the build made CPU variants {variants}, expected {sorted(llama_wheel.VARIANTS)}.")
-        staging = cache / f"{llama_wheel.VERSION}.partial"
+        made = _variants_in(out)
+        if made != sorted(variants):
+            raise llama_wheel.BuildError(f"the build made CPU variants {made}, expected {sorted(variants)}.")
+        home = home_of(cache, variants)
+        staging = home.with_name(home.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "bin").mkdir(parents=True)
         for f in [out / TARGET, *out.glob("*.so*")]:
             shutil.copy2(f, staging / "bin" / f.name, follow_symlinks=False)
         version = subprocess.run([str(staging / "bin" / TARGET), "--version"], capture_output=True, text=True, timeout=60)
         record: dict[str, object] = {
-            "key": build_key(), "llama_cpp_python": llama_wheel.VERSION, "sdist_sha256": llama_wheel.SDIST_SHA256,
-            "cmake_flags": list(CMAKE_FLAGS), "cpu_variants": variants, "jobs": jobs,
+            "key": build_key(variants), "llama_cpp_python": llama_wheel.VERSION, "sdist_sha256": llama_wheel.SDIST_SHA256,
+            "cmake_flags": list(CMAKE_FLAGS), "cpu_variants": made, "jobs": jobs,
             "llama_cpp_version": (version.stdout + version.stderr).strip().splitlines()[:2],
             "build_seconds": round(time.monotonic() - started, 1),
         }
         (staging / "build.json").write_text(json.dumps(record, indent=2) + "\n")
-        home = cache / llama_wheel.VERSION
         shutil.rmtree(home, ignore_errors=True)
         os.replace(staging, home)
     return home / "bin" / TARGET, record
@@ -132,13 +147,22 @@ def describe(binary: Path, record: dict[str, object], was_cached: bool) -> str:
             f"  CPU variants (best one loaded at start): {', '.join(map(str, record['cpu_variants']))}")
 
 
-def ensure(cache: Path | None = None, jobs: int | None = None, quiet: bool = False) -> Path:
-    """The server's path, building it first when needed; prints how it was built unless quiet."""
+def ensure(cache: Path | None = None, jobs: int | None = None, quiet: bool = False,
+           variants: tuple[str, ...] | None = None) -> Path:
+    """The server's path, building it first when needed; prints how it was built unless quiet.
+
+    `variants` None: the one the cache already holds, the wheel's whole list if it holds neither
+    that nor this host's own variant; build whichever is missing then."""
     cache = cache or default_cache()
-    was_cached = cached(cache) is not None
+    if variants is None:
+        variants = llama_wheel.VARIANTS
+        if cached(cache, variants) is None and cached(cache, (host_variant(),)) is not None:
+            variants = (host_variant(),)
+    was_cached = cached(cache, variants) is not None
     if not was_cached and not quiet:
-        print(f"building llama-server once into {cache / llama_wheel.VERSION} (about 6-10 min on 2 cores)", flush=True)
-    binary, record = build(cache, jobs)
+        took = "about 45 min" if len(variants) > 1 else "about 15 min"
+        print(f"building llama-server once into {home_of(cache, variants)} ({took} on 2 cores)", flush=True)
+    binary, record = build(cache, jobs, variants)
     if not quiet:
         print(describe(binary, record, was_cached), flush=True)
     return binary
@@ -148,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="default ~/.cache/appliance/llama-server")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: every core)")
+    ap.add_argument("--host-variant", action="store_true",
+                    help="build only the CPU variant this host loads (a benchmark host; a fraction of the build time)")
     args = ap.parse_args(argv)
     try:
-        print(ensure(args.cache, args.jobs))
+        print(ensure(args.cache, args.jobs, variants=(host_variant(),) if args.host_variant else None))
     except (llama_wheel.BuildError, subprocess.CalledProcessError) as e:
         log = (args.cache or default_cache()) / f"build-{llama_wheel.VERSION}.log"
         print(f"error: building llama-server failed: {e}; the build's output is in {log}", file=sys.stderr)

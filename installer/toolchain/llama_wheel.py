@@ -97,14 +97,14 @@ def default_cache() -> Path:
     return Path(base)
 
 
-def keep_variants(cmake: str) -> str:
-    """ggml's CMakeLists with only VARIANTS left in its x86 list; an upstream change that drops one
-    of them (or renames the call) is an error, not a silently different build."""
+def keep_variants(cmake: str, keep: tuple[str, ...] = VARIANTS) -> str:
+    """ggml's CMakeLists with only `keep` (VARIANTS) left in its x86 list; an upstream change that drops
+    one of them (or renames the call) is an error, not a silently different build."""
     found = set(_VARIANT_LINE.findall(cmake))
-    missing = [v for v in VARIANTS if v not in found]
+    missing = [v for v in keep if v not in found]
     if missing:
         raise BuildError(f"ggml's CMakeLists.txt has no CPU variant {', '.join(missing)}; update VARIANTS for this llama.cpp.")
-    return _VARIANT_LINE.sub(lambda m: m[0] if m[1] in VARIANTS else "", cmake)
+    return _VARIANT_LINE.sub(lambda m: m[0] if m[1] in keep else "", cmake)
 
 
 def sha256_file(path: Path) -> str:
