@@ -20,6 +20,7 @@ from appliance.paths import Layout
 BACKEND_FORMATS = {"llama.cpp": "gguf", "transformers": "safetensors"}  # and the model format each reads
 BACKENDS = tuple(BACKEND_FORMATS)
 DTYPES = ("float32", "bfloat16", "float16")
+FLASH_ATTN = ("auto", "on", "off")
 
 
 class ConfigError(ApplianceError):
@@ -78,6 +79,9 @@ class ModelConfig:
     context_length: int = field(default=2048, metadata={"help": "tokens per sequence, prompt and answer", "min": 16})
     threads: int = field(default=2, metadata={"help": "CPU threads for llama.cpp", "min": 1})
     gpu_layers: int = field(default=0, metadata={"help": "layers llama.cpp offloads to the GPU (-1: all)", "min": -1})
+    flash_attn: str = field(default="auto", metadata={
+        "help": "llama.cpp's flash attention (auto: llama.cpp's choice, on); off decodes long contexts faster "
+                "on the CPU, short ones and prompts slower (docs/operations.md)", "choices": FLASH_ATTN})
     dtype: str = field(default="float32", metadata={"help": "transformers weights dtype", "choices": DTYPES})
     replicas: int = field(default=1, metadata={"help": "model replicas (one per GPU on multi-gpu)", "min": 1})
     tensor_parallel: int = field(default=1, metadata={"help": "GPUs one replica spans (this server runs 1)", "min": 1, "max": 1})

@@ -95,10 +95,12 @@ def our_root(base: Path, model: Path, backend: str, threads: int, ctx: int, max_
     (layout.root / target.lstrip("/")).parent.mkdir(parents=True)
     (layout.root / target.lstrip("/")).symlink_to(model)
     layout.etc.mkdir(parents=True)
-    extra = "".join(f"{line.strip()}\n" for line in server_extra.split(";") if line.strip())
+    lines = [line.strip() for line in server_extra.split(";") if line.strip()]
+    extra = "".join(f"{line}\n" for line in lines if not line.startswith("model."))
+    model_extra = "".join(f"{line.removeprefix('model.')}\n" for line in lines if line.startswith("model."))
     layout.config_file.write_text(
         f'[server]\nmax_batch = {max_batch}\nmax_queue = {max_queue}\n{extra}\n[model]\nid = "smollm2"\n'
-        f'backend = "{backend}"\npath = "{target}"\ncontext_length = {ctx}\nthreads = {threads}\n')
+        f'backend = "{backend}"\npath = "{target}"\ncontext_length = {ctx}\nthreads = {threads}\n{model_extra}')
     _, key = apikeys.create(layout, "user")
     return layout.root, key
 

@@ -69,7 +69,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--overload", action="store_true", help="also send 25x the queue's capacity at once to ours")
     ap.add_argument("--overload-queue", type=int, default=8, help="ours' max_queue in the overload case (default 8)")
     ap.add_argument("--overload-factor", type=int, default=25, help="requests at once, as a multiple of the capacity")
-    ap.add_argument("--ours-config", default="", help="extra [server] lines for ours, ';'-separated (e.g. 'max_queue_wait_s = 5')")
+    ap.add_argument("--ours-config", default="", help="extra [server] lines for ours, ';'-separated (e.g. 'max_queue_wait_s = 5'); "
+                    "'model.KEY = V' lines go to [model] (e.g. 'model.flash_attn = \"on\"')")
     ap.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary to use instead of building one")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = ap.parse_args(argv)

@@ -65,3 +65,28 @@ def test_every_decode_runs_on_the_engine_thread(gguf_root, monkeypatch):
     finally:
         engine.close()
     assert len(callers) > 2 and set(callers) == {engine._thread.ident}
+
+
+def test_flash_attention_setting_reaches_llama_cpp_and_keeps_the_greedy_answer(gguf_root):
+    """[model] flash_attn picks llama.cpp's attention kernel: the model's log-probabilities differ in their
+    last digits (the two kernels sum in another order), the greedy answer to a real question does not."""
+    from dataclasses import replace
+
+    from appliance.engines import load_engine
+    from tests.server_fixtures import generate
+
+    answers = {}
+    for setting in ("on", "off"):
+        engine = load_engine(replace(gguf_root.config.model, flash_attn=setting), gguf_root.layout, max_batch=1, max_queue=1)
+        engine.start()
+        try:
+            answers[setting] = generate(engine, "What is the capital of France?", 12, logprobs=0)
+        finally:
+            engine.close()
+    on, off = answers["on"], answers["off"]
+    assert on.text == off.text and on.completion_tokens == off.completion_tokens >= 4
+    deltas = [abs(a.logprob - b.logprob) for a, b in zip(on.logprobs, off.logprobs, strict=True)]
+    # The same model: flash attention sums the values in half precision, which moved a token's
+    # log-probability by up to 0.2 here; another model moves them by nats.
+    assert max(deltas) < 0.5 and sum(deltas) / len(deltas) < 0.1
+    assert any(d > 0 for d in deltas)  # computed by another kernel: the setting reached the context

@@ -74,7 +74,7 @@ def _load_one(model: ModelConfig, layout: Layout, *, max_batch: int, max_queue: 
         chunk = scheduling.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)
         backend: Any = LlamaCppBackend(path, context_length=model.context_length, max_batch=max_batch,
                                        threads=model.threads, gpu_layers=model.gpu_layers, ubatch=chunk if chunk > 0 else 512,
-                                       prefix_cache_mib=prefix_cache_mib)
+                                       prefix_cache_mib=prefix_cache_mib, flash_attn=model.flash_attn)
     elif model.backend == "transformers":
         from appliance.engines.transformers_engine import TransformersBackend
 

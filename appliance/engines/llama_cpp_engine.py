@@ -37,9 +37,15 @@ from appliance.errors import EngineError
 HOST_CACHE_MIN = 64  # tokens: fewer are sooner prefilled again than saved to host memory and put back
 
 
+def flash_attn_type(L: Any, setting: str) -> int:
+    """llama.cpp's flash_attn_type for [model] flash_attn (auto: llama.cpp's own choice, on wherever the
+    device runs it, the CPU included)."""
+    return {"on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}.get(setting, L.LLAMA_FLASH_ATTN_TYPE_AUTO)
+
+
 class LlamaCppBackend:
     def __init__(self, model_path: Path, *, context_length: int, max_batch: int, threads: int, gpu_layers: int = 0,
-                 ubatch: int = 512, prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB) -> None:
+                 ubatch: int = 512, prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_MIB, flash_attn: str = "auto") -> None:
         from appliance.engines import cpu_backend
 
         self.cpu_variant = cpu_backend.load()  # before llama_backend_init, which would search elsewhere
@@ -67,6 +73,7 @@ class LlamaCppBackend:
         cp.n_seq_max = max_batch + 2
         cp.n_threads = cp.n_threads_batch = threads
         cp.kv_unified = False
+        cp.flash_attn_type = flash_attn_type(L, flash_attn)
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
