@@ -197,3 +197,121 @@ def test_llama_cpp_prefill_beside_streaming_answers_takes_only_its_share_of_the_
     assert len(chunks) > 2 * len(prompt) // CHUNK  # well below CHUNK: a step's prefill is timed against its decode
     for (before, _), (after, _) in pairwise(steps):
         assert [b - a for a, b in zip(before, after, strict=True)] == [1] * LIVE
+
+
+# --- the transformers engine (SmolLM2 as safetensors) -------------------------------------------------------------
+TF_CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def tf_chunked(st_root):
+    """SmolLM2 through transformers, prefilling TF_CHUNK prompt tokens a step whatever they cost."""
+    from appliance.engines import load_engine
+
+    cfg = st_root.config
+    engine = load_engine(cfg.model, st_root.layout, max_batch=cfg.server.max_batch, max_queue=4, prefill_chunk=TF_CHUNK,
+                         prefill_share=1.0)
+    engine.start()
+    yield engine
+    engine.close()
+
+
+def tf_long_prompt(engine) -> list[int]:
+    text = " ".join(f"Line {i}: the pump at station {i % 7} ran for {i * 3 % 50} minutes." for i in range(20))
+    tokens = engine.tokenize(engine.render_chat([{"role": "user", "content": text + "\nWhich station ran longest?"}]))
+    assert 300 < len(tokens) < 450, len(tokens)
+    return tokens
+
+
+def submit_held(engine, prompt: list[int], params: SamplingParams, sink, held: list) -> None:
+    """Submit into `held`, which the on_step hooks read: the engine admits nothing until it is there (its
+    condition's lock is reentrant), so the hooks see every step of the prefill."""
+    with engine._cv:
+        held.append(engine.submit(prompt, params, sink))
+
+
+@pytest.fixture(scope="module")
+def tf_whole(tf_chunked):
+    """The long prompt's greedy answer with the prompt prefilled whole, in one forward pass."""
+    prompt = tf_long_prompt(tf_chunked)
+    tf_chunked.prefill_chunk = 0
+    try:
+        answer = generate(tf_chunked, prompt, SamplingParams(max_tokens=8, temperature=0.0), 120).text
+    finally:
+        tf_chunked.prefill_chunk = TF_CHUNK
+        tf_chunked.backend.saved.clear()
+    return prompt, answer
+
+
+def test_transformers_prefills_a_long_prompt_in_chunks_and_answers_the_same(tf_chunked, tf_whole):
+    engine, backend = tf_chunked, tf_chunked.backend
+    prompt, whole = tf_whole
+    box: list = []
+    held: list = []
+    steps: list[tuple[int, bool]] = []  # (its prefilled prompt tokens, answered yet) after each step
+    engine.on_step = lambda e: held and steps.append((held[0].prefilled, bool(box)))
+    before = engine.prefix_reused_tokens
+    try:
+        submit_held(engine, prompt, SamplingParams(max_tokens=8, temperature=0.0), box.append, held)
+        wait_until(lambda: box and isinstance(box[-1], Finished), "the long prompt answered")
+    finally:
+        engine.on_step = None
+        backend.saved.clear()
+    assert box[-1].text == whole and box[-1].prompt_tokens == len(prompt)
+    reused = engine.prefix_reused_tokens - before
+    assert reused == len(backend.prefix) > 0  # the template's preamble, counted once, not once a chunk
+    done = [reused, *(n for n, _ in steps)]
+    chunks = [b - a for a, b in pairwise(done) if b > a]
+    assert sum(chunks) == len(prompt) - reused and max(chunks) <= TF_CHUNK
+    first = next(i for i, (_, answered) in enumerate(steps) if answered)
+    assert first >= (len(prompt) - reused) // TF_CHUNK  # no token before the whole prompt was in the cache
+    assert not backend.partial
+
+
+def test_transformers_live_stream_gets_a_token_every_step_of_a_long_prefill(tf_chunked, tf_whole):
+    engine = tf_chunked
+    prompt, whole = tf_whole
+    live = engine.submit(engine.tokenize(engine.render_chat([{"role": "user", "content": "Count to ten."}])),
+                         SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True), lambda e: None)
+    wait_until(lambda: live.generated, "the live stream started")
+    box: list = []
+    held: list = []
+    steps: list[tuple[int, int]] = []  # (the live stream's tokens, the long prompt's prefilled tokens) after each step
+    engine.on_step = lambda e: held and steps.append((len(live.generated), held[0].prefilled))
+    submit_held(engine, prompt, SamplingParams(max_tokens=4, temperature=0.0), box.append, held)
+    try:
+        wait_until(lambda: box and isinstance(box[-1], Finished), "the long prompt answered")
+    finally:
+        engine.on_step = None
+        live.cancel()
+        wait_until(lambda: engine.live == 0, "the live stream cancelled")
+        engine.backend.saved.clear()
+    assert box[-1].text == whole[:len(box[-1].text)] and box[-1].completion_tokens == 4
+    prefilling = [i for i in range(1, len(steps)) if steps[i - 1][1] < len(prompt)]  # steps that computed part of it
+    assert len(prefilling) >= (len(prompt) - len(engine.backend.prefix)) // TF_CHUNK
+    assert all(steps[i][0] - steps[i - 1][0] == 1 for i in prefilling), steps
+
+
+def test_transformers_sequence_cancelled_mid_prefill_is_dropped_and_the_next_answers(tf_chunked, tf_whole):
+    engine, backend = tf_chunked, tf_chunked.backend
+    prompt, whole = tf_whole
+    events: list = []
+    held: list = []
+    seen: list[int] = []  # its prefilled tokens at the step it was cancelled
+
+    def cancel_mid_prefill(e) -> None:
+        if held and 0 < held[0].prefilled < len(prompt) and not seen:
+            seen.append(held[0].prefilled)
+            held[0].cancel()  # dropped before the next step
+
+    engine.on_step = cancel_mid_prefill
+    try:
+        held.append(engine.submit(prompt, SamplingParams(max_tokens=8, temperature=0.0), events.append))
+        wait_until(lambda: events and isinstance(events[-1], Finished), "the cancellation reported")
+    finally:
+        engine.on_step = None
+    assert events[-1].reason == "cancelled" and events[-1].completion_tokens == 0 and len(events) == 1
+    assert seen and seen[0] < len(prompt) and engine.live == 0
+    assert not backend.partial and backend.saved.nbytes == 0  # its partial cells are gone, not saved as a prompt's
+    assert generate(engine, prompt, SamplingParams(max_tokens=8, temperature=0.0), 120).text == whole
+    backend.saved.clear()

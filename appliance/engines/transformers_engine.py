@@ -1,16 +1,20 @@
 """safetensors models through transformers (+ peft for LoRA), batched like the llama.cpp engine.
 
 All live sequences share one left-padded batch and one KV cache, so each decode step is a single
-forward pass. When a sequence leaves, its row is dropped from the cache; when some join, their
-prompts are prefilled in one pass of their own and their cache rows are appended to the batch
-(the shorter side left-padded), so a join never recomputes the others.
+forward pass. When a sequence leaves, its row is dropped from the cache. Newcomers' prompts are
+prefilled in a second pass of their own, at most `chunk` tokens each a step (the scheduler plans the
+chunks, so a long prompt never stalls the live answers for more than a chunk's work): a prompt not
+all computed yet keeps its cells in a one-row cache of its own between steps, and the next chunk is
+computed on top of them. Once its last token is computed the sequence gets its first token and its
+row is appended to the batch (the shorter side left-padded), so a join never recomputes the others.
 
 A finished sequence's cells (its row's keys and values) are saved in a store of recent prompts
 (appliance.engines.prefix_cache, `[server] prefix_cache_mib` of memory on the model's device); a newcomer whose prompt starts like a saved one
 (the same system prompt, a chat's earlier turns resent) gets those cells copied into its row, as it
 does the template's system preamble (computed once, with and without the adapter), and its prefill
-computes only the rest of the prompt; the padding then sits between the reused cells and the rest,
-which the mask hides. An adapter swap forgets every saved cell.
+computes only the rest of the prompt (its first chunk starts after them); the padding then sits
+between the reused (or already computed) cells and the rest, which the mask hides. Only finished
+sequences' cells are saved, never a prompt's partial prefill. An adapter swap forgets every cell.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class TransformersBackend:
         self.saved = PrefixStore(prefix_cache_mib << 20)  # finished sequences' cells
         self.reused_tokens = 0  # prompt tokens taken from saved cells instead of being prefilled
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
+        self.partial: dict[Sequence, tuple[Any, int]] = {}  # mid-prefill -> (its cells per layer, how many)
         self.cache: Any = None
         self.mask: Any = None
 
@@ -85,16 +90,23 @@ class TransformersBackend:
         return self.context_length * 8
 
     def release(self, seq: Sequence) -> None:
-        """Save its row's cells for a later prompt that starts the same way; the row leaves the cache at the next step."""
+        """Save a decoding row's cells for a later prompt that starts the same way (the row leaves the cache at the
+        next step); a partial prefill's cells are only dropped."""
         seq.state = None
+        self.partial.pop(seq, None)
         row = next((i for i, s in enumerate(self.rows) if s is seq), None)
         if row is None or self.cache is None or not self.saved.max_bytes:
             return
-        cells = self.mask[row].nonzero().squeeze(1)  # in position order: padding is all the mask hides
-        tokens = (seq.prompt + seq.generated)[:len(cells)]
-        if len(tokens) == len(cells):
-            kv = [(layer.keys[row:row + 1, :, cells], layer.values[row:row + 1, :, cells]) for layer in self.cache.layers]
+        kv = self._cells(self.cache, self.mask, row)
+        n = kv[0][0].shape[2]
+        tokens = (seq.prompt + seq.generated)[:n]
+        if len(tokens) == n:
             self.saved.put(tokens, self._wants([seq])[0], kv, sum(k.nbytes + v.nbytes for k, v in kv))
+
+    def _cells(self, cache: Any, mask: Any, row: int) -> list[tuple[Any, Any]]:
+        """One row's cells per layer (keys, values), in position order: padding is all the mask hides."""
+        cells = mask[row].nonzero().squeeze(1)
+        return [(layer.keys[row:row + 1, :, cells], layer.values[row:row + 1, :, cells]) for layer in cache.layers]
 
     def _wants(self, seqs: list[Sequence]) -> list[bool]:
         """Per row: does it run with the adapter?"""
@@ -118,16 +130,25 @@ class TransformersBackend:
         return free[-1]  # its cache rows live in the batch, not in a slot
 
     def step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
-        """Every sequence's next token, `live` first, then `admit` (whole prompts: `chunk` is not used here)."""
+        """Every sequence's next token, `live` first, then `admit`: None for one whose prompt is not all in the cache yet.
+
+        Each sequence in `admit` computes at most `chunk` more prompt tokens (after the cached start of its
+        prompt, looked up at its first step; `chunk` is then set to the tokens really computed, which the
+        scheduler's step cost counts) and `prefilled` follows.
+        """
         try:
             return self._step(admit, live)
         except BaseException:
-            self.rows, self.cache, self.mask = [], None, None  # half-updated: nothing in it may be saved or reused
+            self._forget()  # half-updated: nothing in it may be saved or reused
             raise
+
+    def _forget(self) -> None:
+        self.rows, self.cache, self.mask = [], None, None
+        self.partial.clear()
 
     def _step(self, admit: list[Sequence], live: list[Sequence]) -> list[int | None]:
         torch = self.torch
-        order = [*live, *admit]
+        stale = [] if self.rows else live  # nothing cached for them (e.g. after a failed step): prefilled again, whole
         picks: dict[int, int] = {}
         with torch.inference_mode():
             if live and self.rows:
@@ -139,30 +160,71 @@ class TransformersBackend:
                                     past_key_values=self.cache, use_cache=True)
                 self.cache = out.past_key_values
                 picks.update(zip(map(id, self.rows), self._sample(self.rows, out.logits[:, -1, :]), strict=True))
-            elif live:  # nothing cached (e.g. right after an adapter swap): prefill them too
-                admit = [*live, *admit]
-            if admit:
-                cache, mask, logits = self._prefill(admit)
-                self._merge(admit, cache, mask)
-                picks.update(zip(map(id, admit), self._sample(admit, logits), strict=True))
-        return [picks.get(id(s)) for s in order]
+            picks.update(self._prefill_chunks(admit, stale))
+        return [picks.get(id(s)) for s in [*live, *admit]]
+
+    def _prefill_chunks(self, admit: list[Sequence], stale: list[Sequence]) -> dict[int, int]:
+        """The next chunk of each prompt in `admit` (and all of `stale`) in one pass; the first token of each
+        sequence whose prompt is now all in the cache, and its row joins the batch."""
+        work = [(s, self._reused(s, s.prompt + s.generated), s.prompt + s.generated) for s in stale]
+        for s in admit:
+            if s not in self.partial:  # its first step: start after the longest cached start of its prompt
+                self.partial[s] = self._reused(s, s.prompt)
+                s.prefilled = self.partial[s][1]
+            end = min(len(s.prompt), s.prefilled + s.chunk)
+            s.chunk = end - s.prefilled
+            if s.chunk:
+                work.append((s, self.partial[s], s.prompt[:end]))
+        if not work:
+            return {}
+        seqs = [s for s, _, _ in work]
+        cache, mask, logits = self._prefill(seqs, [start for _, start, _ in work], [text for _, _, text in work])
+        done = []
+        for i, (s, _, text) in enumerate(work):
+            s.prefilled = min(len(text), len(s.prompt))
+            if len(text) < len(s.prompt):  # more to come: its cells wait for the next chunk
+                self.partial[s] = (self._cells(cache, mask, i), len(text))
+            else:
+                self.partial.pop(s, None)
+                done.append(i)
+        if not done:
+            return {}
+        if len(done) < len(work):
+            mask = self._select(cache, mask, done)
+        joined = [seqs[i] for i in done]
+        self._merge(joined, cache, mask)
+        return dict(zip(map(id, joined), self._sample(joined, logits[done]), strict=True))
+
+    def _reused(self, s: Sequence, text: list[int]) -> tuple[Any, int]:
+        kv, n = self._reusable(text, self._wants([s])[0])
+        self.reused_tokens += n
+        return kv, n
 
     def _keep(self, live: list[Sequence]) -> None:
         """Drop the cache rows of sequences that left (finished or cancelled)."""
         wanted = {id(s) for s in live}
         keep = [i for i, s in enumerate(self.rows) if id(s) in wanted]
         if len(keep) != len(self.rows):
-            self.cache.batch_select_indices(self.torch.tensor(keep, device=self.device))
-            self.mask = self.mask[keep]
+            self.mask = self._select(self.cache, self.mask, keep)
             self.rows = [self.rows[i] for i in keep]
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[Any, Any, Any]:
-        """One forward pass over the newcomers' prompts, left-padded: (cache, mask, last logits)."""
+    def _select(self, cache: Any, mask: Any, rows: list[int]) -> Any:
+        """Keep only `rows` of `cache` (in place) and the columns where one of them has a cell; their mask."""
+        cache.batch_select_indices(self.torch.tensor(rows, device=self.device))
+        mask = mask[rows]
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0  # columns before it are padding in every row left
+        if first:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        return mask[:, first:]
+
+    def _prefill(self, seqs: list[Sequence], reused: list[tuple[Any, int]], texts: list[list[int]]) -> tuple[Any, Any, Any]:
+        """One forward pass over each text after its first n tokens' cells (`reused`: (cells, n)), left-padded:
+        (cache, mask, last logits)."""
         from transformers import DynamicCache
 
         torch = self.torch
-        texts = [s.prompt + s.generated for s in seqs]
-        reused = [self._reusable(t, w) for t, w in zip(texts, self._wants(seqs), strict=True)]
         k = max(n for _, n in reused)
         rests = [t[n:] for t, (_, n) in zip(texts, reused, strict=True)]
         width = max(len(t) for t in rests)
@@ -179,7 +241,6 @@ class TransformersBackend:
             for layer in range(len(ref)):
                 cache.update(*(torch.cat([self._left_padded(kv, n, k, ref[layer][side], layer, side) for kv, n in reused])
                                for side in (0, 1)), layer)
-            self.reused_tokens += sum(n for _, n in reused)
         pos = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, k:]
         # logits_to_keep=1: the vocabulary projection only for the last position, not every prompt token.
         out = self._forward(seqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -246,7 +307,7 @@ class TransformersBackend:
         The new adapter is loaded before the old one is dropped, so a failed load leaves the
         previous one in place.
         """
-        self.rows, self.cache, self.mask = [], None, None
+        self._forget()
         self._prefix_kv.clear()  # computed with the weights that are about to change
         self.saved.clear()
         if adapter is None:
@@ -269,4 +330,4 @@ class TransformersBackend:
             self.peft.delete_adapter(old)
 
     def close(self) -> None:
-        self.rows, self.cache, self.mask = [], None, None
+        self._forget()
