@@ -106,9 +106,14 @@ def long_engine(tmp_path_factory, smollm2_gguf):
     engine.close()
 
 
+def pump_log(engine, lines: int) -> list[int]:
+    """A chat prompt asking about a log of `lines` lines (about 19 tokens a line)."""
+    text = " ".join(f"Line {i}: the pump at station {i % 17} ran for {i * 3 % 50} minutes." for i in range(lines))
+    return engine.tokenize(engine.render_chat([{"role": "user", "content": text + "\nWhich station ran longest?"}]))
+
+
 def long_prompt(engine) -> list[int]:
-    text = " ".join(f"Line {i}: the pump at station {i % 17} ran for {i * 3 % 50} minutes." for i in range(107))
-    tokens = engine.tokenize(engine.render_chat([{"role": "user", "content": text + "\nWhich station ran longest?"}]))
+    tokens = pump_log(engine, 107)
     assert abs(len(tokens) - LONG) < 200, len(tokens)
     return tokens
 
@@ -217,8 +222,7 @@ def tf_chunked(st_root):
 
 
 def tf_long_prompt(engine) -> list[int]:
-    text = " ".join(f"Line {i}: the pump at station {i % 7} ran for {i * 3 % 50} minutes." for i in range(20))
-    tokens = engine.tokenize(engine.render_chat([{"role": "user", "content": text + "\nWhich station ran longest?"}]))
+    tokens = pump_log(engine, 20)
     assert 300 < len(tokens) < 450, len(tokens)
     return tokens
 
