@@ -74,6 +74,12 @@ def test_natively_the_best_variant_this_cpu_can_run_answers(model_settings):
 
 @pytest.mark.parametrize(("cpu", "variant"), EMULATED, ids=[c for c, _ in EMULATED])
 def test_an_older_cpu_loads_the_variant_it_can_run_and_answers(cpu, variant, model_settings):
+    native, _ = cpu_backend.choose(cpu_backend.package_lib())  # in a child: nothing loads into this process
+    if native == variant:
+        # Emulating its AVX2 code took over 240 s on such a host (an AMD EPYC without AVX-512), where
+        # the test above already decodes with this variant on the real CPU.
+        pytest.skip(f"this CPU runs the {variant} variant itself: "
+                    "test_natively_the_best_variant_this_cpu_can_run_answers decodes with it on real hardware")
     qemu = _qemu()
     proc = subprocess.run([qemu, "-cpu", cpu, sys.executable, "-m", "appliance.engines.selftest_decode", "--root", "/",
                            "--model", json.dumps(model_settings)], capture_output=True, text=True, timeout=240)

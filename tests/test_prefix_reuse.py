@@ -1,6 +1,6 @@
 """Prefix reuse on the llama.cpp engine (SmolLM2 GGUF): a prompt that starts like a cached one (the same
 long system prompt, a chat's earlier turns resent as history) reuses those KV cells, and greedy answers
-are the same as without reuse."""
+are the same as without reuse (up to a near tie, see `same_greedy`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from tests.waiting import wait_until
 
 SYSTEM = ("You are the help desk of the Northwind water utility. " +
           " ".join(f"Rule {i}: answer briefly, cite the customer's meter number, and never promise a repair date." for i in range(12)))
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, logprobs=5)
+NEAR_TIE = 0.3  # nats between the two likeliest tokens where another rounding may pick the other one
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +43,40 @@ def answer(engine, prompt: list[int], params: SamplingParams = GREEDY):
     return generate(engine, prompt, params, 300)
 
 
-def answers(engine, prompts: list[list[int]]) -> list[str]:
+def answers(engine, prompts: list[list[int]]) -> list[Finished]:
     """Submitted all at once, so they are admitted together."""
     boxes: list[list] = [[] for _ in prompts]
     for p, box in zip(prompts, boxes, strict=True):
         engine.submit(p, GREEDY, box.append)
     wait_until(lambda: all(box and isinstance(box[-1], Finished) for box in boxes), "every answer", 300)
-    return [box[-1].text for box in boxes]
+    return [box[-1] for box in boxes]
 
 
-def without_reuse(engine, prompts: list[list[int]]) -> list[str]:
+def without_reuse(engine, prompts: list[list[int]]) -> list[Finished]:
     """The answers with every cached cell ignored (each prompt prefilled whole)."""
     backend = engine.backend
     real = backend.index.best, backend.saved.get
     backend.index.best = backend.saved.get = lambda *a: (None, 0)
     try:
-        return [answer(engine, p).text for p in prompts]
+        return [answer(engine, p) for p in prompts]
     finally:
         backend.index.best, backend.saved.get = real
+
+
+def same_greedy(got: list[Finished], want: list[Finished]) -> bool:
+    """Each answer computed from reused cells is the one computed whole, token by token, up to the first
+    near tie: llama.cpp rounds a prompt cut into other calls differently (bench/RESULTS.md), which on some
+    CPUs flips two tokens whose log-probabilities are within NEAR_TIE; after that the answers may part.
+    Cells from another prompt or position would differ from the first token on, by far more."""
+    for g, w in zip(got, want, strict=True):
+        a, b = [lp.token for lp in g.logprobs], [lp.token for lp in w.logprobs]
+        i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        if i is None:  # the same tokens (one may have ended sooner: an end token is not kept, nor its log-probability)
+            continue
+        top = dict(w.logprobs[i].top)
+        assert a[i] in top and w.logprobs[i].logprob - top[a[i]] < NEAR_TIE, (
+            f"token {i} differs beyond a near tie: {g.text!r} against {w.text!r}")
+    return True
 
 
 def test_longest_match_wins_and_least_recently_used_goes_first():
@@ -127,8 +144,8 @@ def test_shared_system_prompt_is_prefilled_once(engine):
     assert shared > 200
     expected = without_reuse(engine, prompts)
     before = engine.prefix_reused_tokens
-    got = [answer(engine, p).text for p in prompts]
-    assert got == expected
+    got = [answer(engine, p) for p in prompts]
+    assert same_greedy(got, expected)
     # the second reuses the first's system prompt (the first finds the second-to-last of the no-reuse run)
     assert engine.prefix_reused_tokens - before >= 2 * shared
     from appliance.server.metrics import Metrics
@@ -148,7 +165,7 @@ def test_a_chats_earlier_turns_are_not_prefilled_again(engine):
     engine.backend.index.clear()  # nothing cached but what this turn's first request leaves
     assert answer(engine, p1).text == a1
     before = engine.prefix_reused_tokens
-    assert answer(engine, p2).text == expected[0]
+    assert same_greedy([answer(engine, p2)], expected)
     assert engine.prefix_reused_tokens - before >= len(p1)  # the first turn's prompt, and its answer's tokens
 
 
@@ -164,7 +181,7 @@ def test_a_live_sequences_cells_are_copied_to_a_newcomer(engine):
     try:
         wait_until(lambda: events, "the long answer started")
         before = engine.prefix_reused_tokens
-        assert answer(engine, newcomer).text == expected[0]
+        assert same_greedy([answer(engine, newcomer)], expected)
         assert engine.prefix_reused_tokens - before >= common_prefix(long_one, newcomer)
         assert engine.live == 1  # the long one goes on in its own slot
     finally:
@@ -195,7 +212,7 @@ def test_greedy_answers_match_with_every_request_in_one_batch(engine):
                for q in ("Is tap water safe?", "How do I read my meter?", "Can I pay later?")]
     expected = without_reuse(engine, prompts)
     answers(engine, prompts[:1])  # cached: the next three find its system prompt
-    assert answers(engine, prompts) == expected
+    assert same_greedy(answers(engine, prompts), expected)
 
 
 def test_requests_that_arrive_together_compute_their_system_prompt_once(engine):
@@ -207,7 +224,7 @@ def test_requests_that_arrive_together_compute_their_system_prompt_once(engine):
     expected = without_reuse(engine, prompts)
     engine.backend.index.clear()  # not even the template's preamble is cached now
     before = engine.prefix_reused_tokens
-    assert answers(engine, prompts) == expected
+    assert same_greedy(answers(engine, prompts), expected)
     assert engine.prefix_reused_tokens - before >= 2 * shared
 
 
@@ -223,7 +240,7 @@ def test_waiting_requests_go_on_alone_when_the_one_they_wait_for_is_cancelled(en
     wait_until(lambda: all(box and isinstance(box[-1], Finished) for box in boxes), "every answer", 300)
     engine.on_step = None
     assert boxes[0][-1].reason == "cancelled" and boxes[0][-1].completion_tokens == 0
-    assert [box[-1].text for box in boxes[1:]] == expected
+    assert same_greedy([box[-1] for box in boxes[1:]], expected)
 
 
 def test_transformers_reuses_saved_cells_and_answers_the_same(tf_engine, monkeypatch):
@@ -243,6 +260,6 @@ def test_transformers_reuses_saved_cells_and_answers_the_same(tf_engine, monkeyp
     backend.saved.clear()
     assert answer(engine, p1).text == a1
     before = engine.prefix_reused_tokens
-    assert answers(engine, [p2, p3, p4]) == expected  # reused: all of p1 and its answer, the system prompt, the preamble
+    assert [f.text for f in answers(engine, [p2, p3, p4])] == expected  # reused: all of p1 and its answer, the system prompt, the preamble
     assert engine.prefix_reused_tokens - before >= len(p1) + common_prefix(p1, p3) + len(backend.prefix)
     assert 0 < backend.saved.nbytes <= backend.saved.max_bytes

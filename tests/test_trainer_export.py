@@ -68,8 +68,11 @@ def test_gguf_lora_agrees_with_peft_on_50_greedy_choices(engines, demo_run: Demo
     print(f"agreement over 50 positions: adapter transformers/llama.cpp {agree(t_adapter, c_adapter):.2f}, "
           f"base {agree(t_base, c_base):.2f}; adapter vs base: transformers {agree(t_adapter, t_base):.2f}, "
           f"llama.cpp {agree(c_adapter, c_base):.2f}")
-    assert agree(t_adapter, c_adapter) >= 0.95, agree(t_adapter, c_adapter)
-    assert agree(t_base, c_base) >= 0.9  # like with like: both engines on the same Q4_1 weights
+    # Like with like, both engines on the same Q4_1 weights: 0.90-0.94 with the adapter and 0.90 without
+    # where llama.cpp runs its haswell (AVX2) variant, 0.95 and up on AVX-512 CPUs. An adapter the
+    # export lost would agree only as much as the base agrees with the adapter (0.50-0.62).
+    assert agree(t_adapter, c_adapter) >= 0.9, agree(t_adapter, c_adapter)
+    assert agree(t_base, c_base) >= 0.9
     assert agree(t_adapter, t_base) < 1.0 and agree(c_adapter, c_base) < 1.0
 
 
