@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/decrypt_throughput.py
 	$(BIN)/python bench/decode_threads.py
 	$(BIN)/python bench/portable_vs_native.py
+	$(BIN)/python bench/flash_attention.py
 	$(BIN)/python bench/serve_throughput.py
 	$(BIN)/python bench/serve_throughput.py --engine transformers
 	$(BIN)/python bench/train_throughput.py
