@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -208,8 +209,8 @@ def test_a_run_registers_its_adapter_and_promotes_it_only_when_the_gguf_agrees(t
         monkeypatch.setattr(export, "QK_PERMUTED", frozenset())  # SmolLM2 is llama: q_proj/k_proj's B rows in the wrong order
     gate = run.decide  # whatever the outcome gate makes of two steps, here it says promote: the export check must decide
     monkeypatch.setattr(run, "decide", lambda *a, **k: replace(gate(*a, **k), promote=True))
-    report = run.run_training(trainer_root.layout, run.RunOptions(now=True, settings=quick_settings(min_new_examples=5), max_steps=2,
-                                                                  log=lambda s: None))
+    settings = quick_settings(min_new_examples=5, eval_max_items=4, eval_max_tokens=8)  # the gate's answers decide nothing here
+    report = run.run_training(trainer_root.layout, run.RunOptions(now=True, settings=settings, max_steps=2, log=lambda s: None))
     check = report["stages"]["export"]["check"]
     print(row_order, check)
     assert report["stages"]["gate"]["promote"] is True
@@ -223,3 +224,35 @@ def test_a_run_registers_its_adapter_and_promotes_it_only_when_the_gguf_agrees(t
         assert check["agree"] is False
         assert report["status"] == "kept" and report["reason"] == check["reason"] and active is None
         assert any(f"on the probe {p!r}" in report["reason"] for p in PROBES)
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<I", vtype) + payload
+
+
+def _s(text: str) -> bytes:
+    return struct.pack("<Q", len(text.encode())) + text.encode()
+
+
+def test_the_architecture_is_read_past_arrays_and_strings_and_a_damaged_header_is_named(tmp_path: Path) -> None:
+    """The header walk skips every kind of value before general.architecture; gguf.GGUFReader reads the same file alike."""
+    import gguf
+
+    kvs = [_kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 3) + b"".join(_s(t) for t in ("<s>", "é", ""))),
+           _kv("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, 2) + struct.pack("<2f", 0.5, -1.0)),
+           _kv("nested", 9, struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 4, 2) + struct.pack("<2I", 1, 2)),
+           _kv("some.flag", 7, b"\x01"), _kv("some.u64", 10, struct.pack("<Q", 7)), _kv("general.name", 8, _s("x")),
+           _kv("general.architecture", 8, _s("qwen2"))]
+    whole = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(whole + b"\0" * 32)  # the alignment padding before the (absent) tensor data
+    assert export.gguf_architecture(f) == "qwen2"
+    field = gguf.GGUFReader(f).fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "qwen2"
+    f.write_bytes(whole[:60])
+    with pytest.raises(export.ExportError, match="ends inside its metadata"):
+        export.gguf_architecture(f)
+    f.write_bytes(b"GGML" + whole[4:])
+    with pytest.raises(export.ExportError, match="is not a GGUF file"):
+        export.gguf_architecture(f)

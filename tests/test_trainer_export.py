@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance import adapters as reg
-from tests.trainer_fixtures import DEMO_DATA, DemoRun
+from tests.trainer_fixtures import DEMO_DATA, THREADS, DemoRun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -30,13 +30,13 @@ def engines(demo_run: DemoRun, trainer_base_dir: Path):
     return tok, model, active
 
 
-def _llama(gguf: Path, lora: Path | None, n_ctx: int = 512):
+def _llama(gguf: Path, lora: Path | None, n_ctx: int = 512, threads: int = 1):
     from appliance.engines import cpu_backend
 
     cpu_backend.load()  # the portable wheel's CPU variants, before llama_cpp initialises its backends
     from llama_cpp import Llama
 
-    kw = {"model_path": str(gguf), "n_ctx": n_ctx, "logits_all": True, "verbose": False, "n_threads": 1, "seed": 0}
+    kw = {"model_path": str(gguf), "n_ctx": n_ctx, "logits_all": True, "verbose": False, "n_threads": threads, "seed": 0}
     if lora is not None:
         kw["lora_path"] = str(lora)
     return Llama(**kw)
@@ -102,7 +102,7 @@ def test_served_model_knows_the_domain_better_than_the_base(engines, demo_run: D
         hf_base = score(ask_hf)
 
     def cpp_scorer(lora: Path | None):
-        m = _llama(demo_run.root.gguf, lora, n_ctx=1024)
+        m = _llama(demo_run.root.gguf, lora, n_ctx=1024, threads=THREADS)
 
         def ask(q: str) -> str:
             r = m.create_chat_completion([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],

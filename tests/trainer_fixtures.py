@@ -6,6 +6,7 @@ Import the fixtures you use into a test module: `from tests.trainer_fixtures imp
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,13 +21,16 @@ from appliance.trainer.settings import TrainerSettings
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "bundles" / "demo-data"
 
+# The suite runs no server beside its training runs, so they train (and their gates decode) on every
+# core; the product's default (threads = 0) leaves half the cores to the server.
+THREADS = os.cpu_count() or 1
 # Settings of the demo run: LoRA on every projection and a learning rate high enough that a few
 # dozen CPU steps teach the facts (on a GPU tier the same data gets full epochs); the gate asks 32 of
 # the held-back questions (the product's default: 64) with answers of up to 32 tokens (48), which is
 # enough for the demo's short facts and halves the gate's time on 2 cores.
 DEMO_SETTINGS = TrainerSettings(learning_rate=5e-3, epochs=2, batch_size=8, max_length=160, gate_margin=0.02,
                                 lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                eval_max_items=32, eval_max_tokens=32)
+                                eval_max_items=32, eval_max_tokens=32, threads=THREADS)
 DEMO_STEPS = 24
 # The other runs of the suite go through the gate to test something else (resume, DP, the export check,
 # a kill): 12 questions with 16-token answers (a test of the gate's decision sets its own).
@@ -49,6 +53,7 @@ keep_adapters = 5
 max_length = 160
 eval_max_items = 12
 eval_max_tokens = 16
+threads = {threads}
 """
 
 
@@ -91,7 +96,7 @@ def make_root(root: Path, gguf: Path, sha: str, base_dir: Path, base_answers: Pa
     model.parent.mkdir(parents=True)
     model.symlink_to(gguf)
     layout.etc.mkdir(parents=True)
-    layout.config_file.write_text(CONFIG.format(sha=sha))
+    layout.config_file.write_text(CONFIG.format(sha=sha, threads=THREADS))
     cache = layout.var / "trainer" / "base-cache"
     cache.mkdir(parents=True)
     (cache / sha).symlink_to(base_dir)  # what the first run would have dequantized

@@ -97,10 +97,11 @@ def evaluate_all(model: Any, active: Adapter | None, val: list[Encoded], anchor:
     """
     with model.disable_adapter():
         base_loss = evaluate_loss(model, val, pad_id, precision=precision)
-        base_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor else None
+        # The base is the anchor's reference only when no adapter is active.
+        ref_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor and active is None else None
     cand = evaluate_loss(model, val, pad_id, precision=precision)
     cand_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor else None
-    active_loss, ref_anchor = None, base_anchor
+    active_loss = None
     if active is not None:
         model.load_adapter(str(active.peft_dir), adapter_name="active", is_trainable=False)
         model.set_adapter("active")
