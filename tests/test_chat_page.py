@@ -73,6 +73,17 @@ class Watched:
         self.page.fill("#key", key)
         self.page.click("#login button[type=submit]")
 
+    def cap_answers(self, max_tokens: int) -> None:
+        """Add max_tokens to the page's chat requests (it sends none: an answer may run to the end of the
+        context). The random adapter's sampled answers ramble; one that filled the 2,048-token context
+        left no room for the next question, which the page then refused, as it should."""
+
+        def capped(route: Any) -> None:
+            body = json.loads(route.request.post_data or "{}")
+            route.continue_(post_data=json.dumps({**body, "max_tokens": max_tokens}))
+
+        self.page.route("**/v1/chat/completions", capped)
+
     def ask(self, question: str) -> None:
         self.page.fill("#question", question)
         self.page.press("#question", "Enter")
@@ -153,6 +164,7 @@ def test_staff_member_asks_rates_and_corrects_the_real_model(browser, smollm2_se
     url, root = smollm2_server
     with watched(browser) as w:
         page = w.page
+        w.cap_answers(256)
         w.log_in(url, root.user_key)
         page.wait_for_selector("#chat:not([hidden])", timeout=30_000)
         # The key is in this tab's session storage only: not in the URL, not in a cookie.
