@@ -1,4 +1,6 @@
-"""Shared fixtures. Area-specific fixtures live beside their tests (tests/<area>_fixtures.py)."""
+"""Shared fixtures. Area-specific fixtures live beside their tests (tests/<area>_fixtures.py) and are
+imported here, once: a session fixture imported into a test module as well is a second fixture of
+that module, made again for it (the demo bundle was built three times that way)."""
 
 from __future__ import annotations
 
@@ -34,5 +36,7 @@ def smollm2_gguf() -> Path:
 from tests.bundle_fixtures import slim, slim_master  # noqa: E402,F401  (shared bundle fixtures)
 from tests.demo_fixtures import demo_bundle  # noqa: E402,F401
 from tests.embedding_fixtures import minilm_dir  # noqa: E402,F401  (all-MiniLM-L6-v2, the embedding model)
+from tests.install_fixtures import install_bundles  # noqa: E402,F401  (two signed bundles, sequence 1 and 2)
 from tests.server_fixtures import gguf_root, llama_engine, random_lora, smollm2_safetensors, st_root, tf_engine  # noqa: E402,F401  (server and engine fixtures)
 from tests.trainer_fixtures import base_answers_dir, demo_run, gguf_sha, trainer_base_dir, trainer_root  # noqa: E402,F401  (trainer fixtures; demo_run is one session-wide training run)
+

@@ -181,19 +181,23 @@ def random_lora(smollm2_safetensors: Path) -> Path:
     import shutil
 
     import torch
+    from filelock import FileLock
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from appliance.trainer.export import write_gguf_lora
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(smollm2_safetensors, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(tmp / "peft")
-    write_gguf_lora(tmp / "peft", tmp / "adapter.gguf", json.loads((smollm2_safetensors / "config.json").read_text()))
-    tmp.rename(out)
+    with FileLock(str(out) + ".lock"):  # once, whoever asks first (a test run beside another)
+        if (out / "adapter.gguf").is_file():
+            return out
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(smollm2_safetensors, dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(tmp / "peft")
+        write_gguf_lora(tmp / "peft", tmp / "adapter.gguf", json.loads((smollm2_safetensors / "config.json").read_text()))
+        tmp.rename(out)
     return out
 
 

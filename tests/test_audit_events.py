@@ -13,7 +13,7 @@ from appliance import apikeys, audit
 from appliance.cli import main
 from appliance.paths import Layout
 from appliance.trainer.run import RunOptions, run_training
-from tests.trainer_fixtures import TrainerRoot, trainer_root  # noqa: F401
+from tests.trainer_fixtures import TrainerRoot
 
 
 def events(layout, since=0):
@@ -80,7 +80,7 @@ def test_a_dry_run_leaves_no_audit_line(tmp_path, capsys):
     assert events(layout) == []
 
 
-def test_training_runs_are_audited_with_their_outcome(trainer_root: TrainerRoot):  # noqa: F811
+def test_training_runs_are_audited_with_their_outcome(trainer_root: TrainerRoot):
     trainer_root.add_inbox("few.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)])
     report = run_training(trainer_root.layout, RunOptions(log=lambda s: None))
     ev = events(trainer_root.layout)

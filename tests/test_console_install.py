@@ -9,7 +9,7 @@ import pytest
 from appliance.console.app import ConsoleApp
 from appliance.console.sources.context import Sources
 from appliance.console.sources.recorded import recorded_sources
-from tests.demo_fixtures import DemoBundle, demo_bundle  # noqa: F401
+from tests.demo_fixtures import DemoBundle
 
 FIX = Path(__file__).parent / "fixtures" / "console"
 pytestmark = pytest.mark.anyio
@@ -41,7 +41,7 @@ def dialog(app: ConsoleApp) -> str | None:
 
 
 @pytest.mark.slow
-async def test_install_screen_installs_the_demo_bundle(demo_bundle: DemoBundle, tmp_path: Path) -> None:  # noqa: F811
+async def test_install_screen_installs_the_demo_bundle(demo_bundle: DemoBundle, tmp_path: Path) -> None:
     from installer.system.release import current_release
 
     sources = Sources.real(tmp_path / "root")

@@ -29,7 +29,7 @@ import pytest
 
 from tests.install_fixtures import installable_spec
 from tests.spec_files import write_spec
-from tests.trainer_fixtures import DEMO_DATA, gguf_sha, trainer_base_dir  # noqa: F401
+from tests.trainer_fixtures import DEMO_DATA
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "operations.md"
@@ -212,7 +212,7 @@ def script(bs: list[Block], port: int) -> str:
 
 
 @pytest.mark.slow
-def test_operations_doc_runs(tmp_path: Path, smollm2_gguf: Path, gguf_sha: str, trainer_base_dir: Path) -> None:  # noqa: F811
+def test_operations_doc_runs(tmp_path: Path, smollm2_gguf: Path, gguf_sha: str, trainer_base_dir: Path) -> None:
     work, root = tmp_path / "work", tmp_path / "root"
     media = {name: tmp_path / name for name in ("usb", "keystick", "data")}
     for d in (work, *media.values()):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from appliance.trainer import export
 from appliance.trainer.export_check import NORM_RATIO, PROBES, ExportCheck, Logits, check_export, compare
@@ -43,24 +44,28 @@ def hf_to_gguf() -> Path:
     out = REPO / "build" / "test-models" / f"llama.cpp-convert-{lw.VERSION}"
     if (out / "convert_hf_to_gguf.py").is_file():
         return out
-    sdist = lw.default_cache() / "sdist" / lw.SDIST
-    if not sdist.is_file() or lw.sha256_file(sdist) != lw.SDIST_SHA256:
-        sdist.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            lw.fetch_sdist(sdist.parent)
-        except (subprocess.CalledProcessError, lw.BuildError) as e:
-            pytest.fail(f"The llama-cpp-python sdist ({lw.SDIST}) is needed for its model converter and could not be fetched: {e}; "
-                        f"put it at {sdist}.")
-    top = f"{lw.SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(sdist) as tf:
-        keep = [m for m in tf.getmembers() if m.name.startswith(top) and m.isfile()
-                and (m.name == top + "convert_hf_to_gguf.py" or m.name.startswith((top + "conversion/", top + "gguf-py/")))]
-        for m in keep:
-            m.name = m.name.removeprefix(top)
-        tf.extractall(tmp, members=keep, filter="data")
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # once, whoever asks first (a test run beside another)
+        if (out / "convert_hf_to_gguf.py").is_file():
+            return out
+        sdist = lw.default_cache() / "sdist" / lw.SDIST
+        if not sdist.is_file() or lw.sha256_file(sdist) != lw.SDIST_SHA256:
+            sdist.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lw.fetch_sdist(sdist.parent)
+            except (subprocess.CalledProcessError, lw.BuildError) as e:
+                pytest.fail(f"The llama-cpp-python sdist ({lw.SDIST}) is needed for its model converter and could not be fetched: {e}; "
+                            f"put it at {sdist}.")
+        top = f"{lw.SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with tarfile.open(sdist) as tf:
+            keep = [m for m in tf.getmembers() if m.name.startswith(top) and m.isfile()
+                    and (m.name == top + "convert_hf_to_gguf.py" or m.name.startswith((top + "conversion/", top + "gguf-py/")))]
+            for m in keep:
+                m.name = m.name.removeprefix(top)
+            tf.extractall(tmp, members=keep, filter="data")
+        tmp.rename(out)
     return out
 
 

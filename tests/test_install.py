@@ -16,8 +16,8 @@ from appliance.errors import EXIT_CODES
 from appliance.paths import Layout
 from appliance.state import load_install_state
 from installer.steps.lifecycle import install_lock
-from tests.bundle_fixtures import SlimBundle, slim_master  # noqa: F401
-from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
+from tests.bundle_fixtures import SlimBundle
+from tests.install_fixtures import InstallBundles
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -37,7 +37,7 @@ def status_json(capsys: pytest.CaptureFixture[str], root: Path) -> dict:
     return json.loads(out)
 
 
-def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp_path: Path,  # noqa: F811
+def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     b, root = install_bundles, tmp_path / "root"
     code, out, err = cli(capsys, *install_args(b, root, None, "--no-systemd", "--trust", str(b.pub)))
@@ -108,7 +108,7 @@ def test_install_upgrade_rollback_uninstall(install_bundles: InstallBundles, tmp
 
 @pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl is not installed")
 def test_units_written_and_enabled_offline_with_answers_and_leftovers_cleaned(
-        install_bundles: InstallBundles, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+        install_bundles: InstallBundles, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     b, root = install_bundles, tmp_path / "root"
     layout = Layout.at(root)
     # leftovers of an interrupted run, which must be removed and never used
@@ -145,7 +145,7 @@ def test_units_written_and_enabled_offline_with_answers_and_leftovers_cleaned(
     assert "OnCalendar=Sat *-*-* 22:00:00" in (units / "appliance-trainer.timer").read_text()
 
 
-def test_dry_run_records_and_writes_nothing(install_bundles: InstallBundles, tmp_path: Path,  # noqa: F811
+def test_dry_run_records_and_writes_nothing(install_bundles: InstallBundles, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     b, root = install_bundles, tmp_path / "root"
     code, out, err = cli(capsys, *install_args(b, root, None, "--dry-run", "--trust", str(b.pub)))
@@ -154,7 +154,7 @@ def test_dry_run_records_and_writes_nothing(install_bundles: InstallBundles, tmp
     assert "run systemctl --root=" in out and "--no-index --find-links" in out and "symlink" in out and "decrypt" in out
 
 
-def test_first_install_trust_rules(install_bundles: InstallBundles, slim_master: SlimBundle, tmp_path: Path,  # noqa: F811
+def test_first_install_trust_rules(install_bundles: InstallBundles, slim_master: SlimBundle, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     b, root = install_bundles, tmp_path / "root"
     code, out, err = cli(capsys, *install_args(b, root, None, "--no-systemd"))
@@ -171,7 +171,7 @@ def test_first_install_trust_rules(install_bundles: InstallBundles, slim_master:
     assert code == 11 and "not a valid signature" in err
 
 
-def test_a_second_install_is_refused_while_one_runs(install_bundles: InstallBundles, tmp_path: Path) -> None:  # noqa: F811
+def test_a_second_install_is_refused_while_one_runs(install_bundles: InstallBundles, tmp_path: Path) -> None:
     b, root = install_bundles, tmp_path / "root"
     with install_lock(Layout.at(root)):
         proc = subprocess.run([sys.executable, "-m", "appliance.cli", *install_args(b, root, None, "--no-systemd")],
@@ -180,7 +180,7 @@ def test_a_second_install_is_refused_while_one_runs(install_bundles: InstallBund
     assert not (root / "opt").exists()
 
 
-def test_not_ready_switches_back_to_the_previous_release(install_bundles: InstallBundles, tmp_path: Path,  # noqa: F811
+def test_not_ready_switches_back_to_the_previous_release(install_bundles: InstallBundles, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from installer.steps.activate import NotReadyError, step_ready
     from installer.steps.context import Context, Options
@@ -225,7 +225,7 @@ def test_the_lock_holder_is_printed_only_as_a_pid(tmp_path: Path) -> None:
     assert "(pid unknown)" in e.value.message and "\x1b" not in e.value.message
 
 
-def test_a_bundle_whose_vendor_key_is_not_a_key_installs_nothing(install_bundles: InstallBundles, tmp_path: Path,  # noqa: F811
+def test_a_bundle_whose_vendor_key_is_not_a_key_installs_nothing(install_bundles: InstallBundles, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     b, root = install_bundles, tmp_path / "root"
     bundle = tmp_path / "bundle"

@@ -20,7 +20,7 @@ from appliance.errors import EngineError
 from installer.steps.engine import step_engine
 from installer.steps.install import INSTALL_STEPS
 from installer.toolchain import llama_wheel
-from tests.demo_fixtures import DemoBundle, demo_bundle  # noqa: F401
+from tests.demo_fixtures import DemoBundle
 
 _HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
 _SKYLAKEX = _HASWELL | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
@@ -165,7 +165,7 @@ def test_an_engine_that_cannot_answer_stops_with_what_failed(tmp_path, model_set
     assert "Nothing was switched" in e.value.hint
 
 
-def test_the_bundle_carries_the_portable_wheel_and_hw_names_the_variant_it_loads_here(demo_bundle: DemoBundle, tmp_path,  # noqa: F811
+def test_the_bundle_carries_the_portable_wheel_and_hw_names_the_variant_it_loads_here(demo_bundle: DemoBundle, tmp_path,
                                                                                       model_settings):
     shipped = list((demo_bundle.dir / "wheels" / "cpu").glob("llama_cpp_python-*.whl"))
     built = llama_wheel.build(llama_wheel.default_cache())

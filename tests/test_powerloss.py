@@ -28,7 +28,7 @@ from installer.steps.lifecycle import status
 from installer.system.config_file import read_config
 from installer.system.release import read_release
 from installer.system.runner import RecordingRunner
-from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
+from tests.install_fixtures import InstallBundles
 
 KILLS_PER_PHASE = 12  # 24 kills in all
 CHAIN = 3  # kills in a row before a run is left to complete
@@ -110,7 +110,7 @@ def _chains(argv: list[str], root: Path, reset: callable, allowed: set[str | Non
 
 
 @pytest.mark.slow
-def test_sigkill_during_install_and_upgrade(install_bundles: InstallBundles, tmp_path: Path) -> None:  # noqa: F811
+def test_sigkill_during_install_and_upgrade(install_bundles: InstallBundles, tmp_path: Path) -> None:
     b = install_bundles
     seed = int(os.environ.get("APPLIANCE_POWERLOSS_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)

@@ -32,7 +32,7 @@ from installer.bundle.trust import Policy, host_platform
 from installer.steps.context import Context, Options
 from installer.system.runner import RecordingRunner
 from installer.system.target import Target
-from tests.bundle_fixtures import SlimBundle, slim_master  # noqa: F401
+from tests.bundle_fixtures import SlimBundle
 
 SERVICE = 65534  # the service user, for these tests
 MACHINES = Path(__file__).parent / "fixtures" / "machines"
@@ -150,7 +150,7 @@ def _planned(slim: SlimBundle, layout: Layout) -> Context:
     return ctx
 
 
-def test_a_partial_model_directory_swapped_for_a_link_gets_nothing(slim_master: SlimBundle, tmp_path: Path,  # noqa: F811
+def test_a_partial_model_directory_swapped_for_a_link_gets_nothing(slim_master: SlimBundle, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from installer.steps.install import step_model
 
@@ -169,7 +169,7 @@ def test_a_partial_model_directory_swapped_for_a_link_gets_nothing(slim_master: 
     assert err is not None and "symbolic link" in err.message
 
 
-def test_the_model_is_decrypted_out_of_reach_then_handed_to_the_service_user(slim_master: SlimBundle, tmp_path: Path) -> None:  # noqa: F811
+def test_the_model_is_decrypted_out_of_reach_then_handed_to_the_service_user(slim_master: SlimBundle, tmp_path: Path) -> None:
     from installer.steps.activate import step_user
     from installer.steps.install import step_model
 
@@ -206,7 +206,7 @@ def _in_thread(fn: Callable[[], object], deadline: float, fifo: Path) -> BaseExc
     return box[0]
 
 
-def test_a_listed_file_that_becomes_a_fifo_after_the_tree_check_does_not_hang(slim_master: SlimBundle, tmp_path: Path,  # noqa: F811
+def test_a_listed_file_that_becomes_a_fifo_after_the_tree_check_does_not_hang(slim_master: SlimBundle, tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(slim_master.dir, bundle)
@@ -268,7 +268,7 @@ def _refused(slim: SlimBundle, layout: Layout) -> ApplianceError | None:
     return None
 
 
-def test_the_service_user_cannot_reset_rollback_protection(slim_master: SlimBundle, tmp_path: Path) -> None:  # noqa: F811
+def test_the_service_user_cannot_reset_rollback_protection(slim_master: SlimBundle, tmp_path: Path) -> None:
     layout = Layout.at(tmp_path / "root")
     save_install_state(layout, _state(2))
     _as_service(layout.root / "var/lib/appliance/state.json", "{}")  # where state.json used to live

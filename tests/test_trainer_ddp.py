@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer_fixtures import trainer_base_dir  # noqa: F401
-
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
@@ -24,7 +22,7 @@ def _run(cmd: list[str], out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_like_one(trainer_base_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_two_gloo_processes_train_like_one(trainer_base_dir: Path, tmp_path: Path) -> None:
     one = _run([sys.executable, str(WORKER), str(trainer_base_dir), str(tmp_path / "one.json")], tmp_path / "one.json")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     two = _run([*torchrun, str(WORKER), str(trainer_base_dir), str(tmp_path / "two.json")], tmp_path / "two.json")
@@ -130,7 +128,7 @@ def _nvml(machine: str):  # type: ignore[no-untyped-def]
     return FakeNvml(json.loads((Path(__file__).parent / "fixtures/machines" / f"{machine}.json").read_text()))
 
 
-def test_the_free_memory_check_reads_nvml_and_says_what_is_missing(trainer_base_dir: Path) -> None:  # noqa: F811
+def test_the_free_memory_check_reads_nvml_and_says_what_is_missing(trainer_base_dir: Path) -> None:
     from appliance.trainer.distributed import DeviceError, check_gpu_memory, needed_gpu_mib, weights_mib
 
     assert weights_mib(trainer_base_dir, "bfloat16") == 256 and needed_gpu_mib(trainer_base_dir, "bfloat16") == 256 * 5 // 4 + 1024
@@ -152,7 +150,7 @@ def _gpu_root(tmp_path: Path, smollm2_gguf: Path, gguf_sha: str, base_dir: Path)
 
 
 def test_a_run_refuses_to_start_on_a_full_gpu_and_on_a_host_without_cuda(tmp_path: Path, smollm2_gguf: Path, gguf_sha: str,
-                                                                         trainer_base_dir: Path,  # noqa: F811
+                                                                         trainer_base_dir: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from appliance.trainer.distributed import DeviceError
     from appliance.trainer.run import RunOptions, run_training
@@ -171,7 +169,7 @@ def test_a_run_refuses_to_start_on_a_full_gpu_and_on_a_host_without_cuda(tmp_pat
 
 
 @pytest.mark.slow
-def test_appliance_train_under_torchrun_as_the_multi_gpu_trainer_unit_runs_it(trainer_root, tmp_path: Path) -> None:  # noqa: F811
+def test_appliance_train_under_torchrun_as_the_multi_gpu_trainer_unit_runs_it(trainer_root, tmp_path: Path) -> None:
     """What the trainer unit of a multi-GPU tier runs (installer/system/units.py), with gloo on this CPU host:
     both ranks train, rank 0 alone reports, registers and promotes."""
     import shutil

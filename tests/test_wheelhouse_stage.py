@@ -12,10 +12,10 @@ import pytest
 from appliance.errors import BundleError
 from installer.bundle.manifest import MANIFEST, parse_manifest
 from installer.system.release import stage_wheelhouse
-from tests.install_fixtures import InstallBundles, install_bundles  # noqa: F401
+from tests.install_fixtures import InstallBundles
 
 
-def test_wheels_are_copied_off_the_stick_and_hashed_again(install_bundles: InstallBundles, tmp_path: Path) -> None:  # noqa: F811
+def test_wheels_are_copied_off_the_stick_and_hashed_again(install_bundles: InstallBundles, tmp_path: Path) -> None:
     stick = tmp_path / "stick"
     shutil.copytree(install_bundles.b1, stick)
     manifest = parse_manifest((stick / MANIFEST).read_bytes())

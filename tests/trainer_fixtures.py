@@ -1,6 +1,6 @@
 """Trainer fixtures: SmolLM2 dequantized once into build/, appliance roots, and one demo run per session.
 
-Import the fixtures you use into a test module: `from tests.trainer_fixtures import demo_run  # noqa: F401`.
+tests/conftest.py imports the fixtures; a test module imports only the helpers and types it uses.
 """
 
 from __future__ import annotations
