@@ -175,9 +175,11 @@ def test_appliance_train_under_torchrun_as_the_multi_gpu_trainer_unit_runs_it(tr
     import shutil
 
     from appliance import adapters
-    from tests.trainer_fixtures import demo_lines
+    from tests.trainer_fixtures import THREADS, demo_lines
 
     trainer_root.add_inbox("manual.jsonl", demo_lines("train.jsonl")[:40])
+    config = trainer_root.layout.config_file  # two ranks share this host's cores: one thread each
+    config.write_text(config.read_text().replace(f"threads = {THREADS}", "threads = 1"))
     appliance = shutil.which("appliance", path=str(Path(sys.executable).parent))
     assert appliance is not None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
