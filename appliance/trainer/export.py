@@ -102,18 +102,19 @@ def write_gguf_lora(peft_dir: Path, out: Path, model_config: dict[str, Any], arc
     return out
 
 
-# GGUF metadata value types (gguf.GGUFValueType): the byte size of each fixed-size one; 8 is a
-# string (u64 length, bytes) and 9 an array (u32 element type, u64 count, elements).
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
 def gguf_architecture(path: Path) -> str:
     """general.architecture of a GGUF file (the adapter must name the same).
 
     Read from the metadata at the head of the file, without gguf.GGUFReader: that one maps every
     field, the tokenizer's tens of thousands of strings included (3-4 s a run on 2 cores)."""
     import struct
+
+    import gguf
+
+    # The value types as the gguf package defines them: a string is a u64 length and its bytes, an
+    # array a u32 element type, a u64 count and the elements; the rest have a fixed size.
+    fixed = {int(t): np.dtype(d).itemsize for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
+    string, array = int(gguf.GGUFValueType.STRING), int(gguf.GGUFValueType.ARRAY)
 
     def take(f: Any, fmt: str) -> Any:
         raw = f.read(struct.calcsize(fmt))
@@ -123,14 +124,14 @@ def gguf_architecture(path: Path) -> str:
         return struct.unpack(fmt, raw)[0]
 
     def skip(f: Any, vtype: int) -> None:
-        if vtype in _FIXED:
-            f.seek(_FIXED[vtype], 1)
-        elif vtype == _STRING:
+        if vtype in fixed:
+            f.seek(fixed[vtype], 1)
+        elif vtype == string:
             f.seek(take(f, "<Q"), 1)
-        elif vtype == _ARRAY:
+        elif vtype == array:
             etype, count = take(f, "<I"), take(f, "<Q")
-            if etype in _FIXED:
-                f.seek(_FIXED[etype] * count, 1)
+            if etype in fixed:
+                f.seek(fixed[etype] * count, 1)
             else:
                 for _ in range(count):
                     skip(f, etype)
@@ -145,7 +146,7 @@ def gguf_architecture(path: Path) -> str:
         for _ in range(take(f, "<Q")):
             key = f.read(take(f, "<Q")).decode("utf-8", "replace")
             vtype = take(f, "<I")
-            if key == "general.architecture" and vtype == _STRING:
+            if key == "general.architecture" and vtype == string:
                 return f.read(take(f, "<Q")).decode()
             skip(f, vtype)
     raise ExportError(f"{path.name} names no general.architecture in its metadata.", "Use a GGUF model written by llama.cpp's converter.")
