@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ class Row:
     workload: str
     clients: int
     summary: Summary
+    round: int = 0  # --rounds: the same measurement repeated, the contenders' order alternating
 
 
 def _ms(d: Dist) -> str:
@@ -38,17 +40,34 @@ def line(r: Row) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    return "\n".join([HEADER, *(line(r) for r in rows)])
+    out, several = [HEADER], len({r.round for r in rows}) > 1
+    for i, r in enumerate(rows):
+        if several and (i == 0 or rows[i - 1].round != r.round):
+            out.append(f"round {r.round + 1}")
+        out.append(line(r))
+    return "\n".join(out)
 
 
 def ratios(rows: Sequence[Row], ours: str, other: str) -> list[tuple[str, int, float, float]]:
-    """(workload, clients, tok/s ours/other, TTFT p50 ours/other) wherever both ran."""
-    by = {(r.contender, r.workload, r.clients): r.summary for r in rows}
-    out = []
-    for (name, workload, clients), mine in by.items():
-        theirs = by.get((other, workload, clients))
+    """(workload, clients, tok/s ours/other, TTFT p50 ours/other) wherever both ran; over several rounds,
+    the median of the rounds' ratios."""
+    by = {(r.contender, r.workload, r.clients, r.round): r.summary for r in rows}
+    found: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for (name, workload, clients, rnd), mine in by.items():
+        theirs = by.get((other, workload, clients, rnd))
         if name == ours and theirs is not None:
-            out.append((workload, clients, mine.rate / theirs.rate, mine.ttft.p50 / theirs.ttft.p50))
+            found.setdefault((workload, clients), []).append((mine.rate / theirs.rate, mine.ttft.p50 / theirs.ttft.p50))
+    return [(w, c, statistics.median(r for r, _ in v), statistics.median(t for _, t in v)) for (w, c), v in found.items()]
+
+
+def round_ratios(rows: Sequence[Row], ours: str, other: str) -> dict[tuple[str, int], list[float]]:
+    """Each round's tok/s ratio, per (workload, clients), in round order."""
+    by = {(r.contender, r.workload, r.clients, r.round): r.summary for r in rows}
+    out: dict[tuple[str, int], list[float]] = {}
+    for (name, workload, clients, rnd), mine in sorted(by.items(), key=lambda kv: kv[0][3]):
+        theirs = by.get((other, workload, clients, rnd))
+        if name == ours and theirs is not None:
+            out.setdefault((workload, clients), []).append(mine.rate / theirs.rate)
     return out
 
 
@@ -56,11 +75,15 @@ def ratio_lines(rows: Sequence[Row], ours: str, other: str) -> list[str]:
     found = ratios(rows, ours, other)
     if not found:
         return []
-    lines = [f"ratios {ours} / {other}:", f"  {'workload':<13} {'clients':>7} {'tok/s':>6} {'TTFT p50':>9}  target (tok/s)"]
+    each = round_ratios(rows, ours, other)
+    several = any(len(v) > 1 for v in each.values())
+    lines = [f"ratios {ours} / {other}{' (median of the rounds; each round in brackets)' if several else ''}:",
+             f"  {'workload':<13} {'clients':>7} {'tok/s':>6} {'TTFT p50':>9}  target (tok/s)"]
     for workload, clients, rate, ttft in found:
         target = TARGETS.get((workload, clients))
         verdict = "" if target is None else f">= {target:.2f} {'met' if rate >= target else 'NOT met'}"
-        lines.append(f"  {workload:<13} {clients:>7} {rate:>6.2f} {ttft:>9.2f}  {verdict}")
+        rounds = f"  [{' '.join(f'{r:.2f}' for r in each[(workload, clients)])}]" if several else ""
+        lines.append(f"  {workload:<13} {clients:>7} {rate:>6.2f} {ttft:>9.2f}  {verdict}{rounds}")
     lines.append("ratio_vs_llama_server " + " ".join(f"{w}@{c}={r:.2f}" for w, c, r, _ in found))
     return lines
 

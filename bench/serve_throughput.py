@@ -72,6 +72,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ours-config", default="", help="extra [server] lines for ours, ';'-separated (e.g. 'max_queue_wait_s = 5'); "
                     "'model.KEY = V' lines go to [model] (e.g. 'model.flash_attn = \"on\"')")
     ap.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary to use instead of building one")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole measurement, the contenders' order reversed every other round; "
+                         "the ratios are the rounds' medians (default 1)")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = ap.parse_args(argv)
     llama = args.engine == "llama.cpp"
@@ -110,15 +113,18 @@ def contenders(args: argparse.Namespace, model: Path, tmp: Path) -> list[Contend
 def measure(args: argparse.Namespace, servers: list[Contender]) -> list[Row]:
     rows: list[Row] = []
     workloads = _csv(args.workloads)
-    for clients in (int(c) for c in _csv(args.concurrency)):
-        for server in servers:
-            with server.start(clients, args.context) as target:
-                for workload in workloads:
-                    t = time.monotonic()
-                    records, seconds = serve_client.run(target, conversations(workload, clients, args), clients,
-                                                        args.max_tokens, args.rate, args.seed)
-                    rows.append(Row(server.name, workload, clients, summarize(records, seconds)))
-                    print(f"  {serve_report.line(rows[-1])}   ({time.monotonic() - t:.0f} s)", flush=True)
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {rnd + 1} of {args.rounds}", flush=True)
+        for clients in (int(c) for c in _csv(args.concurrency)):
+            for server in (servers if rnd % 2 == 0 else servers[::-1]):
+                with server.start(clients, args.context) as target:
+                    for workload in workloads:
+                        t = time.monotonic()
+                        records, seconds = serve_client.run(target, conversations(workload, clients, args), clients,
+                                                            args.max_tokens, args.rate, args.seed)
+                        rows.append(Row(server.name, workload, clients, summarize(records, seconds), rnd))
+                        print(f"  {serve_report.line(rows[-1])}   ({time.monotonic() - t:.0f} s)", flush=True)
     return rows
 
 

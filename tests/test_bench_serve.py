@@ -155,3 +155,20 @@ def test_the_ratios_are_ours_over_llama_server_per_workload_and_concurrency() ->
     ((workload, clients, rate, ttft),) = ratios(rows, "ours", "llama-server")  # multi-turn has no llama-server row
     assert (workload, clients) == ("short", 8) and rate == pytest.approx(1.2) and ttft == pytest.approx(0.5)
     assert ratio_lines(rows, "ours", "llama-server")[-1] == "ratio_vs_llama_server short@8=1.20"
+
+
+def test_over_several_rounds_the_ratio_is_the_median_of_each_rounds_own_ratio() -> None:
+    from bench.serve_report import Row, ratio_lines, ratios, table
+
+    def run(rate: float) -> object:
+        return summarize([Record(sent=0.0, chunks=[0.1, 0.2], end=0.2, status=200, usage_tokens=2)], 2 / rate)
+
+    # Round by round ours/llama-server is 0.90, 1.50, 1.00: the median 1.00, not the ratio of the mean rates.
+    pairs = [(100.0, 90.0), (100.0, 150.0), (200.0, 200.0)]
+    rows = [Row(name, "short", 1, run(rate), k)  # type: ignore[arg-type]
+            for k, (theirs, mine) in enumerate(pairs) for name, rate in (("llama-server", theirs), ("ours", mine))]
+    ((_, _, rate, _),) = ratios(rows, "ours", "llama-server")
+    assert rate == pytest.approx(1.0)
+    lines = ratio_lines(rows, "ours", "llama-server")
+    assert "[0.90 1.50 1.00]" in lines[2] and lines[-1] == "ratio_vs_llama_server short@1=1.00"
+    assert [t for t in table(rows).splitlines() if t.startswith("round")] == ["round 1", "round 2", "round 3"]
