@@ -48,41 +48,36 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def ratios(rows: Sequence[Row], ours: str, other: str) -> list[tuple[str, int, float, float]]:
-    """(workload, clients, tok/s ours/other, TTFT p50 ours/other) wherever both ran; over several rounds,
-    the median of the rounds' ratios."""
+def _paired(rows: Sequence[Row], ours: str, other: str) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """(tok/s ours/other, TTFT p50 ours/other) of each round in round order, per (workload, clients) where both ran."""
     by = {(r.contender, r.workload, r.clients, r.round): r.summary for r in rows}
-    found: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for (name, workload, clients, rnd), mine in by.items():
-        theirs = by.get((other, workload, clients, rnd))
-        if name == ours and theirs is not None:
-            found.setdefault((workload, clients), []).append((mine.rate / theirs.rate, mine.ttft.p50 / theirs.ttft.p50))
-    return [(w, c, statistics.median(r for r, _ in v), statistics.median(t for _, t in v)) for (w, c), v in found.items()]
-
-
-def round_ratios(rows: Sequence[Row], ours: str, other: str) -> dict[tuple[str, int], list[float]]:
-    """Each round's tok/s ratio, per (workload, clients), in round order."""
-    by = {(r.contender, r.workload, r.clients, r.round): r.summary for r in rows}
-    out: dict[tuple[str, int], list[float]] = {}
+    out: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for (name, workload, clients, rnd), mine in sorted(by.items(), key=lambda kv: kv[0][3]):
         theirs = by.get((other, workload, clients, rnd))
         if name == ours and theirs is not None:
-            out.setdefault((workload, clients), []).append(mine.rate / theirs.rate)
+            out.setdefault((workload, clients), []).append((mine.rate / theirs.rate, mine.ttft.p50 / theirs.ttft.p50))
     return out
+
+
+def ratios(rows: Sequence[Row], ours: str, other: str) -> list[tuple[str, int, float, float]]:
+    """(workload, clients, tok/s ours/other, TTFT p50 ours/other) wherever both ran; over several rounds,
+    the median of the rounds' ratios."""
+    return [(w, c, statistics.median(r for r, _ in v), statistics.median(t for _, t in v))
+            for (w, c), v in _paired(rows, ours, other).items()]
 
 
 def ratio_lines(rows: Sequence[Row], ours: str, other: str) -> list[str]:
     found = ratios(rows, ours, other)
     if not found:
         return []
-    each = round_ratios(rows, ours, other)
+    each = _paired(rows, ours, other)
     several = any(len(v) > 1 for v in each.values())
     lines = [f"ratios {ours} / {other}{' (median of the rounds; each round in brackets)' if several else ''}:",
              f"  {'workload':<13} {'clients':>7} {'tok/s':>6} {'TTFT p50':>9}  target (tok/s)"]
     for workload, clients, rate, ttft in found:
         target = TARGETS.get((workload, clients))
         verdict = "" if target is None else f">= {target:.2f} {'met' if rate >= target else 'NOT met'}"
-        rounds = f"  [{' '.join(f'{r:.2f}' for r in each[(workload, clients)])}]" if several else ""
+        rounds = f"  [{' '.join(f'{r:.2f}' for r, _ in each[(workload, clients)])}]" if several else ""
         lines.append(f"  {workload:<13} {clients:>7} {rate:>6.2f} {ttft:>9.2f}  {verdict}{rounds}")
     lines.append("ratio_vs_llama_server " + " ".join(f"{w}@{c}={r:.2f}" for w, c, r, _ in found))
     return lines
