@@ -93,6 +93,12 @@ def test_early_stopping_keeps_the_best_weights():
     assert r.stopped_early and r.steps < 20 * 8
     assert r.best_val_loss == min(h["val_loss"] for h in r.history)
     assert evaluate_loss(model, val, 0) == pytest.approx(r.best_val_loss, rel=1e-4)
+    # So the run's evaluation takes the candidate's validation loss from training instead of a second pass.
+    from appliance.trainer.modeling import evaluate_all
+
+    given, measured = evaluate_all(model, None, val, [], 0, candidate_val=r.best_val_loss), evaluate_all(model, None, val, [], 0)
+    assert given.candidate == r.best_val_loss and measured.candidate == pytest.approx(given.candidate, rel=1e-4)
+    assert given.base == measured.base != pytest.approx(given.candidate, rel=1e-2)
 
 
 def test_labels_cover_only_assistant_turns(trainer_base_dir: Path):

@@ -89,17 +89,19 @@ def _same_shape(parent: Adapter, settings: TrainerSettings) -> bool:
 
 
 def evaluate_all(model: Any, active: Adapter | None, val: list[Encoded], anchor: list[Encoded], pad_id: int,
-                 precision: Precision = FP32) -> Losses:
+                 precision: Precision = FP32, candidate_val: float | None = None) -> Losses:
     """Validation loss of the base (adapter disabled), the active adapter (loaded beside) and the candidate.
 
     The anchor (earlier runs' validation data) is scored for the candidate and for the reference
-    the gate compares against: the active adapter, or the base when none is active.
+    the gate compares against: the active adapter, or the base when none is active. `candidate_val`:
+    the candidate's validation loss when training already measured it on these weights (train_lora's
+    best_val_loss: it returns holding the best weights seen), so that pass is not made again.
     """
     with model.disable_adapter():
         base_loss = evaluate_loss(model, val, pad_id, precision=precision)
         # The base is the anchor's reference only when no adapter is active.
         ref_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor and active is None else None
-    cand = evaluate_loss(model, val, pad_id, precision=precision)
+    cand = candidate_val if candidate_val is not None and math.isfinite(candidate_val) else evaluate_loss(model, val, pad_id, precision=precision)
     cand_anchor = evaluate_loss(model, anchor, pad_id, precision=precision) if anchor else None
     active_loss = None
     if active is not None:

@@ -269,7 +269,7 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     if not world.main:
         return None
     stages["train"] = {k: v for k, v in asdict(result).items() if k != "history"} | {"history": result.history}
-    losses = evaluate_all(model, active, val_enc, anchor_enc, base.pad_id, precision)
+    losses = evaluate_all(model, active, val_enc, anchor_enc, base.pad_id, precision, candidate_val=result.best_val_loss)
     stages["evaluate"] = {k: _finite(v) for k, v in asdict(losses).items()}
     return _Candidate(model, base, active, result, None, [x for x, _ in train_pairs], [x for x, _ in val_pairs], losses)
 
