@@ -1,7 +1,7 @@
 """Serving speed: the appliance's server against llama.cpp's own C++ server, measured from the stream.
 
     .venv/bin/python bench/serve_throughput.py [--workloads short,shared-prefix,multi-turn] [--concurrency 1,8,16]
-        [--max-tokens 48] [--rate R] [--long-prompt] [--overload] [--contenders ours,llama-server[,peer]]
+        [--max-tokens 48] [--rate R] [--rounds N] [--long-prompt] [--overload] [--contenders ours,llama-server[,peer]]
     .venv/bin/python bench/serve_throughput.py --engine transformers     # ours only, each concurrency against 1 client
 
 Contenders (bench/serve_contenders.py): ours, `appliance serve` on the llama.cpp engine with `max_batch`
@@ -16,6 +16,9 @@ workload and concurrency, then ours / llama-server per workload and concurrency;
 line is `ratio_vs_llama_server short@1=<x> ...`. With `--rate`, conversations arrive as a Poisson
 process of that many per second instead of all at once (each client still runs one at a time).
 `--long-prompt` and `--overload` add the stress cases of bench/serve_cases.py.
+With `--rounds N` the whole measurement runs N times, the contenders' order reversed every other
+round, and each ratio is the median of the rounds' (each round's in brackets): on a shared 2-core
+machine one run's ratio moves by about 0.2 from run to run.
 
 The default run (3 workloads x 3 concurrencies x 2 servers) takes about 6-8 minutes on 2 cores,
 plus one build of llama-server (about 10 minutes) the first time.
