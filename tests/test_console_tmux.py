@@ -130,6 +130,9 @@ def test_tour_of_every_screen_by_the_key_it_shows_in_tmux_at_100x30(tmp_path: Pa
     def nav_shows(label: str, key: str, why: str) -> None:
         wait_until(lambda: nav().get(label) == key, f"{key} {label} in the nav bar {why}", 30, 0.2)
 
+    def footer_shows(hint: str, why: str) -> None:  # the footer redraws after the nav bar, in a frame of its own
+        wait_until(lambda: hint in tmux.screen().splitlines()[-1], f"{hint!r} in the footer {why}", 30, 0.2)
+
     def arrive(n: int) -> str:
         page = pages[n - 1]
         wait_until(lambda: tmux.highlighted().endswith(f"{n} {page.label}"), f"{page.label} highlighted in the nav bar", 30, 0.2)
@@ -142,14 +145,14 @@ def test_tour_of_every_screen_by_the_key_it_shows_in_tmux_at_100x30(tmp_path: Pa
             here, there = pages[n - 2], pages[n - 1]
             if here.mode in ("install", "playground"):  # typing: digits are text, F-keys and Escape say so
                 nav_shows(there.label, f"F{n}", f"while typing on {here.label}")
-                assert "esc Leave input" in tmux.screen().splitlines()[-1]
+                footer_shows("esc Leave input", f"while typing on {here.label}")
                 tmux.keys(f"{n}q")
                 assert tmux.wait_for(f"{n}q").splitlines()[0] == tmux.screen().splitlines()[0]  # typed, still here
                 assert tmux.highlighted().endswith(f"{n - 1} {here.label}")
             if here.mode == "playground":  # Escape leaves the prompt: the digits are keys again
                 tmux.keys("Escape")
                 nav_shows(there.label, str(n), "after Escape")
-                assert "esc Back" in tmux.screen().splitlines()[-1]
+                footer_shows("esc Back", "after Escape")
             tmux.keys(nav()[there.label])  # the key the nav bar shows for it now
             arrive(n)
         tmux.keys("M-1")  # alt+1 (tmux sends ESC 1): the dashboard, from whatever the last screen is
