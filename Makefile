@@ -32,8 +32,11 @@ lock:
 		--no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) -c requirements/constraints.in -o $(LOCK) pyproject.toml
 	$(PY) -m installer.toolchain.lockfile strip $(LOCK)
 
+# Two pytest-xdist workers, one per core of the CI machine (tests/conftest.py shares the cores out and
+# keeps the tests that share an expensive fixture on one worker); TEST_WORKERS=1 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 test-systemd: setup
 	$(BIN)/python -m pytest -q -m systemd

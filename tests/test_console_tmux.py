@@ -55,7 +55,8 @@ class Tmux:
         return reverse_video(self("capture-pane", "-e", "-p", "-t", "console").splitlines()[0])
 
     def start(self, root: Path, size: tuple[int, int], cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "APPLIANCE_API_KEY"}
+        # The terminal tells its size: COLUMNS and LINES (pytest-xdist's workers set 80 and 24) would override it.
+        env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_API_KEY", "COLUMNS", "LINES")}
         env["PYTHONPATH"] = str(REPO)
         cmd = f"{sys.executable} -m appliance.cli console --root {root}; echo console exited $?; sleep 30"
         subprocess.run(["tmux", "-L", self.sock, "new-session", "-d", "-s", "console", "-x", str(size[0]), "-y", str(size[1]), cmd],

@@ -69,7 +69,8 @@ def test_every_decode_runs_on_the_engine_thread(gguf_root, monkeypatch):
 
 def test_flash_attention_setting_reaches_llama_cpp_and_keeps_the_greedy_answer(gguf_root):
     """[model] flash_attn picks llama.cpp's attention kernel: the model's log-probabilities differ in their
-    last digits (the two kernels sum in another order), the greedy answer to a real question does not."""
+    last digits (the two kernels sum in another order), the greedy answer to a real question does not,
+    except where the model was torn between two tokens (on a CPU with AVX-512 the kernels part there)."""
     from dataclasses import replace
 
     from appliance.engines import load_engine
@@ -80,12 +81,19 @@ def test_flash_attention_setting_reaches_llama_cpp_and_keeps_the_greedy_answer(g
         engine = load_engine(replace(gguf_root.config.model, flash_attn=setting), gguf_root.layout, max_batch=1, max_queue=1)
         engine.start()
         try:
-            answers[setting] = generate(engine, "What is the capital of France?", 12, logprobs=0)
+            answers[setting] = generate(engine, "What is the capital of France?", 12, logprobs=2)
         finally:
             engine.close()
     on, off = answers["on"], answers["off"]
-    assert on.text == off.text and on.completion_tokens == off.completion_tokens >= 4
-    deltas = [abs(a.logprob - b.logprob) for a, b in zip(on.logprobs, off.logprobs, strict=True)]
+    assert on.completion_tokens == off.completion_tokens == len(on.logprobs) == len(off.logprobs), (on.text, off.text)
+    same = next((i for i, (a, b) in enumerate(zip(on.logprobs, off.logprobs, strict=True)) if a.token != b.token), len(off.logprobs))
+    assert same >= 4, (on.text, off.text)
+    if same < len(off.logprobs):  # where the answers part, the kernels' difference exceeded the model's margin
+        (first, p1), (second, p2) = off.logprobs[same].top[:2]
+        assert {first, second} == {off.logprobs[same].token, on.logprobs[same].token} and p1 - p2 < 0.2, (on.text, off.text, p1 - p2)
+    else:
+        assert on.text == off.text
+    deltas = [abs(a.logprob - b.logprob) for a, b in zip(on.logprobs[:same], off.logprobs[:same], strict=True)]
     # The same model: flash attention sums the values in half precision, which moved a token's
     # log-probability by up to 0.2 here; another model moves them by nats.
     assert max(deltas) < 0.5 and sum(deltas) / len(deltas) < 0.1

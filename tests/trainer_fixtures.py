@@ -6,7 +6,6 @@ tests/conftest.py imports the fixtures; a test module imports only the helpers a
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,13 +16,15 @@ import pytest
 from appliance.paths import Layout
 from appliance.trainer.base_model import DONE, content_hash
 from appliance.trainer.settings import TrainerSettings
+from tests.workers import CORES_EACH
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "bundles" / "demo-data"
 
 # The suite runs no server beside its training runs, so they train (and their gates decode) on every
-# core; the product's default (threads = 0) leaves half the cores to the server.
-THREADS = os.cpu_count() or 1
+# core the test worker has (tests/conftest.py divides them among the workers); the product's default
+# (threads = 0) leaves half the cores to the server.
+THREADS = CORES_EACH
 # Settings of the demo run: LoRA on every projection and a learning rate high enough that a few
 # dozen CPU steps teach the facts (on a GPU tier the same data gets full epochs); the gate asks 32 of
 # the held-back questions (the product's default: 64) with answers of up to 32 tokens (48), which is
