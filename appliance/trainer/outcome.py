@@ -12,7 +12,6 @@ model and kept in the trainer's state (base_answers.py).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -126,8 +125,7 @@ def _open_engine(layout: Layout, settings: TrainerSettings, candidate: Adapter) 
     from appliance.errors import EngineError
 
     cfg = model_config(layout)
-    threads = settings.threads or max(1, (os.cpu_count() or 2) // 2)
-    cfg = replace(cfg, replicas=1, threads=threads, context_length=min(cfg.context_length, settings.max_length + settings.eval_max_tokens))
+    cfg = replace(cfg, replicas=1, threads=settings.cpu_threads, context_length=min(cfg.context_length, settings.max_length + settings.eval_max_tokens))
     engine = load_engine(cfg, layout, max_batch=settings.eval_batch, max_queue=4 * settings.eval_batch, adapter=candidate)
     if engine.adapter_error or engine.adapter_id != candidate.id:
         engine.close()

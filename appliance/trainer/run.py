@@ -243,9 +243,7 @@ def _train(layout: Layout, paths: st.TrainerPaths, opts: RunOptions, settings: T
     from appliance.trainer.train import encode, train_lora
 
     log, stage_t = opts.log, time.perf_counter()
-    # Half the cores by default: the server keeps answering while the trainer runs, and on a busy
-    # machine fewer threads train faster than threads that wait on each other.
-    torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(settings.cpu_threads)
     world, precision = _devices(settings, model_ref)
     base = load_base(model_ref, paths.base_cache, world, precision)
 
@@ -287,7 +285,7 @@ def _register(layout: Layout, paths: st.TrainerPaths, settings: TrainerSettings,
     if model_ref.backend == "llama.cpp":
         write_gguf_lora(staged / "peft", staged / "adapter.gguf", c.base.config, gguf_architecture(model_ref.path))
         check = check_export(c.model, c.base.tokenizer, model_ref.path, staged / "adapter.gguf",
-                             settings.threads or max(1, (os.cpu_count() or 2) // 2))
+                             settings.cpu_threads)
         stages["export"]["check"] = check.to_json()
         log(f"export check: {check.reason}")
     export_ok = stages["export"].get("check", {"agree": True})["agree"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -85,6 +86,12 @@ class TrainerSettings:
     @classmethod
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in fields(cls)}
+
+    @property
+    def cpu_threads(self) -> int:
+        """The threads a run trains and evaluates on: `threads`, or half the cores (the server keeps the
+        rest; on a busy machine fewer threads train faster than threads that wait on each other)."""
+        return self.threads or max(1, (os.cpu_count() or 2) // 2)
 
 
 def parse_trainer_settings(table: dict[str, Any], source: str = "[trainer]") -> TrainerSettings:
