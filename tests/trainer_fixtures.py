@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "bundles" / "demo-data"
 
 # The suite runs no server beside its training runs, so they train (and their gates decode) on every
-# core the test worker has (tests/conftest.py divides them among the workers); the product's default
+# core the test worker has (tests/workers.py divides them among the workers); the product's default
 # (threads = 0) leaves half the cores to the server.
 THREADS = CORES_EACH
 # Settings of the demo run: LoRA on every projection and a learning rate high enough that a few
